@@ -1,0 +1,98 @@
+"""The exported model: the one thing serving needs.
+
+A model directory (a BentoML model store entry, or any folder) holds
+    model.safetensors   the VisionTransformer state dict (timm parameter names)
+    vit_artifact.json   {"format_version", "model_config", "class_names", "preprocessing", "metadata"}
+so the service never re-declares the architecture, the labels or the preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.preprocessing import Preprocessing
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "vit_artifact.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """A model directory is missing files or holds an inconsistent manifest."""
+
+
+@dataclass
+class ModelArtifact:
+    config: ViTConfig
+    class_names: list[str]
+    preprocessing: Preprocessing
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.config.num_classes:
+            raise ArtifactError(
+                f"{len(self.class_names)} class names for a model with {self.config.num_classes} classes"
+            )
+        if self.preprocessing.image_size % self.config.patch_size:
+            raise ArtifactError(
+                f"preprocessing image_size {self.preprocessing.image_size} is not a multiple of "
+                f"patch size {self.config.patch_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_config": self.config.to_dict(),
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "metadata": self.metadata,
+        }
+
+    def save(self, model: VisionTransformer, directory: str | os.PathLike[str]) -> Path:
+        """Writes the weights and manifest into `directory` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        return directory
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike[str]) -> ModelArtifact:
+        directory = Path(directory)
+        manifest = directory / MANIFEST_FILE
+        if not manifest.is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise ArtifactError(f"{directory} is not a vit-service model: expected {MANIFEST_FILE} and {WEIGHTS_FILE}")
+        try:
+            d = json.loads(manifest.read_text())
+            if d.get("format_version") != FORMAT_VERSION:
+                raise ArtifactError(f"{manifest}: unsupported format_version {d.get('format_version')!r}")
+            return cls(
+                config=ViTConfig.from_dict(d["model_config"]),
+                class_names=list(d["class_names"]),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                metadata=d.get("metadata", {}),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{manifest}: malformed manifest ({e})") from None
+
+
+def is_artifact_dir(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VisionTransformer, ModelArtifact]:
+    """Builds the exported model in eval mode on `device`, with its artifact description."""
+    artifact = ModelArtifact.read(directory)
+    model = VisionTransformer(artifact.config)
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True)
+    return model.to(device).eval(), artifact
