@@ -258,6 +258,14 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping (stem, blocks, final norm), used for layer-wise LR decay."""
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward: less memory, about 30% more compute."""
         self.grad_checkpointing = enable

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The README's main command (`make demo`): demo data -> train -> export -> serve -> curl.
+# Expects the project's virtualenv first on PATH (the Makefile does that).
+set -euo pipefail
+PORT="${PORT:-3000}"
+MODEL="${MODEL:-vit-classifier}"
+DATA="${DATA:-data/demo}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -d "$DATA/train" ]; then
+  step "Generating the demo dataset in $DATA"
+  vit-data demo --out "$DATA"
+fi
+
+step "Training a tiny ViT (configs/demo.yaml)"
+rm -f runs/demo/checkpoints/*.ckpt
+vit-train fit --config configs/demo.yaml --data.train_dir "$DATA/train" --data.val_dir "$DATA/val"
+
+step "Exporting the best checkpoint to the BentoML model store"
+best=$(ls -t runs/demo/checkpoints/best-*.ckpt | head -n 1)
+tag=$(vit-export --ckpt "$best" --name "$MODEL")
+echo "model: $tag"
+
+step "Serving $tag on http://127.0.0.1:$PORT"
+log=$(mktemp -t vit-serve.XXXX.log)
+VIT_MODEL_TAG="$tag" bentoml serve vit_service.service:ViTClassifier --host 127.0.0.1 --port "$PORT" >"$log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then break; fi
+  if ! kill -0 $server 2>/dev/null; then echo "server exited:"; cat "$log"; exit 1; fi
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "server not ready after 120 s:"; cat "$log"; exit 1; }
+
+image=$(ls "$DATA"/val/*/* | head -n 1)
+step "curl -F image=@$image http://127.0.0.1:$PORT/classify"
+curl -sS -F "image=@$image" "http://127.0.0.1:$PORT/classify"
+echo
+echo "(true class: $(basename "$(dirname "$image")"); server log: $log; stopping the server)"

@@ -1,0 +1,49 @@
+"""`vit-train`: the LightningCLI entry point (fit / validate / test / predict)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from training.data import ImageFolderDataModule
+from training.module import ViTClassifier
+
+
+class ViTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The class list, and so the head size, and the eval preprocessing come from the data:
+        # written once, linked into the model (and from there into the checkpoint and export).
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.preprocessing_config", "model.preprocessing", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.image_size")
+
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc1",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc1:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+
+def run_cli(args: list[str] | None = None) -> ViTCLI:
+    return ViTCLI(
+        ViTClassifier,
+        ImageFolderDataModule,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},  # the resolved config is saved beside every run
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def main() -> None:
+    run_cli()
+
+
+if __name__ == "__main__":
+    main()

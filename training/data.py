@@ -1,0 +1,127 @@
+"""LightningDataModule for ImageNet-style folders: train/<class>/*.jpg, val/<class>/*.jpg."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from training.folder_dataset import DatasetError, ImageFolderDataset, find_classes, scan_image_folder
+from vit_service.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+
+def default_num_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_dir: str,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        predict_dir: str | None = None,
+        val_fraction: float = 0.1,
+        image_size: int = 224,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float | None = 0.4,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        pin_memory: bool = True,
+        seed: int = 42,
+    ) -> None:
+        """
+        Args:
+            train_dir: folder of class folders; its sorted folder names are the classes.
+            val_dir: same layout and classes; when absent, `val_fraction` of train is held out.
+            test_dir, predict_dir: optional folders for `vit-train test` / `vit-train predict`.
+            image_size, crop_pct, interpolation, mean, std: the eval preprocessing, exported
+                with the model so serving uses exactly the same.
+            batch_size: per device; the learning rate scales with the global batch.
+            num_workers: data-loading processes; default all available cores.
+            scale, ratio, hflip, color_jitter, auto_augment, re_prob: timm's training transform
+                (RandomResizedCrop, RandAugment string such as "rand-m9-mstd0.5-inc1", random erasing).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names: list[str] = find_classes(train_dir)
+        self.num_classes = len(self.class_names)
+        self.preprocessing = Preprocessing(image_size, crop_pct, interpolation, tuple(mean), tuple(std))
+        self.preprocessing_config: dict[str, Any] = self.preprocessing.to_dict()
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def train_transform(self) -> Any:
+        hp = self.hparams
+        return create_transform(
+            input_size=hp.image_size, is_training=True, scale=tuple(hp.scale), ratio=tuple(hp.ratio),
+            hflip=hp.hflip, color_jitter=hp.color_jitter, auto_augment=hp.auto_augment,
+            interpolation=hp.interpolation, mean=tuple(hp.mean), std=tuple(hp.std), re_prob=hp.re_prob,
+        )
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "fit" and "train" not in self.datasets:
+            train = ImageFolderDataset(hp.train_dir, self.train_transform(), self.class_names)
+            if hp.val_dir:
+                scan_image_folder(hp.val_dir, self.class_names)  # class lists must agree, checked now
+                self.datasets["train"] = train
+                self.datasets["val"] = ImageFolderDataset(hp.val_dir, self.preprocessing, self.class_names)
+            else:
+                val_full = ImageFolderDataset(hp.train_dir, self.preprocessing, self.class_names)
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+                n_val = max(1, int(len(order) * hp.val_fraction))
+                if n_val >= len(order):
+                    raise DatasetError(f"{hp.train_dir}: too few images to hold out a validation split")
+                self.datasets["train"] = Subset(train, order[n_val:])
+                self.datasets["val"] = Subset(val_full, order[:n_val])
+        if stage == "validate" and "val" not in self.datasets:
+            self.setup("fit")
+        if stage == "test" and "test" not in self.datasets:
+            if not hp.test_dir:
+                raise DatasetError("`vit-train test` needs --data.test_dir")
+            self.datasets["test"] = ImageFolderDataset(hp.test_dir, self.preprocessing, self.class_names)
+        if stage == "predict" and "predict" not in self.datasets:
+            folder = hp.predict_dir or hp.test_dir or hp.val_dir
+            if not folder:
+                raise DatasetError("`vit-train predict` needs --data.predict_dir (class folders)")
+            self.datasets["predict"] = ImageFolderDataset(folder, self.preprocessing, self.class_names)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+            num_workers=self.num_workers, pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0, drop_last=shuffle,  # Mixup needs even, full batches
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)
+
+    def num_skipped_files(self) -> int:
+        """Unreadable files skipped so far (counted across loader worker processes)."""
+        total = 0
+        for ds in self.datasets.values():
+            ds = ds.dataset if isinstance(ds, Subset) else ds
+            total += getattr(ds, "num_skipped", 0)
+        return total

@@ -1,0 +1,180 @@
+"""A procedurally drawn demo dataset, so training can be tried offline in a few minutes.
+
+Six classes a tiny ViT at 64 px separates well: three filled shapes (circle, square, triangle),
+a cross, and two textures (horizontal stripes, checkerboard). Every image varies in size and aspect,
+background (flat or gradient), colours, shape size, position, rotation and noise, so the model must
+learn the shape and not a colour or a pixel position.
+
+Each image draws from its own numpy Generator seeded by (seed, split, class, index): the same seed
+gives byte-identical files, and changing the count of one split or class leaves the others as they
+were.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DEFAULT_CLASSES = ("circle", "square", "triangle", "cross", "stripes", "checkerboard")
+DEFAULT_TRAIN_PER_CLASS = 200
+DEFAULT_VAL_PER_CLASS = 50
+MIN_SIDE, MAX_SIDE = 48, 160
+_SUPERSAMPLE = 4  # shapes are drawn at 4x and scaled down, for anti-aliased edges
+_SPLIT_IDS = {"train": 0, "val": 1}
+_JPEG_QUALITY = 92
+
+
+def generate_demo_dataset(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
+    val_per_class: int = DEFAULT_VAL_PER_CLASS,
+    classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES,
+) -> dict[str, dict[str, int]]:
+    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and returns {split: {class: count}}."""
+    unknown = [c for c in classes if c not in DEFAULT_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown demo classes {unknown}; choose from {list(DEFAULT_CLASSES)}")
+    if train_per_class < 1 or val_per_class < 1:
+        raise ValueError("train_per_class and val_per_class must be at least 1")
+    out = Path(out_dir)
+    summary: dict[str, dict[str, int]] = {}
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        summary[split] = {}
+        for class_name in classes:
+            # The class's index in DEFAULT_CLASSES, not in `classes`, seeds it: a subset of the
+            # classes draws the same images as the full set.
+            class_id = DEFAULT_CLASSES.index(class_name)
+            folder = out / split / class_name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, _SPLIT_IDS[split], class_id, i])
+                draw_image(class_name, rng).save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+            summary[split][class_name] = count
+    _write_readme(out, seed, summary)
+    return summary
+
+
+def draw_image(class_name: str, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of `class_name`, every random choice taken from `rng`."""
+    w, h = _image_size(rng)
+    fg, bg = _contrasting_colours(rng)
+    if class_name in _TEXTURES:
+        arr = _TEXTURES[class_name](rng, w, h, fg, bg)
+    else:
+        arr = _background(rng, w, h, bg)
+        mask = _shape_mask(class_name, rng, w, h)  # (h, w) in [0, 1]
+        arr = arr * (1.0 - mask[..., None]) + np.asarray(fg, np.float32) * mask[..., None]
+    arr = arr + rng.normal(0.0, rng.uniform(0.0, 12.0), size=arr.shape)
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+    # Sides in [48, 160], aspect at most 2:1 so the eval centre crop still sees the whole shape.
+    while True:
+        w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+        if max(w, h) <= 2 * min(w, h):
+            return w, h
+
+
+def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    # Redraw until the two colours differ enough in brightness for the shape to be visible.
+    while True:
+        fg, bg = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+        luma = np.array([0.299, 0.587, 0.114], np.float32)
+        if abs(float(fg @ luma - bg @ luma)) >= 70:
+            return fg, bg
+
+
+def _background(rng: np.random.Generator, w: int, h: int, bg: np.ndarray) -> np.ndarray:
+    """(h, w, 3) float: flat `bg`, or half the time a linear gradient from `bg` to a nearby colour."""
+    arr = np.broadcast_to(bg, (h, w, 3)).astype(np.float32)
+    if rng.random() < 0.5:
+        other = np.clip(bg + rng.uniform(-50, 50, size=3), 0, 255)
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = xs / w * math.cos(angle) + ys / h * math.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)  # (h, w) in [0, 1]
+        arr = arr * (1 - t[..., None]) + other * t[..., None]
+    return arr
+
+
+def _shape_mask(class_name: str, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """(h, w) float coverage in [0, 1] of one shape inside the image's central square."""
+    short = min(w, h)
+    size = rng.uniform(0.45, 0.75) * short  # circumscribed diameter
+    # Jitter the centre, keeping the shape inside the central short x short square.
+    slack = max(0.0, (short - size) / 2 - 1)
+    cx = w / 2 + rng.uniform(-slack, slack)
+    cy = h / 2 + rng.uniform(-slack, slack)
+    rotation = rng.uniform(0, 2 * math.pi)
+    s = _SUPERSAMPLE
+    canvas = Image.new("L", (w * s, h * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    r = size / 2 * s
+    x0, y0 = cx * s, cy * s
+    if class_name == "circle":
+        draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=255)
+    elif class_name == "square":
+        draw.polygon(_regular_polygon(x0, y0, r, 4, rotation), fill=255)
+    elif class_name == "triangle":
+        draw.polygon(_regular_polygon(x0, y0, r, 3, rotation), fill=255)
+    elif class_name == "cross":
+        arm = r * rng.uniform(0.28, 0.4)  # half the bar width
+        for bar in ((-r, -arm, r, arm), (-arm, -r, arm, r)):  # horizontal, then vertical bar
+            corners = [(bar[0], bar[1]), (bar[2], bar[1]), (bar[2], bar[3]), (bar[0], bar[3])]
+            draw.polygon(_rotate(corners, x0, y0, rotation), fill=255)
+    else:
+        raise ValueError(f"no shape drawer for {class_name!r}")
+    small = canvas.resize((w, h), Image.Resampling.BOX)
+    return np.asarray(small, np.float32) / 255.0
+
+
+def _regular_polygon(cx: float, cy: float, r: float, n: int, rotation: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(rotation + 2 * math.pi * k / n), cy + r * math.sin(rotation + 2 * math.pi * k / n))
+            for k in range(n)]
+
+
+def _rotate(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+
+def _stripes(rng: np.random.Generator, w: int, h: int, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    # Horizontal stripes, tilted at most 12 degrees so they never look like a checkerboard.
+    # 3-8 light/dark pairs across the short side: stripes stay >= 4 px wide at 64 px (no moire).
+    stripe = min(w, h) / rng.uniform(6, 16)
+    tilt = rng.uniform(-12, 12) * math.pi / 180
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    v = (ys * math.cos(tilt) + xs * math.sin(tilt)) / stripe + rng.uniform(0, 1)
+    on = (np.floor(v) % 2).astype(np.float32)[..., None]  # (h, w, 1)
+    return on * fg + (1 - on) * bg
+
+
+def _checkerboard(rng: np.random.Generator, w: int, h: int, fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    cell = min(w, h) / rng.uniform(6, 16)  # cells as wide as the stripes
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    ox, oy = rng.uniform(0, 2 * cell, size=2)
+    on = ((np.floor((xs + ox) / cell) + np.floor((ys + oy) / cell)) % 2).astype(np.float32)[..., None]
+    return on * fg + (1 - on) * bg
+
+
+_TEXTURES = {"stripes": _stripes, "checkerboard": _checkerboard}
+
+
+def _write_readme(out: Path, seed: int, summary: dict[str, dict[str, int]]) -> None:
+    lines = [
+        "Procedural demo dataset written by `vit-data demo` (training/demo_data.py).",
+        f"seed: {seed}",
+        f"classes: {', '.join(next(iter(summary.values())))}",
+    ]
+    lines += [f"{split}: {sum(counts.values())} images ({next(iter(counts.values()))} per class)"
+              for split, counts in summary.items()]
+    (out / "README.txt").write_text("\n".join(lines) + "\n")
+
+
+__all__ = ["generate_demo_dataset", "draw_image", "DEFAULT_CLASSES"]

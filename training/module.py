@@ -1,0 +1,194 @@
+"""LightningModule: the ViT, the DeiT-style recipe (AdamW, warmup + cosine, label smoothing,
+Mixup/CutMix, stochastic depth) and top-1/top-5 metrics per split."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from vit_service.checkpoints import load_weights
+from vit_service.model import ViTConfig, VisionTransformer
+
+
+def build_model_config(preset: str, num_classes: int, image_size: int | None,
+                       overrides: dict[str, Any] | None) -> ViTConfig:
+    """The one place a training run's ViTConfig is derived (training and vit-export share it)."""
+    extra: dict[str, Any] = dict(overrides or {})
+    if image_size is not None:
+        extra["image_size"] = image_size
+    return ViTConfig.from_preset(preset, num_classes=num_classes, **extra)
+
+
+class ViTClassifier(L.LightningModule):
+    def __init__(
+        self,
+        preset: str = "vit_tiny_patch16_224",
+        num_classes: int = 1000,
+        image_size: int | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        init_prefer_ema: bool = False,
+        lr: float = 5e-4,
+        lr_base_batch_size: int = 512,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.01,
+        layer_decay: float | None = None,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        compile: bool = False,
+        grad_checkpointing: bool = False,
+        class_names: list[str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            preset: a `ViTConfig` preset name (vit_tiny_patch16_224, vit_cifar_patch4_32, ...).
+            num_classes: linked from the data module's class folders; never typed by hand.
+            image_size: linked from the data module.
+            model_overrides: any other ViTConfig field, e.g. {depth: 6, drop_path_rate: 0.1}.
+            init_from: weights to start from (timm, torchvision, Lightning or exported artifact,
+                any resolution); the head is re-initialised when the class count differs.
+            lr: peak learning rate for a global batch of `lr_base_batch_size` (scaled linearly).
+            warmup_epochs: linear warmup length, then cosine decay to `lr * min_lr_ratio`.
+            layer_decay: layer-wise LR decay factor for fine-tuning (e.g. 0.65); None disables.
+            mixup_alpha, cutmix_alpha: timm Mixup/CutMix strengths; both 0 disables them.
+            class_names, preprocessing: linked from the data module; stored in the checkpoint so
+                `vit-export` needs nothing else.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = VisionTransformer(build_model_config(preset, num_classes, image_size, model_overrides))
+        if init_from:
+            report = load_weights(self.model, init_from, prefer_ema=init_prefer_ema)
+            print(f"init_from: {report}")
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            # timm's Mixup folds label smoothing into its soft targets.
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
+                               switch_prob=mixup_switch_prob, label_smoothing=label_smoothing,
+                               num_classes=num_classes)
+            self.train_loss = SoftTargetCrossEntropy()
+        else:
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+        top5 = min(5, num_classes)
+        self.acc1 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=1) for s in ("train", "val", "test")})
+        self.acc5 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=top5) for s in ("train", "val", "test")})
+        self._fit_started: float | None = None
+        self._train_time_s = 0.0
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch
+        if split == "train" and self.mixup is not None:
+            x, soft_targets = self.mixup(x, y)
+            logits = self(x)
+            loss = self.train_loss(logits, soft_targets)
+        else:
+            logits = self(x)
+            loss = self.train_loss(logits, y) if split == "train" else F.cross_entropy(logits, y)
+        self.acc1[split](logits, y)
+        self.acc5[split](logits, y)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
+        self.log(f"{split}/acc1", self.acc1[split], prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"{split}/acc5", self.acc5[split], on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).softmax(dim=-1)
+        scores, indices = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        return {"indices": indices, "scores": scores}
+
+    def on_train_epoch_end(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "num_skipped_files"):
+            self.log("data/skipped_files", float(dm.num_skipped_files()), rank_zero_only=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        global_batch = self._global_batch_size()
+        lr = hp.lr * global_batch / hp.lr_base_batch_size
+        no_wd = self.model.no_weight_decay()
+        if hp.layer_decay:
+            groups = param_groups_layer_decay(self.model, hp.weight_decay, no_wd, layer_decay=hp.layer_decay)
+        else:  # AdamW with no weight decay on norms, biases, pos_embed and cls_token
+            groups = param_groups_weight_decay(self.model, hp.weight_decay, no_wd)
+        for g in groups:
+            g["lr"] = lr * g.pop("lr_scale", 1.0)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
+
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
+        # LambdaLR rather than timm's schedulers: Lightning steps it per optimizer step natively.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio)
+        )
+        print(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
+              f"{warmup_steps} warmup / {total_steps} total steps")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _global_batch_size(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = dm.hparams.batch_size if dm is not None else 1
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    # Training time and the last validation scores travel in the checkpoint, for vit-export.
+    def on_fit_start(self) -> None:
+        self._fit_started = time.monotonic()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        elapsed = time.monotonic() - self._fit_started if self._fit_started else 0.0
+        metrics = self.trainer.callback_metrics
+        checkpoint["vit_service"] = {
+            "train_time_s": round(self._train_time_s + elapsed, 1),
+            "epoch": self.current_epoch,
+            "global_step": self.global_step,
+            **{k.replace("/", "_"): float(v) for k, v in metrics.items() if k.startswith("val/")},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._train_time_s = float(checkpoint.get("vit_service", {}).get("train_time_s", 0.0))
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
