@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from training.data import ImageFolderDataModule
+from training.folder_dataset import DatasetError
+from vit_service.checkpoints import CheckpointError
 from training.module import ViTClassifier
 
 
@@ -42,7 +46,12 @@ def run_cli(args: list[str] | None = None) -> ViTCLI:
 
 
 def main() -> None:
-    run_cli()
+    try:
+        run_cli()
+    except (DatasetError, CheckpointError) as e:
+        # A user's data or weights problem: one clear line naming the file, no traceback.
+        print(f"vit-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit_service.checkpoints import load_weights
@@ -89,9 +90,9 @@ class ViTClassifier(L.LightningModule):
         else:
             self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-        top5 = min(5, num_classes)
-        self.acc1 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=1) for s in ("train", "val", "test")})
-        self.acc5 = nn.ModuleDict({s: MulticlassAccuracy(num_classes, top_k=top5) for s in ("train", "val", "test")})
+        self.train_metrics = _accuracy_metrics(num_classes, "train/")
+        self.val_metrics = _accuracy_metrics(num_classes, "val/")
+        self.test_metrics = _accuracy_metrics(num_classes, "test/")
         self._fit_started: float | None = None
         self._train_time_s = 0.0
 
@@ -111,12 +112,11 @@ class ViTClassifier(L.LightningModule):
         else:
             logits = self(x)
             loss = self.train_loss(logits, y) if split == "train" else F.cross_entropy(logits, y)
-        self.acc1[split](logits, y)
-        self.acc5[split](logits, y)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(logits, y)
         on_step = split == "train"
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
-        self.log(f"{split}/acc1", self.acc1[split], prog_bar=True, on_step=False, on_epoch=True)
-        self.log(f"{split}/acc5", self.acc5[split], on_step=False, on_epoch=True)
+        self.log_dict(metrics, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -184,6 +184,14 @@ class ViTClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._train_time_s = float(checkpoint.get("vit_service", {}).get("train_time_s", 0.0))
+
+
+def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {"acc1": MulticlassAccuracy(num_classes, top_k=1),
+         "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes))},
+        prefix=prefix,
+    )
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -2,9 +2,9 @@
 
 Recognised: timm/DeiT state dicts (plain, or wrapped in `model` / `state_dict` / `model_ema` /
 `state_dict_ema`, with DDP `module.` or torch.compile `_orig_mod.` prefixes), torchvision's
-`VisionTransformer`, Lightning checkpoints of our training module (`model.*`, EMA `ema.module.*`)
-and our exported artifact directory. Plain PyTorch + safetensors: serving ships neither
-Lightning nor timm.
+`VisionTransformer`, Lightning checkpoints of our training module (`model.*`; EMA weights as
+`ema.module.*` or as saved by Lightning's WeightAveraging callback) and our exported artifact
+directory. Plain PyTorch + safetensors: serving ships neither Lightning nor timm.
 
 Nothing loads partially by accident: unmatched keys are a `CheckpointError` unless strict=False,
 and then the report lists them. Two differences are adapted and reported: another position
@@ -91,11 +91,12 @@ def load_weights(
     target = model.state_dict()
     _check_patch_embed(state, target)
     head_reinit = _drop_mismatched_head(state, target)
-    resampled = _fit_pos_embed(state, target, model.num_prefix_tokens)
-    missing = [k for k in target if k not in state]
+    keep_head = ("head.weight", "head.bias") if head_reinit else ()  # the model's own, on purpose
+    missing = [k for k in target if k not in state and k not in keep_head]
     unexpected = [k for k in state if k not in target]
     if strict and (missing or unexpected):
         raise CheckpointError(_unmatched_message(desc, missing, unexpected))
+    resampled = _fit_pos_embed(state, target, model.num_prefix_tokens)
     _check_shapes(state, target, desc)
     state = {k: v for k, v in state.items() if k in target}
     model.load_state_dict(state, strict=False)
@@ -133,30 +134,41 @@ def _torch_load(path: Path) -> Any:
         # holds some (hyper-parameters, argparse Namespaces). The user named this file, so it
         # is trusted as much as any code they run; retry with the full unpickler.
         pass
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+    except Exception as e:  # garbage bytes fail in many ways inside the unpickler
+        raise _unreadable(path, e) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # garbage bytes fail in many ways inside pickle
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
 
 
 def _unwrap(raw: Any, desc: str, fmt: str, prefer_ema: bool) -> tuple[StateDict, str, str]:
     """Finds the model's tensors inside a training checkpoint and strips wrapper prefixes."""
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"{desc}: expected a dict of tensors, got {type(raw).__name__}")
-    order = _EMA_KEYS + _PLAIN_KEYS if prefer_ema else _PLAIN_KEYS + _EMA_KEYS
-    for key in order:
-        if isinstance(raw.get(key), Mapping):
-            raw, desc = raw[key], f"{desc}['{key}']"
-            break
+    key = _wrapper_key(raw, prefer_ema)
+    if key is not None:
+        raw, desc = raw[key], f"{desc}['{key}']"
     state = {_strip_wrappers(k): v for k, v in raw.items()}
     if any(k.startswith(("model.", "ema.module.")) for k in state):
         state, desc, fmt = _from_lightning(state, desc, prefer_ema)
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad or not state:
-        raise CheckpointError(f"{desc}: no state dict found (top-level keys: {_listing(list(raw))})")
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{desc}: no state dict found (keys: {_listing(list(raw))})")
     return state, desc, fmt
+
+
+def _wrapper_key(raw: Mapping[str, Any], prefer_ema: bool) -> str | None:
+    """The key holding the weights in a training checkpoint; None for a plain state dict."""
+    if isinstance(raw.get("current_model_state"), Mapping):
+        # Lightning's WeightAveraging (EMA) callback saves the average as `state_dict` and moves
+        # the raw weights to `current_model_state`.
+        return "state_dict" if prefer_ema else "current_model_state"
+    order = _EMA_KEYS + _PLAIN_KEYS if prefer_ema else _PLAIN_KEYS + _EMA_KEYS
+    return next((k for k in order if isinstance(raw.get(k), Mapping)), None)
 
 
 def _strip_wrappers(key: str) -> str:

@@ -1,0 +1,89 @@
+"""Shared fixtures: a small generated demo dataset, a short real training run, random timm models."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Runs one of the project's console scripts (vit-train, vit-data, vit-export) for real."""
+    cmd = [str(BIN / args[0]), *args[1:]]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def demo_config(run_dir: Path, demo_root: Path, **trainer: object) -> Path:
+    """configs/demo.yaml with every output under `run_dir` and data from `demo_root`."""
+    cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    cfg["trainer"].update(default_root_dir=str(run_dir), enable_progress_bar=False, **trainer)
+    for logger in cfg["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(run_dir)
+    cfg["checkpoint"]["dirpath"] = str(run_dir / "checkpoints")
+    cfg["data"].update(train_dir=str(demo_root / "train"), val_dir=str(demo_root / "val"), num_workers=0)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo dataset (6 classes) in ImageNet layout."""
+    from training.demo_data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, seed=0, train_per_class=12, val_per_class=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (short) `vit-train fit` run on the demo data; returns its run folder."""
+    run_dir = tmp_path_factory.mktemp("run")
+    config = demo_config(run_dir, demo_data, max_epochs=2)
+    result = run_cli("vit-train", "fit", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Adds noise to every parameter (in eval mode), so LayerNorm scales, biases and zero-init
+    heads are not trivially 1 or 0 and a swapped or skipped tensor changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def perturb() -> Callable[..., torch.nn.Module]:
+    """`perturb(model, seed=0)`: see perturb_."""
+    return perturb_
+
+
+@pytest.fixture(scope="session")
+def timm_vit() -> Callable[..., torch.nn.Module]:
+    """`timm_vit(name, **kwargs)`: a random-weight timm model (never downloaded), perturbed, in
+    eval mode. Cached for the session because timm's init is slow on CPU: callers only read it."""
+    import timm
+
+    @functools.cache
+    def make(name: str, **kwargs: Any) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return perturb_(timm.create_model(name, pretrained=False, **kwargs))
+
+    return make

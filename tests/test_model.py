@@ -1,0 +1,153 @@
+"""VisionTransformer against timm as the oracle, plus its own contracts (errors, hooks, compile)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from vit_service.checkpoints import load_weights
+from vit_service.model import ViTConfig, VisionTransformer
+
+# Small enough that forward, backward and torch.compile stay fast on a 2-core CPU.
+TINY = ViTConfig(image_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=2, num_heads=2)
+
+
+def _images(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"])
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_names_and_logits_match_timm(tmp_path, timm_vit, name, global_pool):
+    ref = timm_vit(name, global_pool=global_pool)
+    ours = VisionTransformer(ViTConfig.from_preset(name, global_pool=global_pool)).eval()
+    sd = ref.state_dict()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    torch.save(sd, tmp_path / "w.pth")
+    x = _images(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref(x)
+    for file in ("w.safetensors", "w.pth"):
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.fill_(float("nan"))  # a tensor the load skips stays NaN
+        report = load_weights(ours, tmp_path / file)
+        assert report.loaded == len(sd) and not report.missing and not report.unexpected
+        assert all(torch.equal(v, sd[k]) for k, v in ours.state_dict().items()), file
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=0)
+
+
+def test_other_input_size_matches_timm_dynamic_img_size(timm_vit):
+    # timm resamples pos_embed on the fly with dynamic_img_size=True; ours always does.
+    ref = timm_vit("vit_tiny_patch16_224", dynamic_img_size=True)
+    ours = VisionTransformer(ViTConfig.from_preset("vit_tiny_patch16_224")).eval()
+    load_weights(ours, ref.state_dict())
+    for hw in [(160, 160), (160, 224)]:
+        x = _images(2, 3, *hw)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
+
+
+def test_attention_maps(perturb):
+    model = perturb(VisionTransformer(TINY))
+    x = _images(2, 3, 32, 32)
+    logits, maps = model.attention_maps(x)
+    N = (32 // 8) ** 2 + 1
+    assert len(maps) == TINY.depth
+    for attn in maps:
+        assert attn.shape == (2, TINY.num_heads, N, N)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, TINY.num_heads, N))
+    with torch.no_grad():
+        # Explicit softmax path vs the fused kernel: equal up to float rounding.
+        torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((2, 3, 36, 32), r"36x32 is not a multiple of the patch size 8"),
+    ((2, 1, 32, 32), r"expected 3 channels, got 1"),
+    ((3, 32, 32), r"expected images of shape \(B, C, H, W\)"),
+])
+def test_bad_input_raises(shape, message):
+    with pytest.raises(ValueError, match=message):
+        VisionTransformer(TINY)(torch.zeros(shape))
+
+
+def test_no_weight_decay_names_real_parameters():
+    model = VisionTransformer(TINY)
+    names = model.no_weight_decay()
+    assert names == {"pos_embed", "cls_token"}
+    assert names <= dict(model.named_parameters()).keys()
+
+
+def test_reset_classifier(perturb):
+    model = perturb(VisionTransformer(TINY))
+    x = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(7)
+        assert model.config.num_classes == 7 and model(x).shape == (2, 7)
+        model.reset_classifier(0)  # feature extractor: forward returns the pooled features
+        assert isinstance(model.head, nn.Identity)
+        torch.testing.assert_close(model(x), features)
+
+
+def test_grad_checkpointing_gives_same_gradients(perturb):
+    def grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)  # the same weights both times
+        model = perturb(VisionTransformer(TINY)).train()
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        for blk in model.blocks:
+            # A pre-hook: recomputation stops early, once the saved tensors are rebuilt, so the
+            # forward hook never fires the second time.
+            blk.register_forward_pre_hook(lambda *_: calls.append(1))
+        model(_images(2, 3, 32, 32)).logsumexp(-1).sum().backward()
+        return {k: p.grad for k, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads(False)
+    ckpt, ckpt_calls = grads(True)
+    assert (plain_calls, ckpt_calls) == (TINY.depth, 2 * TINY.depth)  # blocks recomputed in backward
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("backend", [
+    # aot_eager runs Dynamo's full tracing (fullgraph=True fails on any graph break) and AOT
+    # autograd in about a second; Inductor's C++ code generation takes about a minute on 2 CPUs.
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.slow),
+])
+def test_torch_compile_fullgraph(perturb, backend):
+    torch._dynamo.reset()
+    model = perturb(VisionTransformer(TINY))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32(perturb):
+    model = perturb(VisionTransformer(TINY))
+    x = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x)
+    assert bf16.dtype == torch.bfloat16  # autocast really ran the linear layers in bf16
+    # bf16 keeps 8 mantissa bits (~0.4% relative): loose, scaled to the logits' size.
+    torch.testing.assert_close(bf16.float(), fp32, atol=0.05 * fp32.abs().max().item(), rtol=0.05)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown ViT preset 'vit_huge'"):
+        ViTConfig.from_preset("vit_huge")
+    with pytest.raises(ValueError, match="image_size 200 is not a multiple of patch_size 16"):
+        ViTConfig.from_preset("vit_tiny_patch16_224", image_size=200)
+    with pytest.raises(ValueError, match="image_size 30 is not a multiple of patch_size 4"):
+        ViTConfig(image_size=30, patch_size=4)

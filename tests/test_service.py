@@ -1,0 +1,546 @@
+"""The BentoML service, tested for real: a `bentoml serve` subprocess on a loopback port, called
+with the curl binary and httpx, real image bytes, and the service classes called in-process.
+
+A tiny random-init model (32 px, 4 classes) is saved into a temporary BENTOML_HOME; its answers
+are checked against running the same model directly on the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw, features
+
+from service_fixtures import BIN, CLASS_NAMES, REPO, bentoml_server, save_tiny_model
+from vit_service.artifact import load_model
+from vit_service.preprocessing import decode_image
+
+MAX_BODY = 2 * 2**20  # small limits, so the tests that exceed them stay fast
+MAX_IMAGES = 8
+TIMEOUT_S = 8
+MAX_CONCURRENCY = 40
+SERVER_ENV = {
+    "VIT_MAX_BODY_BYTES": str(MAX_BODY),
+    "VIT_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
+    "VIT_TIMEOUT": str(TIMEOUT_S),
+    "VIT_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
+    "VIT_MAX_LATENCY_MS": "20000",  # 2 loaded cores: no 503 from the batcher in these tests
+}
+
+
+# ----------------------------------------------------------------------------------- images
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def picture(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A random but structured RGB picture: noise plus a few coloured shapes."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(base // 2 + rng.integers(0, 128, size=3, dtype=np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        w, h = max(2, size[0] // 2), max(2, size[1] // 2)
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(1, w)), y0 + int(rng.integers(1, h))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 255, size=3)))
+    return img
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds almost no data: a decompression-bomb probe."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def unusual_images() -> dict[str, tuple[bytes, str]]:
+    """Valid images a user may well send: name -> (bytes, declared content type)."""
+    rgb = picture(7)
+    cases = {
+        "grayscale.png": (encode(rgb.convert("L"), "PNG"), "image/png"),
+        "palette.png": (encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "image/png"),
+        "palette_transparent.gif": (encode(rgb.convert("P"), "GIF", transparency=0), "image/gif"),
+        "rgba.png": (encode(rgb.convert("RGBA"), "PNG"), "image/png"),
+        "cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), "image/jpeg"),
+        "16bit.png": (encode(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "PNG"), "image/png"),
+        "tiny_1x1.png": (encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "image/png"),
+        "very_wide.jpg": (encode(picture(8, (2000, 12)), "JPEG"), "image/jpeg"),
+        "very_tall.png": (encode(picture(9, (5, 900)), "PNG"), "image/png"),
+        "png_labelled_jpeg": (encode(rgb, "PNG"), "image/jpeg"),
+        "jpeg_no_type": (encode(rgb, "JPEG"), "application/octet-stream"),
+        "big_photo.jpg": (encode(picture(10, (1600, 1200)), "JPEG", quality=90), "image/jpeg"),
+    }
+    frames = [picture(11), picture(12)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cases["animated.gif"] = (buf.getvalue(), "image/gif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    cases["exif_rotated.jpg"] = (encode(picture(13, (120, 40)), "JPEG", exif=exif.tobytes()), "image/jpeg")
+    if features.check("webp"):
+        cases["photo.webp"] = (encode(rgb, "WEBP"), "image/webp")
+    return cases
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A temporary BENTOML_HOME holding the tiny model; returns (home, full tag)."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    return home, save_tiny_model(home)
+
+
+@pytest.fixture(scope="module")
+def reference(store):
+    """The exported model run directly, the oracle for what the server answers."""
+    home, tag = store
+    name, version = tag.split(":")
+    model, artifact = load_model(home / "models" / name / version)
+    pre = artifact.preprocessing
+
+    def probs(data: bytes) -> np.ndarray:
+        img = decode_image(data, draft_size=pre.resize_size)  # as the service decodes
+        with torch.no_grad():
+            return model(pre(img)[None]).softmax(-1)[0].numpy()
+
+    return probs
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory: pytest.TempPathFactory):
+    home, _ = store
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with bentoml_server(home, log, env=SERVER_ENV) as url:
+        url_log = (url, log)
+        yield url_log
+        # Nothing a client sent may have made the server fail: no 500 anywhere in its log.
+        text = log.read_text()
+        assert "status=500" not in text and "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[0]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+def classify(client: httpx.Client, data: bytes, name: str = "x.jpg", ctype: str = "image/jpeg", **form) -> httpx.Response:
+    return client.post("/classify", files={"image": (name, data, ctype)}, data=form)
+
+
+def check_predictions(preds: list[dict], k: int) -> None:
+    assert len(preds) == k
+    for p in preds:
+        assert set(p) == {"label", "index", "score"}
+        assert CLASS_NAMES[p["index"]] == p["label"]
+        assert 0.0 <= p["score"] <= 1.0
+    scores = [p["score"] for p in preds]
+    assert scores == sorted(scores, reverse=True)
+    assert len({p["index"] for p in preds}) == k
+
+
+def assert_matches(preds: list[dict], probs: np.ndarray) -> None:
+    assert preds[0]["index"] == int(np.argmax(probs))
+    for p in preds:
+        assert p["score"] == pytest.approx(float(probs[p["index"]]), abs=1e-4)
+
+
+# ------------------------------------------------------------------------- the happy path
+
+def test_classify_agrees_with_the_model_run_directly(client, reference):
+    seen_top1 = set()
+    for seed in range(6):
+        data = encode(picture(seed), "JPEG" if seed % 2 else "PNG")
+        r = classify(client, data)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert set(body) == {"predictions"}
+        check_predictions(body["predictions"], k=4)  # default top_k 5, capped at the 4 classes
+        assert sum(p["score"] for p in body["predictions"]) == pytest.approx(1.0, abs=1e-4)
+        assert_matches(body["predictions"], reference(data))
+        seen_top1.add(body["predictions"][0]["index"])
+    assert len(seen_top1) > 1, "every image got the same label: the comparison would prove little"
+
+
+def test_top_k_as_form_field_or_query_parameter(client, reference):
+    data = encode(picture(21), "PNG")
+    by_form = classify(client, data, top_k="2")
+    by_query = client.post("/classify?top_k=1", files={"image": ("a.png", data, "image/png")})
+    assert by_form.status_code == by_query.status_code == 200
+    check_predictions(by_form.json()["predictions"], k=2)
+    check_predictions(by_query.json()["predictions"], k=1)
+    assert_matches(by_form.json()["predictions"], reference(data))
+
+
+def test_classify_batch_keeps_upload_order(client, reference):
+    images = [encode(picture(30 + i), "JPEG") for i in range(5)]
+    files = [("images", (f"img{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    r = client.post("/classify_batch", files=files, data={"top_k": "3"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == len(images)
+    for result, data in zip(results, images):
+        assert set(result) == {"predictions"}
+        check_predictions(result["predictions"], k=3)
+        assert_matches(result["predictions"], reference(data))
+
+
+def test_real_curl(url, tmp_path, reference):
+    a, b = tmp_path / "a.jpg", tmp_path / "b.png"
+    a.write_bytes(encode(picture(40), "JPEG"))
+    b.write_bytes(encode(picture(41), "PNG"))
+
+    def curl(*args: str) -> tuple[int, dict]:
+        out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        body, status = out.stdout.rsplit("\n", 1)
+        return int(status), json.loads(body)
+
+    status, body = curl("-F", f"image=@{a}", f"{url}/classify")
+    assert status == 200
+    assert_matches(body["predictions"], reference(a.read_bytes()))
+    status, body = curl("-F", f"images=@{a}", "-F", f"images=@{b}", "-F", "top_k=2", f"{url}/classify_batch")
+    assert status == 200
+    assert [len(r["predictions"]) for r in body["results"]] == [2, 2]
+    assert_matches(body["results"][1]["predictions"], reference(b.read_bytes()))
+    status, body = curl("-F", f"file=@{a}", f"{url}/classify")  # a typical mistake
+    assert status == 400 and "'image'" in body["error"]
+
+
+@pytest.mark.parametrize("name", sorted(unusual_images()))
+def test_unusual_but_valid_images_are_classified(client, reference, name):
+    data, ctype = unusual_images()[name]
+    r = classify(client, data, name=name, ctype=ctype)
+    assert r.status_code == 200, r.text
+    assert_matches(r.json()["predictions"], reference(data))
+
+
+def test_model_info(client, store):
+    _, tag = store
+    r = client.get("/model_info")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["model_tag"] == tag
+    assert info["class_names"] == CLASS_NAMES and info["num_classes"] == 4
+    assert info["input_size"] == [3, 32, 32]
+    assert info["preprocessing"]["image_size"] == 32 and info["preprocessing"]["crop_pct"] == 1.0
+    assert info["model_config"]["patch_size"] == 8
+    assert info["metadata"]["trained_by"] == "tests/service_fixtures.py"
+    assert info["serving"]["device"] == "cpu" and info["serving"]["precision"] == "fp32"
+    assert info["serving"]["max_images_per_request"] == MAX_IMAGES
+    assert info["serving"]["max_body_bytes"] == MAX_BODY
+
+
+def test_bentoml_endpoints_keep_working(client):
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert client.get(path).status_code == 200, path
+    ui = client.get("/")
+    assert ui.status_code == 200 and "html" in ui.headers["content-type"]
+    spec = client.get("/docs.json").json()
+    assert {"/classify", "/classify_batch", "/model_info", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert "bentoml_service_request" in client.get("/metrics").text
+
+
+def test_readyz_waited_for_the_warmed_model(server):
+    # The fixture waited for /readyz 200; by then the model service had logged its warm-up.
+    log = server[1].read_text()
+    assert re.search(r"model vit-classifier:\w+ ready on .* in [\d.]+ s", log), log[-3000:]
+
+
+# ----------------------------------------------------------------------------- batching
+
+def batch_histogram(client: httpx.Client) -> tuple[float, float, float]:
+    """(batches, requests in them, batches of exactly one request) from the model service's
+    histogram, which the front's /metrics includes (both processes share one Prometheus dir)."""
+    text = client.get("/metrics").text
+
+    def total(series: str, labels: str = "") -> float:
+        pattern = rf'bentoml_service_adaptive_batch_size_{series}\{{{labels}[^}}]*method_name="predict"[^}}]*\}} (\S+)'
+        return sum(float(v) for v in re.findall(pattern, text))
+
+    return total("count"), total("sum"), total("bucket", 'le="1.0",')
+
+
+def test_concurrent_requests_share_forward_passes(client, url, reference):
+    images = [encode(picture(100 + i), "JPEG") for i in range(32)]
+    expected = [int(np.argmax(reference(d))) for d in images]
+    batches0, requests0, singles0 = batch_histogram(client)
+    barrier = threading.Barrier(len(images))
+
+    def one(i: int) -> httpx.Response:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            barrier.wait()
+            return classify(c, images[i])
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        responses = list(pool.map(one, range(len(images))))
+    assert [r.status_code for r in responses] == [200] * len(images), [r.text for r in responses if r.status_code != 200]
+    assert [r.json()["predictions"][0]["index"] for r in responses] == expected
+    batches1, requests1, singles1 = batch_histogram(client)
+    batches, requests = batches1 - batches0, requests1 - requests0
+    assert requests == len(images)
+    assert batches < requests, f"{requests:.0f} requests ran in {batches:.0f} forward passes: no batching"
+    assert singles1 - singles0 < batches
+
+
+# --------------------------------------------------------------- bad input: 4xx, never 500
+
+def _bad_cases() -> dict[str, tuple[dict, int, str]]:
+    jpeg = encode(picture(50), "JPEG")
+    ok = ("ok.jpg", jpeg, "image/jpeg")
+    return {
+        "text file": ({"files": {"image": ("notes.txt", b"hello, not an image\n", "text/plain")}}, 400, "not a recognised image"),
+        "text labelled jpeg": ({"files": {"image": ("x.jpg", b"GIF89a but not really", "image/jpeg")}}, 400, "x.jpg"),
+        "empty file": ({"files": {"image": ("empty.jpg", b"", "image/jpeg")}}, 400, "empty"),
+        "truncated jpeg": ({"files": {"image": ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}}, 400, "truncated"),
+        "header-only jpeg": ({"files": {"image": ("cut.jpg", jpeg[:200], "image/jpeg")}}, 400, "cut.jpg"),
+        "decompression bomb": ({"files": {"image": ("bomb.png", png_header_only(40_000, 40_000), "image/png")}}, 400, "limit"),
+        "too many pixels": ({"files": {"image": ("big.png", png_header_only(10_000, 5_000), "image/png")}}, 400, "limit"),
+        "misnamed field": ({"files": {"file": ok}}, 400, "'image'"),
+        "only top_k": ({"files": {"top_k": (None, "3")}}, 400, "missing form field 'image'"),
+        "text instead of file": ({"files": {"image": (None, "http://169.254.169.254/latest")}}, 400, "must be a file"),
+        "unknown extra field": ({"files": {"image": ok, "topk": (None, "3")}}, 400, "'topk'"),
+        "two images": ({"files": [("image", ok), ("image", ok)]}, 400, "/classify_batch"),
+        "top_k zero": ({"files": {"image": ok}, "data": {"top_k": "0"}}, 400, "between 1 and 4"),
+        "top_k too big": ({"files": {"image": ok}, "data": {"top_k": "5"}}, 400, "between 1 and 4"),
+        "top_k negative": ({"files": {"image": ok}, "data": {"top_k": "-1"}}, 400, "top_k"),
+        "top_k not int": ({"files": {"image": ok}, "data": {"top_k": "three"}}, 400, "integer"),
+        "top_k float": ({"files": {"image": ok}, "data": {"top_k": "2.5"}}, 400, "integer"),
+        "top_k twice": ({"files": {"image": ok}, "data": {"top_k": ["1", "2"]}}, 400, "top_k"),
+        "top_k as file": ({"files": {"image": ok, "top_k": ("k.txt", b"2", "text/plain")}}, 400, "top_k"),
+        "json body": ({"json": {"image": "cat.jpg"}}, 415, "multipart/form-data"),
+        "no body": ({}, 415, "multipart/form-data"),
+        "urlencoded url": ({"data": {"image": "http://127.0.0.1:1/x.jpg"}}, 415, "multipart/form-data"),
+        "raw jpeg body": ({"content": jpeg, "headers": {"content-type": "image/jpeg"}}, 415, "'image'"),
+        "multipart without boundary": ({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400, "multipart"),
+        "multipart garbage": ({"content": b"nonsense", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "malformed multipart"),
+    }
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_upload_to_classify(client, case):
+    kwargs, status, fragment = BAD[case]
+    r = client.post("/classify", **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert fragment in body["error"]
+
+
+def test_bad_uploads_to_classify_batch(client):
+    good = encode(picture(60), "PNG")
+    cases = [
+        ({"files": [("images", ("a.png", good, "image/png"))] * (MAX_IMAGES + 1)}, 413, f"limit is {MAX_IMAGES}"),
+        ({"files": [("images", ("a.png", good, "image/png")), ("images", ("bad.png", b"\x89PNG\r\n", "image/png"))]}, 400, "bad.png"),
+        ({"files": [("image", ("a.png", good, "image/png"))]}, 400, "missing form field 'images'"),
+        ({"files": [("images", ("a.png", good, "image/png"))], "data": {"top_k": "7"}}, 400, "between 1 and 4"),
+    ]
+    for kwargs, status, fragment in cases:
+        r = client.post("/classify_batch", **kwargs)
+        assert r.status_code == status, r.text
+        assert fragment in r.json()["error"], r.text
+    at_limit = client.post("/classify_batch", files=[("images", ("a.png", good, "image/png"))] * MAX_IMAGES)
+    assert at_limit.status_code == 200 and len(at_limit.json()["results"]) == MAX_IMAGES
+
+
+def test_body_over_the_limit_is_413_declared_or_streamed(client, url, tmp_path):
+    big = np.random.default_rng(0).integers(0, 255, MAX_BODY + 1000, dtype=np.uint8).tobytes()
+    declared = classify(client, big, name="big.jpg")  # with Content-Length
+    assert declared.status_code == 413 and "limit" in declared.json()["error"]
+
+    def chunks():  # no Content-Length: chunked transfer encoding, counted as it streams
+        boundary = b"b0undary"
+        yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n\r\n'
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+        yield b"\r\n--" + boundary + b"--\r\n"
+
+    streamed = client.post("/classify", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    assert streamed.status_code == 413 and "limit" in streamed.json()["error"]
+
+    path = tmp_path / "big.jpg"
+    path.write_bytes(big)
+    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "-F", f"image=@{path}", f"{url}/classify"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.rsplit("\n", 1)[1] == "413", out
+
+
+def test_overload_is_429_and_slow_requests_504(url):
+    """Requests beyond max_concurrency get 429 at once; a request past the timeout gets 504.
+
+    Slow uploads (headers sent, body never finished) hold the front's concurrency slots."""
+    host, port = urlparse(url).hostname, urlparse(url).port
+    head = (f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            f"Content-Length: 1000\r\n\r\n--zz\r\n").encode()
+    holders = []
+    try:
+        for _ in range(MAX_CONCURRENCY):
+            s = socket.create_connection((host, port), timeout=TIMEOUT_S + 20)
+            s.sendall(head)
+            holders.append(s)
+        time.sleep(1.0)  # let the server take them all in
+        start = time.monotonic()
+        r = httpx.post(f"{url}/classify", files={"image": ("a.png", encode(picture(1), "PNG"), "image/png")}, timeout=30)
+        assert r.status_code == 429 and r.json() == {"error": "Too many requests"}
+        assert time.monotonic() - start < 2.0
+        assert httpx.get(f"{url}/readyz").status_code == 200  # probes bypass the limit
+        reply = holders[0].recv(4096).decode(errors="replace")  # blocks until the timeout fires
+        assert reply.startswith("HTTP/1.1 504"), reply
+        assert "Not able to process the request" in reply
+    finally:
+        for s in holders:
+            s.close()
+    time.sleep(0.5)
+    r = httpx.post(f"{url}/classify", files={"image": ("a.png", encode(picture(1), "PNG"), "image/png")}, timeout=30)
+    assert r.status_code == 200
+
+
+def test_server_still_serves_after_everything(client, reference):
+    data = encode(picture(70), "JPEG")
+    r = classify(client, data)
+    assert r.status_code == 200
+    assert_matches(r.json()["predictions"], reference(data))
+    assert client.get("/readyz").status_code == 200
+
+
+# ------------------------------------------------------------------ in-process, no HTTP
+
+@pytest.fixture(scope="module")
+def services(store):
+    """ViTClassifier and ViTModel instances in this process, reading the temporary model store."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    home, _ = store
+    BentoMLContainer.model_store.set(ModelStore(home / "models"))
+    try:
+        from vit_service.service import ViTClassifier
+
+        front = ViTClassifier()  # its `model` dependency is a ViTModel built in-process
+        yield front, front.model
+    finally:
+        BentoMLContainer.model_store.reset()
+
+
+def test_in_process_classify_images(services, reference):
+    front, _ = services
+    images = [("a.jpg", encode(picture(80), "JPEG")), ("b.png", encode(picture(81), "PNG"))]
+    results = asyncio.run(front.classify_images(images, top_k=2))
+    assert len(results) == 2
+    for preds, (_, data) in zip(results, images):
+        check_predictions(preds, k=2)
+        assert_matches(preds, reference(data))
+
+
+def test_in_process_errors_carry_status(services):
+    from vit_service.http_api import RequestError
+
+    front, _ = services
+    ok = ("a.jpg", encode(picture(82), "JPEG"))
+    for images, top_k, status, fragment in [
+        ([ok], 0, 400, "between 1 and 4"),
+        ([ok, ("broken.gif", b"GIF89a")], None, 400, "broken.gif"),
+        ([], None, 400, "no images"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            asyncio.run(front.classify_images(images, top_k=top_k))
+        assert e.value.status == status and fragment in e.value.message
+
+
+def test_model_service_predict_and_info(services, reference):
+    import bentoml
+
+    _, model = services
+    data = encode(picture(83), "PNG")
+    pre = model.predictor.preprocessing
+    batch = np.stack([pre.to_uint8(decode_image(data, draft_size=pre.resize_size)).numpy()] * 3)
+    probs = model.predict(batch)
+    assert probs.shape == (3, 4) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, np.stack([reference(data)] * 3), atol=1e-5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert model.predict(np.zeros((0, 3, 32, 32), np.uint8)).shape == (0, 4)
+    for wrong in (np.zeros((2, 3, 16, 16), np.uint8), np.zeros((2, 3, 32, 32), np.float32), np.zeros((3, 32, 32), np.uint8)):
+        with pytest.raises(bentoml.exceptions.InvalidArgument):
+            model.predict(wrong)
+    info = model.info()
+    assert info["class_names"] == CLASS_NAMES and info["input_size"] == [3, 32, 32]
+    assert model.__is_ready__()
+
+
+def test_settings_from_env(monkeypatch):
+    from vit_service.service import Settings
+
+    monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("VIT_COMPILE", "max-autotune")
+    monkeypatch.setenv("VIT_MODEL_TAG", "other:v1")
+    s = Settings.from_env()
+    assert (s.max_batch_size, s.compile_mode, s.model_tag) == (8, "max-autotune", "other:v1")
+    for name, value in [("VIT_MAX_BATCH_SIZE", "1"), ("VIT_TIMEOUT", "soon"), ("VIT_MAX_BODY_BYTES", "0")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            Settings.from_env()
+        monkeypatch.delenv(name)
+
+
+# ------------------------------------------------------------------------------ packaging
+
+def test_bentoml_build_packs_the_service_and_model(store, tmp_path):
+    home, tag = store
+    env_home = tmp_path / "home"
+    shutil.copytree(home, env_home)
+    env = {**os.environ, "BENTOML_HOME": str(env_home), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    bento_tag = re.search(r"__tag__:(\S+)", out.stdout).group(1)
+    name, version = bento_tag.split(":")
+    bento = env_home / "bentos" / name / version
+    sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
+    assert "vit_service/service.py" in sources and "vit_service/http_api.py" in sources
+    assert not any(s.startswith(("training/", "tests/", "configs/")) for s in sources), sources
+    # BentoML 1.4 records the model (resolved from vit-classifier:latest) in bento.yaml and copies
+    # it from the model store on `bentoml containerize` / `export`.
+    manifest = yaml.safe_load((bento / "bento.yaml").read_text())
+    packed = {m["tag"] for svc in manifest["services"] for m in svc["models"]}
+    assert packed == {tag}
+    lines = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    packages = {re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower() for line in lines if line and not line.startswith("#")}
+    assert {"torch", "pillow", "numpy", "safetensors", "bentoml"} <= packages
+    assert not packages & {"lightning", "pytorch-lightning", "timm", "torchvision", "vit-service"}, packages

@@ -1,0 +1,165 @@
+"""Training through the real `vit-train` CLI, resume, export round trip, configs, DDP."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, demo_config, run_cli
+from training.cli import run_cli as run_lightning_cli
+from training.module import ViTClassifier, warmup_cosine
+from vit_service.artifact import load_model
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    assert files, f"no metrics.csv under {run_dir}"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_writes_checkpoints_logs_and_config(trained_run: Path) -> None:
+    ckpts = trained_run / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file()
+    assert list(ckpts.glob("best-epoch*-acc*.ckpt"))
+    saved_config = list(trained_run.glob("csv/version_*/config.yaml"))
+    assert saved_config and "vit_demo_patch8_64" in saved_config[0].read_text()
+    assert list(trained_run.glob("tensorboard/version_*/events.out.tfevents.*"))
+    rows = _read_metrics(trained_run)
+    val = [r for r in rows if r.get("val/acc1")]
+    assert len(val) == 2  # one validation per epoch
+    assert all(0.0 <= float(r["val/acc1"]) <= 1.0 for r in val)
+    assert any(r.get("lr-AdamW") for r in rows)
+
+
+def test_checkpoint_carries_labels_and_preprocessing(trained_run: Path, demo_data: Path) -> None:
+    ckpt = torch.load(trained_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    assert hp["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())
+    assert hp["num_classes"] == len(hp["class_names"])
+    assert hp["preprocessing"]["image_size"] == 64
+    assert ckpt["vit_service"]["train_time_s"] > 0
+
+
+def test_recipe_fast_dev_run(demo_data: Path, tmp_path: Path) -> None:
+    """Mixup/CutMix, RandAugment, random erasing, layer decay, grad checkpointing in one short run."""
+    config = demo_config(tmp_path, demo_data)
+    result = run_cli(
+        "vit-train", "fit", "--config", str(config), "--trainer.fast_dev_run", "2",
+        "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--model.layer_decay", "0.75",
+        "--model.grad_checkpointing", "true", "--data.auto_augment", "rand-m9-mstd0.5-inc1",
+        "--data.re_prob", "0.25", "--data.batch_size", "8",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer: AdamW, global batch 8" in result.stdout
+
+
+def test_resume_from_last_continues_step_count(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")
+    before = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    config = demo_config(run_dir, demo_data, max_epochs=3)
+    result = run_cli("vit-train", "fit", "--config", str(config), "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert after["epoch"] == before["epoch"] + 1
+    steps_per_epoch = before["global_step"] // (before["epoch"] + 1)
+    assert after["global_step"] == before["global_step"] + steps_per_epoch
+    assert after["vit_service"]["train_time_s"] > before["vit_service"]["train_time_s"]
+
+
+def test_export_round_trip(trained_run: Path, tmp_path: Path) -> None:
+    home = tmp_path / "bentoml"
+    ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
+    result = run_cli("vit-export", "--ckpt", str(ckpt), "--name", "demo-vit", env={"BENTOML_HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1]
+    name, version = tag.split(":")
+    assert name == "demo-vit"
+    model_dir = home / "models" / name / version
+    exported, artifact = load_model(model_dir)
+
+    module = ViTClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), module(x), rtol=0, atol=0)
+    assert artifact.class_names == module.hparams.class_names
+    assert artifact.preprocessing.image_size == 64 and artifact.preprocessing.crop_pct == 1.0
+    assert artifact.metadata["val_acc1"] is not None
+    assert artifact.metadata["dataset"]["train_dir"].endswith("train")
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda d: d / "missing.ckpt", "no such checkpoint"),
+        (lambda d: (d / "junk.ckpt").write_bytes(b"not a checkpoint") or d / "junk.ckpt", "not a readable checkpoint"),
+    ],
+)
+def test_export_bad_checkpoint_is_a_clear_error(tmp_path: Path, make_bad, message: str) -> None:
+    path = make_bad(tmp_path)
+    result = run_cli("vit-export", "--ckpt", str(path), env={"BENTOML_HOME": str(tmp_path / "b")})
+    assert result.returncode == 2
+    assert message in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_ema_requires_ema_weights(trained_run: Path, tmp_path: Path) -> None:
+    result = run_cli("vit-export", "--ckpt", str(trained_run / "checkpoints/last.ckpt"), "--ema",
+                     env={"BENTOML_HOME": str(tmp_path / "b")})
+    assert result.returncode == 2 and "no EMA weights" in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_parses(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_lightning_cli(["fit", "--config", str(REPO / "configs" / config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "preset:" in printed and "train_dir:" in printed
+
+
+def test_class_mismatch_between_train_and_val_is_a_clear_error(demo_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    victim = sorted((data / "val").iterdir())[0]
+    shutil.rmtree(victim)
+    result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, data)), "--trainer.fast_dev_run", "1")
+    assert result.returncode != 0
+    assert victim.name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, empty)), "--trainer.fast_dev_run", "1")
+    assert result.returncode != 0
+    assert str(empty / "train") in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ddp_two_cpu_processes(demo_data: Path, tmp_path: Path) -> None:
+    config = demo_config(tmp_path, demo_data, max_steps=3, max_epochs=1)
+    result = run_cli(
+        "vit-train", "fit", "--config", str(config), "--trainer.strategy", "ddp",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "8",
+        "--trainer.limit_val_batches", "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert "optimizer: AdamW, global batch 16" in result.stdout  # LR scaled by the 2-process batch
+    val = [r for r in _read_metrics(tmp_path) if r.get("val/acc1")]
+    assert val and 0.0 <= float(val[-1]["val/acc1"]) <= 1.0
+
+
+def test_warmup_cosine_schedule() -> None:
+    values = [warmup_cosine(s, 10, 110, 0.01) for s in range(111)]
+    assert values[0] < values[5] < values[9] <= 1.0
+    assert values[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[110] == pytest.approx(0.01)

@@ -1,0 +1,131 @@
+"""Batched inference on the model's device: uint8 images in, class probabilities out.
+
+The model service calls `Predictor.predict_proba` once per adaptive batch. Images cross to the
+device as uint8 (a quarter of the bytes of float32), from pinned host memory with a non-blocking
+copy on CUDA; `Preprocessing.normalize` then runs on the device, the forward pass under bf16 (or
+fp16) autocast, and the softmax in float32. On the CPU everything stays float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vit_service.artifact import ModelArtifact, load_model
+from vit_service.model import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" is CUDA when available, else CPU; "cpu", "cuda", "cuda:1" are taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """"auto" is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name not in DTYPES:
+        raise ValueError(f"precision must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return name  # type: ignore[return-value]
+
+
+class Predictor:
+    """A VisionTransformer ready to serve: eval mode, on its device, with its artifact."""
+
+    def __init__(self, model: VisionTransformer, artifact: ModelArtifact, device: torch.device,
+                 precision: str = "auto", compile_mode: str | None = None) -> None:
+        self.device = device
+        self.precision = resolve_precision(precision, device)
+        self.artifact = artifact
+        self.preprocessing = artifact.preprocessing
+        S = self.preprocessing.image_size
+        self.input_shape = (3, S, S)
+        # Only the patch-embedding convolution sees the NCHW layout; channels-last lets cuDNN pick
+        # its NHWC kernels for it on GPUs. On the CPU it buys nothing, so it stays off there.
+        self.channels_last = device.type == "cuda"
+        self.model = model.to(device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # one input size: tune the conv once
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.compile_mode = compile_mode
+        # dynamic=True: one graph for every batch size the batcher forms, not one per size.
+        self.forward = (torch.compile(self.model, mode=compile_mode, dynamic=True)
+                        if compile_mode else self.model)
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike[str], device: str = "auto",
+                       precision: str = "auto", compile_mode: str | None = None) -> Predictor:
+        dev = resolve_device(device)
+        model, artifact = load_model(directory, dev)
+        return cls(model, artifact, dev, precision=precision, compile_mode=compile_mode)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.artifact.class_names)
+
+    @torch.inference_mode()
+    def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) uint8 images -> (B, num_classes) float32 softmax probabilities."""
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(_writable(images))
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected a uint8 batch of shape (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = self.preprocessing.normalize(x)  # (B, 3, S, S) float32 on the device
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
+            logits = self.forward(x)  # (B, K)
+        return logits.float().softmax(dim=-1).cpu().numpy()
+
+    def warmup(self, max_batch_size: int) -> float:
+        """Runs the batch sizes the server will see first, so no request pays for cuDNN tuning,
+        CUDA context set-up, allocator growth or compilation. Returns the seconds it took."""
+        start = time.perf_counter()
+        for n in sorted({1, 2, max_batch_size}):
+            self.predict_proba(np.zeros((n, *self.input_shape), dtype=np.uint8))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.device), "precision": self.precision,
+                "compile": self.compile_mode or False, "channels_last": self.channels_last}
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    # Arrays unpickled from another process's buffer are read-only; torch wants writable memory.
+    return a if a.flags.writeable else np.array(a)
+
+
+def top_k_predictions(probs: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:
+    """(K,) probabilities -> the k most likely classes, highest first."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": class_names[i], "index": int(i), "score": float(probs[i])} for i in order]
+
+
+__all__ = ["Predictor", "resolve_device", "resolve_precision", "top_k_predictions"]

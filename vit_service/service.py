@@ -1,0 +1,269 @@
+"""BentoML service: `bentoml serve vit_service.service:ViTClassifier` (or `bentoml serve .`).
+
+Two services, each in its own worker processes:
+    ViTClassifier  the HTTP front (http_api.py): parses uploads, decodes and resizes images to uint8
+                   in a thread pool, checks them, calls the model, returns top-k JSON.
+    ViTModel       the model: one batchable API that takes (B, 3, S, S) uint8 and returns (B, K)
+                   probabilities. BentoML merges concurrent calls into one forward pass.
+So decoding (CPU, per image) never waits behind the forward pass (GPU, per batch), and only
+uint8 pixels cross between them. Everything about the model (architecture, class names,
+preprocessing) comes from the exported artifact named by VIT_MODEL_TAG.
+
+Settings, all environment variables read at start-up (defaults in brackets):
+    VIT_MODEL_TAG [vit-classifier:latest]   model in the BentoML model store
+    VIT_DEVICE [auto]                       auto (CUDA when available) | cpu | cuda | cuda:N
+    VIT_PRECISION [auto]                    auto (bf16, or fp16 on older GPUs; fp32 on CPU) | fp32 | bf16 | fp16
+    VIT_COMPILE [0]                         1 (torch.compile default mode) or a mode, e.g. max-autotune
+    VIT_MAX_BATCH_SIZE [32]                 most images in one forward pass
+    VIT_MAX_LATENCY_MS [2000]               longest wait in the batch queue, else 503
+    VIT_MAX_IMAGES_PER_REQUEST [32]         /classify_batch limit, else 413
+    VIT_MAX_BODY_BYTES [33554432]           request body limit (32 MiB), else 413
+    VIT_MAX_IMAGE_PIXELS [40000000]         larger images are refused (decompression bombs), 400
+    VIT_JPEG_DRAFT [1]                      decode large JPEGs at reduced scale (DCT scaling)
+    VIT_TIMEOUT [30]                        seconds per request, else 504
+    VIT_MAX_CONCURRENCY [64]                requests in flight on the front, beyond that 429
+    VIT_WORKERS [1]                         front worker processes
+    VIT_DECODE_THREADS [4]                  decoding threads per front worker
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import aiohttp
+import bentoml
+import httpx
+import numpy as np
+from bentoml.validators import DType
+
+from vit_service.http_api import BodyLimitMiddleware, RequestError, app
+from vit_service.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError, Preprocessing, decode_image
+from vit_service.store import DEFAULT_MODEL_TAG
+
+logger = logging.getLogger("bentoml.vit_service")
+DEFAULT_TOP_K = 5
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_tag: str
+    device: str
+    precision: str
+    compile_mode: str | None
+    max_batch_size: int
+    max_latency_ms: int
+    max_images: int
+    max_body_bytes: int
+    max_image_pixels: int
+    jpeg_draft: bool
+    timeout: int
+    max_concurrency: int
+    workers: int
+    decode_threads: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        compile_env = os.environ.get("VIT_COMPILE", "0").strip()
+        return cls(
+            model_tag=os.environ.get("VIT_MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG,
+            device=os.environ.get("VIT_DEVICE", "").strip() or "auto",
+            precision=os.environ.get("VIT_PRECISION", "").strip() or "auto",
+            compile_mode=None if compile_env in ("", "0") else ("default" if compile_env == "1" else compile_env),
+            # BentoML's batcher requires max_batch_size > 1.
+            max_batch_size=_env_int("VIT_MAX_BATCH_SIZE", 32, minimum=2),
+            max_latency_ms=_env_int("VIT_MAX_LATENCY_MS", 2000),
+            max_images=_env_int("VIT_MAX_IMAGES_PER_REQUEST", 32),
+            max_body_bytes=_env_int("VIT_MAX_BODY_BYTES", 32 * 2**20),
+            max_image_pixels=_env_int("VIT_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
+            jpeg_draft=os.environ.get("VIT_JPEG_DRAFT", "1").strip() not in ("0", "false", "no"),
+            timeout=_env_int("VIT_TIMEOUT", 30),
+            max_concurrency=_env_int("VIT_MAX_CONCURRENCY", 64),
+            workers=_env_int("VIT_WORKERS", 1),
+            decode_threads=_env_int("VIT_DECODE_THREADS", 4),
+        )
+
+
+SETTINGS = Settings.from_env()
+
+
+@bentoml.service(name="vit_model", traffic={"timeout": SETTINGS.timeout}, workers=1)
+class ViTModel:
+    """The model on its device, behind one adaptive-batching API."""
+
+    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)  # at class scope: `bentoml build` packs it
+
+    def __init__(self) -> None:
+        from vit_service.inference import Predictor
+
+        self.settings = SETTINGS
+        self.ready = False
+        self.predictor = Predictor.from_directory(
+            self.bento_model.path, device=SETTINGS.device, precision=SETTINGS.precision,
+            compile_mode=SETTINGS.compile_mode,
+        )
+        seconds = self.predictor.warmup(SETTINGS.max_batch_size)
+        self.ready = True
+        logger.info("model %s ready on %s in %.1f s", self.bento_model.tag, self.predictor.describe(), seconds)
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
+                 max_latency_ms=SETTINGS.max_latency_ms)
+    def predict(self, images: Annotated[np.ndarray, DType("uint8")]) -> np.ndarray:
+        """(B, 3, S, S) uint8 images, resized and cropped -> (B, num_classes) float32 probabilities."""
+        try:
+            return self.predictor.predict_proba(images)
+        except ValueError as e:
+            raise bentoml.exceptions.InvalidArgument(str(e)) from None
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        """What the front needs to prepare inputs and label outputs, and what /model_info shows."""
+        artifact = self.predictor.artifact
+        S = artifact.preprocessing.image_size
+        return {
+            "model_tag": str(self.bento_model.tag),
+            "class_names": list(artifact.class_names),
+            "num_classes": len(artifact.class_names),
+            "input_size": [3, S, S],
+            "preprocessing": artifact.preprocessing.to_dict(),
+            "model_config": artifact.config.to_dict(),
+            "metadata": artifact.metadata,
+            "serving": {**self.predictor.describe(), "max_batch_size": SETTINGS.max_batch_size,
+                        "max_latency_ms": SETTINGS.max_latency_ms},
+        }
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(
+    name="vit_classifier",
+    traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
+    workers=SETTINGS.workers,
+)
+class ViTClassifier:
+    """The HTTP front: uploads in, top-k JSON out (routes in http_api.py)."""
+
+    model = bentoml.depends(ViTModel)
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
+        self.decode_pool = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
+        self._info: dict[str, Any] | None = None
+        self._preprocessing: Preprocessing | None = None
+        _keep_one_session(self.model)
+
+    async def model_info(self) -> dict[str, Any]:
+        """The model service's description (fetched once), plus this front's request limits."""
+        if self._info is None:
+            info = await self.model.to_async.info()
+            self._preprocessing = Preprocessing.from_dict(info["preprocessing"])
+            info["serving"].update(max_images_per_request=SETTINGS.max_images,
+                                   max_body_bytes=SETTINGS.max_body_bytes,
+                                   max_image_pixels=SETTINGS.max_image_pixels)
+            self._info = info
+        return self._info
+
+    async def __is_ready__(self) -> bool:
+        # /readyz: ready once the model service answers, i.e. has loaded and warmed up the model.
+        # Until then a call to it hangs in its socket's backlog, hence the short bound.
+        try:
+            await asyncio.wait_for(self.model_info(), timeout=2)
+        except Exception:
+            return False
+        return True
+
+    async def classify_images(self, images: list[tuple[str, bytes]], top_k: int | None = None) -> list[list[dict[str, Any]]]:
+        """[(filename, encoded bytes)] -> top-k predictions per image, in order. Raises RequestError."""
+        from vit_service.inference import top_k_predictions
+
+        info = await self.model_info()
+        class_names = info["class_names"]
+        k = min(DEFAULT_TOP_K, len(class_names)) if top_k is None else top_k
+        if not 1 <= k <= len(class_names):
+            raise RequestError(400, f"top_k must be between 1 and {len(class_names)} (the number of classes), got {k}")
+        if not images:
+            raise RequestError(400, "no images given")
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.decode_pool, self._prepare, name, data) for name, data in images]
+        try:
+            pixels = await asyncio.gather(*jobs)
+        except InvalidImageError as e:
+            raise RequestError(400, str(e)) from None
+        probs = await self._predict(np.stack(pixels))  # (B, 3, S, S) uint8 -> (B, K)
+        return [top_k_predictions(p, class_names, k) for p in probs]
+
+    def _prepare(self, name: str, data: bytes) -> np.ndarray:
+        """Encoded image -> (3, S, S) uint8, in a decoding thread."""
+        pre = self._preprocessing
+        assert pre is not None
+        try:
+            image = decode_image(data, SETTINGS.max_image_pixels,
+                                 draft_size=pre.resize_size if SETTINGS.jpeg_draft else None)
+        except InvalidImageError as e:
+            raise InvalidImageError(f"{name or 'upload'}: {e}") from None
+        return pre.to_uint8(image).numpy()
+
+    async def _predict(self, batch: np.ndarray) -> np.ndarray:
+        from bentoml.exceptions import BentoMLException
+
+        for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
+            try:
+                return await self.model.to_async.predict(batch)
+            except BentoMLException as e:
+                status = int(e.error_code)
+                if status in (429, 503):
+                    raise RequestError(503, "the model is overloaded; retry shortly") from None
+                if status == 504:
+                    raise RequestError(504, "the model did not answer in time") from None
+                raise
+            except _TIMEOUTS:
+                raise RequestError(504, "the model did not answer in time") from None
+            except _DISCONNECTS as e:
+                # BentoML 1.4's dependency client swaps its aiohttp session every 100 calls (and
+                # every 5 minutes) and closes the old one under the calls still in flight on it,
+                # which then fail with "Server disconnected". predict is idempotent: call again.
+                logger.info("model call failed (%r), attempt %d of %d", e, attempt, MODEL_CALL_ATTEMPTS)
+        raise RequestError(503, "the model service is unavailable; retry shortly")
+
+
+def _keep_one_session(model: Any) -> None:
+    """Stops BentoML's dependency client from replacing its HTTP session every 100 calls.
+
+    BentoML 1.4.30+ (proxy2) swaps the aiohttp session every 100 calls and 5 minutes and closes
+    the old one under the calls still in flight; `_predict` retries those, but at 32 concurrent
+    requests that redoes up to a third of the work. To a local model service one session is fine.
+    A no-op in-process, or if BentoML's client changes.
+    """
+    manager = getattr(getattr(model, "to_async", None), "_session_manager", None)
+    if manager is not None and hasattr(manager, "max_requests") and hasattr(manager, "max_age"):
+        manager.max_requests = manager.max_age = float("inf")
+
+
+# Errors of the inter-service client: aiohttp in BentoML >= 1.4.30 (proxy2), httpx before.
+# Timeouts first: aiohttp's ServerTimeoutError is also a connection error.
+_TIMEOUTS = (TimeoutError, httpx.TimeoutException)
+_DISCONNECTS = (aiohttp.ClientConnectionError, httpx.TransportError)
+MODEL_CALL_ATTEMPTS = 3
+
+
+ViTClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
