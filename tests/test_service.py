@@ -138,8 +138,7 @@ def server(store, tmp_path_factory: pytest.TempPathFactory):
     home, _ = store
     log = tmp_path_factory.mktemp("server") / "serve.log"
     with bentoml_server(home, log, env=SERVER_ENV) as url:
-        url_log = (url, log)
-        yield url_log
+        yield url, log
         # Nothing a client sent may have made the server fail: no 500 anywhere in its log.
         text = log.read_text()
         assert "status=500" not in text and "Traceback" not in text, text[-4000:]
@@ -317,6 +316,20 @@ def test_concurrent_requests_share_forward_passes(client, url, reference):
     assert singles1 - singles0 < batches
 
 
+def test_sustained_concurrency_keeps_one_model_connection(url, server):
+    """Past 100 calls BentoML's dependency client would swap sessions and drop calls in flight
+    (retried, but wasted work); the service keeps one session, so nothing is dropped."""
+    data = encode(picture(90), "JPEG")
+
+    def one(_: int) -> int:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            return sum(classify(c, data).status_code == 200 for _ in range(10))
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(one, range(16))) == 160
+    assert "model call failed" not in server[1].read_text()
+
+
 # --------------------------------------------------------------- bad input: 4xx, never 500
 
 def _bad_cases() -> dict[str, tuple[dict, int, str]]:
@@ -364,6 +377,12 @@ def test_bad_upload_to_classify(client, case):
     assert fragment in body["error"]
 
 
+def test_wrong_method_is_405_json(client):
+    r = client.get("/classify")
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
+    assert "POST" in r.headers["allow"]
+
+
 def test_bad_uploads_to_classify_batch(client):
     good = encode(picture(60), "PNG")
     cases = [
@@ -402,6 +421,22 @@ def test_body_over_the_limit_is_413_declared_or_streamed(client, url, tmp_path):
     assert out.stdout.rsplit("\n", 1)[1] == "413", out
 
 
+def read_http_response(sock: socket.socket) -> tuple[str, bytes]:
+    """Reads one HTTP/1.1 response with a Content-Length from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, body
+        body += chunk
+    return head.decode().split("\r\n")[0], body
+
+
 def test_overload_is_429_and_slow_requests_504(url):
     """Requests beyond max_concurrency get 429 at once; a request past the timeout gets 504.
 
@@ -421,9 +456,9 @@ def test_overload_is_429_and_slow_requests_504(url):
         assert r.status_code == 429 and r.json() == {"error": "Too many requests"}
         assert time.monotonic() - start < 2.0
         assert httpx.get(f"{url}/readyz").status_code == 200  # probes bypass the limit
-        reply = holders[0].recv(4096).decode(errors="replace")  # blocks until the timeout fires
-        assert reply.startswith("HTTP/1.1 504"), reply
-        assert "Not able to process the request" in reply
+        status_line, body = read_http_response(holders[0])  # blocks until the timeout fires
+        assert status_line.startswith("HTTP/1.1 504"), status_line
+        assert json.loads(body) == {"error": f"Not able to process the request in {TIMEOUT_S} seconds"}
     finally:
         for s in holders:
             s.close()
@@ -504,6 +539,15 @@ def test_model_service_predict_and_info(services, reference):
     assert model.__is_ready__()
 
 
+def test_serving_imports_no_training_stack():
+    code = ("import sys, vit_service.service; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'timm', 'training', 'torchvision'}))")
+    out = subprocess.run([str(BIN / "python"), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_settings_from_env(monkeypatch):
     from vit_service.service import Settings
 
@@ -544,3 +588,63 @@ def test_bentoml_build_packs_the_service_and_model(store, tmp_path):
     packages = {re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower() for line in lines if line and not line.startswith("#")}
     assert {"torch", "pillow", "numpy", "safetensors", "bentoml"} <= packages
     assert not packages & {"lightning", "pytorch-lightning", "timm", "torchvision", "vit-service"}, packages
+
+
+@pytest.mark.slow
+def test_bentoml_serve_dot_reads_bentofile(store, tmp_path):
+    home, tag = store
+    with bentoml_server(home, tmp_path / "serve.log", target=".") as url:
+        r = httpx.post(f"{url}/classify", files={"image": ("a.png", encode(picture(3), "PNG"), "image/png")}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+        assert httpx.get(f"{url}/model_info").json()["model_tag"] == tag
+
+
+# ------------------------------------------------------------------------ inference options
+
+@pytest.fixture(scope="module")
+def model_dir(store) -> Path:
+    home, tag = store
+    name, version = tag.split(":")
+    return home / "models" / name / version
+
+
+def uint8_batch(pre, *datas: bytes) -> np.ndarray:
+    return np.stack([pre.to_uint8(decode_image(d, draft_size=pre.resize_size)).numpy() for d in datas])
+
+
+def test_device_and_precision_choices():
+    from vit_service.inference import resolve_device, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    if torch.cuda.is_available():
+        assert resolve_precision("auto", torch.device("cuda")) in ("bf16", "fp16")
+    else:
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", cpu)
+
+
+def test_bf16_autocast_stays_close_to_fp32(model_dir, reference):
+    from vit_service.inference import Predictor
+
+    predictor = Predictor.from_directory(model_dir, device="cpu", precision="bf16")
+    datas = [encode(picture(s), "PNG") for s in (1, 2, 3)]
+    probs = predictor.predict_proba(uint8_batch(predictor.preprocessing, *datas))
+    assert predictor.describe()["precision"] == "bf16" and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, np.stack([reference(d) for d in datas]), atol=0.1)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(model_dir, reference):
+    from vit_service.inference import Predictor
+
+    predictor = Predictor.from_directory(model_dir, device="cpu", compile_mode="default")
+    predictor.warmup(max_batch_size=4)
+    datas = [encode(picture(s), "JPEG") for s in (4, 5, 6)]
+    probs = predictor.predict_proba(uint8_batch(predictor.preprocessing, *datas))
+    np.testing.assert_allclose(probs, np.stack([reference(d) for d in datas]), atol=1e-4)

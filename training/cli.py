@@ -29,6 +29,9 @@ class ViTCLI(LightningCLI):
             "checkpoint.save_last": True,
             "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc1:.4f}",
             "checkpoint.auto_insert_metric_name": False,
+            # `last.ckpt` is always the latest state (resume with --ckpt_path last), even when
+            # the run folder was moved or copied; best-* names carry their epoch.
+            "checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

@@ -2,7 +2,7 @@
 
 Six classes a tiny ViT at 64 px separates well: three filled shapes (circle, square, triangle),
 a cross, and two textures (horizontal stripes, checkerboard). Every image varies in size and aspect,
-background (flat or gradient), colours, shape size, position, rotation and noise, so the model must
+background (flat or gradient), colours, shape size, position, a small tilt and noise, so the model must
 learn the shape and not a colour or a pixel position.
 
 Each image draws from its own numpy Generator seeded by (seed, split, class, index): the same seed
@@ -106,12 +106,14 @@ def _background(rng: np.random.Generator, w: int, h: int, bg: np.ndarray) -> np.
 def _shape_mask(class_name: str, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """(h, w) float coverage in [0, 1] of one shape inside the image's central square."""
     short = min(w, h)
-    size = rng.uniform(0.45, 0.75) * short  # circumscribed diameter
+    size = rng.uniform(0.55, 0.8) * short  # circumscribed diameter
     # Jitter the centre, keeping the shape inside the central short x short square.
     slack = max(0.0, (short - size) / 2 - 1)
     cx = w / 2 + rng.uniform(-slack, slack)
     cy = h / 2 + rng.uniform(-slack, slack)
-    rotation = rng.uniform(0, 2 * math.pi)
+    # Tilt at most 15 degrees from upright: a free rotation turns squares into diamonds and
+    # crosses into Xs, and a tiny ViT then needs far more data to tell the shapes apart.
+    tilt = math.radians(rng.uniform(-15, 15))
     s = _SUPERSAMPLE
     canvas = Image.new("L", (w * s, h * s), 0)
     draw = ImageDraw.Draw(canvas)
@@ -120,23 +122,24 @@ def _shape_mask(class_name: str, rng: np.random.Generator, w: int, h: int) -> np
     if class_name == "circle":
         draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=255)
     elif class_name == "square":
-        draw.polygon(_regular_polygon(x0, y0, r, 4, rotation), fill=255)
+        draw.polygon(_regular_polygon(x0, y0, r, 4, math.pi / 4 + tilt), fill=255)
     elif class_name == "triangle":
-        draw.polygon(_regular_polygon(x0, y0, r, 3, rotation), fill=255)
+        draw.polygon(_regular_polygon(x0, y0, r, 3, -math.pi / 2 + tilt), fill=255)  # apex up
     elif class_name == "cross":
-        arm = r * rng.uniform(0.28, 0.4)  # half the bar width
+        arm = r * rng.uniform(0.18, 0.3)  # half the bar width: thin enough not to look square
         for bar in ((-r, -arm, r, arm), (-arm, -r, arm, r)):  # horizontal, then vertical bar
             corners = [(bar[0], bar[1]), (bar[2], bar[1]), (bar[2], bar[3]), (bar[0], bar[3])]
-            draw.polygon(_rotate(corners, x0, y0, rotation), fill=255)
+            draw.polygon(_rotate(corners, x0, y0, tilt), fill=255)
     else:
         raise ValueError(f"no shape drawer for {class_name!r}")
     small = canvas.resize((w, h), Image.Resampling.BOX)
     return np.asarray(small, np.float32) / 255.0
 
 
-def _regular_polygon(cx: float, cy: float, r: float, n: int, rotation: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(rotation + 2 * math.pi * k / n), cy + r * math.sin(rotation + 2 * math.pi * k / n))
-            for k in range(n)]
+def _regular_polygon(cx: float, cy: float, r: float, n: int, angle: float) -> list[tuple[float, float]]:
+    """n vertices on the circle of radius r, the first at `angle` (radians, y pointing down)."""
+    step = 2 * math.pi / n
+    return [(cx + r * math.cos(angle + k * step), cy + r * math.sin(angle + k * step)) for k in range(n)]
 
 
 def _rotate(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:

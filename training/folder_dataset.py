@@ -103,12 +103,23 @@ class ImageFolderDataset(Dataset):
         self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.max_pixels = max_pixels
-        # A spawn-context lock can also be shared with fork and forkserver workers; a fork-context
-        # one cannot be sent to spawned workers.
-        self._bad = multiprocessing.get_context("spawn").Array("B", len(self.samples))
+        self._bad = _shared_flags(bytes(len(self.samples)))
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            # Pickled for something other than starting a worker (deepcopy, a cache): shared memory
+            # cannot travel that way, so the copy gets its own flags, starting from ours.
+            state["_bad"] = bytes(self._bad.get_obj())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_bad"], bytes):
+            state["_bad"] = _shared_flags(state["_bad"])
+        self.__dict__.update(state)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self.samples)
@@ -151,6 +162,14 @@ class ImageFolderDataset(Dataset):
         """Paths of the unreadable files met so far (also those met in loader workers)."""
         bad = np.flatnonzero(np.frombuffer(self._bad.get_obj(), dtype=np.uint8))
         return [self.samples[i][0] for i in bad]
+
+
+def _shared_flags(initial: bytes) -> Any:
+    # A spawn-context lock can also be shared with fork and forkserver workers; a fork-context
+    # one cannot be sent to spawned workers.
+    flags = multiprocessing.get_context("spawn").Array("B", len(initial))
+    flags.get_obj()[:] = initial
+    return flags
 
 
 @dataclass

@@ -266,6 +266,12 @@ OPENAPI_PATHS: dict[str, Any] = {
     }},
 }
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (405 on GET /classify, ...) as JSON too."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
 # Mounted at "/" on the front service. BentoML matches its own routes (/readyz, /metrics, ...)
 # first and ours next, before its /docs.json and Swagger UI routes, so /docs.json here wins.
 app = Starlette(routes=[
@@ -273,4 +279,4 @@ app = Starlette(routes=[
     Route("/classify_batch", classify_batch, methods=["POST"]),
     Route("/model_info", model_info, methods=["GET"]),
     Route("/docs.json", openapi_spec, methods=["GET"]),
-])
+], exception_handlers={HTTPException: http_error})

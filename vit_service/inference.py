@@ -8,7 +8,6 @@ fp16) autocast, and the softmax in float32. On the CPU everything stays float32.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any, Literal
@@ -19,14 +18,12 @@ import torch
 from vit_service.artifact import ModelArtifact, load_model
 from vit_service.model import VisionTransformer
 
-logger = logging.getLogger(__name__)
-
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" is CUDA when available, else CPU; "cpu", "cuda", "cuda:1" are taken as given."""
+    """The device for `name`: CUDA when available for "auto", else the CPU; "cuda:1" etc. as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -36,7 +33,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """"auto" is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    """The autocast precision for `name`: for "auto", bf16 where the GPU has it, else fp16; fp32 on the CPU."""
     if name == "auto":
         if device.type != "cuda":
             return "fp32"

@@ -205,10 +205,12 @@ class ViTClassifier:
             raise RequestError(400, "no images given")
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.decode_pool, self._prepare, name, data) for name, data in images]
-        try:
-            pixels = await asyncio.gather(*jobs)
-        except InvalidImageError as e:
-            raise RequestError(400, str(e)) from None
+        pixels = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in pixels:  # report the first bad image in upload order
+            if isinstance(result, InvalidImageError):
+                raise RequestError(400, str(result))
+            if isinstance(result, BaseException):
+                raise result
         probs = await self._predict(np.stack(pixels))  # (B, 3, S, S) uint8 -> (B, K)
         return [top_k_predictions(p, class_names, k) for p in probs]
 
@@ -239,9 +241,9 @@ class ViTClassifier:
             except _TIMEOUTS:
                 raise RequestError(504, "the model did not answer in time") from None
             except _DISCONNECTS as e:
-                # BentoML 1.4's dependency client swaps its aiohttp session every 100 calls (and
-                # every 5 minutes) and closes the old one under the calls still in flight on it,
-                # which then fail with "Server disconnected". predict is idempotent: call again.
+                # A dropped connection to the model service: its worker restarted, or BentoML's
+                # client closed its session under this call (see _keep_one_session). predict is
+                # idempotent, so call again.
                 logger.info("model call failed (%r), attempt %d of %d", e, attempt, MODEL_CALL_ATTEMPTS)
         raise RequestError(503, "the model service is unavailable; retry shortly")
 
