@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
@@ -237,6 +238,18 @@ def test_real_curl(url, tmp_path, reference):
     assert_matches(body["results"][1]["predictions"], reference(b.read_bytes()))
     status, body = curl("-F", f"file=@{a}", f"{url}/classify")  # a typical mistake
     assert status == 400 and "'image'" in body["error"]
+
+
+def test_readme_python_client(url, tmp_path, reference):
+    """The README's bentoml.SyncHTTPClient snippet, as written there."""
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(encode(picture(42), "JPEG"))
+    with bentoml.SyncHTTPClient(url) as client:
+        response = client.client.post("/classify", files={"image": image.read_bytes()}, data={"top_k": "3"})
+    assert response.status_code == 200, response.text
+    preds = response.json()["predictions"]
+    check_predictions(preds, k=3)
+    assert_matches(preds, reference(image.read_bytes()))
 
 
 @pytest.mark.parametrize("name", sorted(unusual_images()))

@@ -14,6 +14,7 @@ Settings, all environment variables read at start-up (defaults in brackets):
     VIT_DEVICE [auto]                       auto (CUDA when available) | cpu | cuda | cuda:N
     VIT_PRECISION [auto]                    auto (bf16, or fp16 on older GPUs; fp32 on CPU) | fp32 | bf16 | fp16
     VIT_COMPILE [0]                         1 (torch.compile default mode) or a mode, e.g. max-autotune
+    VIT_BATCHING [1]                        0: no adaptive batching, one forward pass per request
     VIT_MAX_BATCH_SIZE [32]                 most images in one forward pass
     VIT_MAX_LATENCY_MS [2000]               longest wait in the batch queue, else 503
     VIT_MAX_IMAGES_PER_REQUEST [32]         /classify_batch limit, else 413
@@ -68,6 +69,7 @@ class Settings:
     device: str
     precision: str
     compile_mode: str | None
+    batching: bool
     max_batch_size: int
     max_latency_ms: int
     max_images: int
@@ -87,6 +89,7 @@ class Settings:
             device=os.environ.get("VIT_DEVICE", "").strip() or "auto",
             precision=os.environ.get("VIT_PRECISION", "").strip() or "auto",
             compile_mode=None if compile_env in ("", "0") else ("default" if compile_env == "1" else compile_env),
+            batching=os.environ.get("VIT_BATCHING", "1").strip() not in ("0", "false", "no"),
             # BentoML's batcher requires max_batch_size > 1.
             max_batch_size=_env_int("VIT_MAX_BATCH_SIZE", 32, minimum=2),
             max_latency_ms=_env_int("VIT_MAX_LATENCY_MS", 2000),
@@ -126,7 +129,7 @@ class ViTModel:
     def __is_ready__(self) -> bool:
         return self.ready
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
+    @bentoml.api(batchable=SETTINGS.batching, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
                  max_latency_ms=SETTINGS.max_latency_ms)
     def predict(self, images: Annotated[np.ndarray, DType("uint8")]) -> np.ndarray:
         """(B, 3, S, S) uint8 images, resized and cropped -> (B, num_classes) float32 probabilities."""
@@ -148,7 +151,8 @@ class ViTModel:
             "preprocessing": artifact.preprocessing.to_dict(),
             "model_config": artifact.config.to_dict(),
             "metadata": artifact.metadata,
-            "serving": {**self.predictor.describe(), "max_batch_size": SETTINGS.max_batch_size,
+            "serving": {**self.predictor.describe(), "batching": SETTINGS.batching,
+                        "max_batch_size": SETTINGS.max_batch_size,
                         "max_latency_ms": SETTINGS.max_latency_ms},
         }
 
