@@ -71,6 +71,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             interpolation=hp.interpolation, mean=tuple(hp.mean), std=tuple(hp.std), re_prob=hp.re_prob,
         )
 
+    def _eval_dataset(self, root: str) -> ImageFolderDataset:
+        # Decoded exactly as the service decodes uploads (same JPEG draft size, same transform).
+        return ImageFolderDataset(root, self.preprocessing, self.class_names,
+                                  draft_size=self.preprocessing.resize_size)
+
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == "fit" and "train" not in self.datasets:
@@ -78,9 +83,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             if hp.val_dir:
                 scan_image_folder(hp.val_dir, self.class_names)  # class lists must agree, checked now
                 self.datasets["train"] = train
-                self.datasets["val"] = ImageFolderDataset(hp.val_dir, self.preprocessing, self.class_names)
+                self.datasets["val"] = self._eval_dataset(hp.val_dir)
             else:
-                val_full = ImageFolderDataset(hp.train_dir, self.preprocessing, self.class_names)
+                val_full = self._eval_dataset(hp.train_dir)
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
                 n_val = max(1, int(len(order) * hp.val_fraction))
                 if n_val >= len(order):
@@ -92,12 +97,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "test" and "test" not in self.datasets:
             if not hp.test_dir:
                 raise DatasetError("`vit-train test` needs --data.test_dir")
-            self.datasets["test"] = ImageFolderDataset(hp.test_dir, self.preprocessing, self.class_names)
+            self.datasets["test"] = self._eval_dataset(hp.test_dir)
         if stage == "predict" and "predict" not in self.datasets:
             folder = hp.predict_dir or hp.test_dir or hp.val_dir
             if not folder:
                 raise DatasetError("`vit-train predict` needs --data.predict_dir (class folders)")
-            self.datasets["predict"] = ImageFolderDataset(folder, self.preprocessing, self.class_names)
+            self.datasets["predict"] = self._eval_dataset(folder)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

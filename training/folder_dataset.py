@@ -96,13 +96,17 @@ class ImageFolderDataset(Dataset):
         transform: Callable[[Any], Any] | None = None,
         class_names: list[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft_size: int | None = None,
     ) -> None:
+        """`draft_size`: decode JPEGs at reduced scale down to about this size, as serving does
+        (pass the eval preprocessing's resize_size for validation, None for training crops)."""
         self.root = str(root)
         self.class_names = list(class_names) if class_names is not None else find_classes(root)
         self.samples = scan_image_folder(root, self.class_names)
         self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.max_pixels = max_pixels
+        self.draft_size = draft_size
         self._bad = _shared_flags(bytes(len(self.samples)))
 
     def __len__(self) -> int:
@@ -133,7 +137,7 @@ class ImageFolderDataset(Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                img = open_image(path, max_pixels=self.max_pixels)
+                img = open_image(path, max_pixels=self.max_pixels, draft_size=self.draft_size)
             except InvalidImageError as e:
                 self._mark_bad(i, str(e))
                 tries += 1
