@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw-seconds", type=float, default=None, help="seconds per raw batch size (default: --duration / 2)")
     p.add_argument("--setups", default="raw,batched,unbatched", help="comma-separated subset to run")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (VIT_DEVICE)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the raw run and the server (OMP_NUM_THREADS); default: torch's")
     p.add_argument("--max-concurrency", type=int, default=64, help="VIT_MAX_CONCURRENCY of the server")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra server setting, e.g. VIT_MAX_LATENCY_MS=5000 (repeatable)")
@@ -398,6 +400,11 @@ def report(machine: dict[str, Any], raw: list[dict[str, Any]], served: list[dict
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the servers
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     def stop(signum: int, frame: Any) -> None:  # SIGTERM/SIGHUP: unwind, so servers are killed
         raise SystemExit(128 + signum)

@@ -26,9 +26,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def demo_config(run_dir: Path, demo_root: Path, **trainer: object) -> Path:
+def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = None, **trainer: object) -> Path:
     """configs/demo.yaml with every output under `run_dir` and data from `demo_root`."""
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    if callbacks:
+        cfg["trainer"]["callbacks"] = callbacks
     cfg["trainer"].update(default_root_dir=str(run_dir), enable_progress_bar=False, log_every_n_steps=1, **trainer)
     for logger in cfg["trainer"]["logger"]:
         logger["init_args"]["save_dir"] = str(run_dir)

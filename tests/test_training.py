@@ -112,6 +112,43 @@ def test_export_ema_requires_ema_weights(trained_run: Path, tmp_path: Path) -> N
     assert result.returncode == 2 and "no EMA weights" in result.stderr
 
 
+def test_ema_is_validated_checkpointed_and_exportable(demo_data: Path, tmp_path: Path) -> None:
+    ema = [{"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}]
+    config = demo_config(tmp_path, demo_data, callbacks=ema, max_epochs=1, limit_train_batches=3)
+    result = run_cli("vit-train", "fit", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt_path = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert "current_model_state" in ckpt  # Lightning keeps the raw weights apart from the average
+
+    home = {"BENTOML_HOME": str(tmp_path / "bentoml")}
+    exported = {}
+    for flag in ([], ["--ema"]):
+        out = run_cli("vit-export", "--ckpt", str(ckpt_path), "--name", "ema-test", *flag, env=home)
+        assert out.returncode == 0, out.stderr[-3000:]
+        name, version = out.stdout.strip().splitlines()[-1].split(":")
+        exported[bool(flag)], _ = load_model(tmp_path / "bentoml/models" / name / version)
+    raw_w, ema_w = (exported[k].state_dict()["head.weight"] for k in (False, True))
+    torch.testing.assert_close(raw_w, ckpt["current_model_state"]["model.head.weight"])
+    torch.testing.assert_close(ema_w, ckpt["state_dict"]["model.head.weight"])
+    assert not torch.equal(raw_w, ema_w)
+
+
+def test_init_from_timm_weights_at_another_resolution(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
+    path = tmp_path / "vit_tiny_224.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    module = ViTClassifier(preset="vit_tiny_patch16_224", num_classes=3, image_size=64, init_from=str(path))
+    ours = module.model.state_dict()
+    torch.testing.assert_close(ours["blocks.3.attn.qkv.weight"], source.state_dict()["blocks.3.attn.qkv.weight"])
+    assert ours["pos_embed"].shape == (1, 1 + 4 * 4, 192)  # 14x14 grid resampled to 4x4
+    assert ours["head.weight"].shape == (3, 192)  # a new head for 3 classes
+    assert module(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_config_parses(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
