@@ -134,6 +134,12 @@ class ViTClassifier(L.LightningModule):
         scores, indices = probs.topk(min(5, probs.shape[-1]), dim=-1)
         return {"indices": indices, "scores": scores}
 
+    def on_validation_epoch_end(self) -> None:
+        if self._fit_started is not None and not self.trainer.sanity_checking:
+            # Wall-clock minutes since fit started (validation included): accuracy-vs-time plots.
+            minutes = (self._train_time_s + time.monotonic() - self._fit_started) / 60
+            self.log("time/elapsed_min", minutes, rank_zero_only=True)
+
     def on_train_epoch_end(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "num_skipped_files"):
