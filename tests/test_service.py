@@ -41,6 +41,7 @@ MAX_IMAGES = 8
 TIMEOUT_S = 8
 MAX_CONCURRENCY = 40
 SERVER_ENV = {
+    "VIT_PRECISION": "fp32",  # scores are compared with the fp32 reference at 1e-4
     "VIT_MAX_BODY_BYTES": str(MAX_BODY),
     "VIT_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
     "VIT_TIMEOUT": str(TIMEOUT_S),
@@ -650,6 +651,20 @@ def test_bf16_autocast_stays_close_to_fp32(model_dir, reference):
     assert predictor.describe()["precision"] == "bf16" and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs, np.stack([reference(d) for d in datas]), atol=0.1)
+
+
+def test_auto_precision_on_cpu_is_chosen_by_measurement(model_dir):
+    from vit_service.inference import Predictor
+
+    predictor = Predictor.from_directory(model_dir, device="cpu", precision="auto")
+    predictor.warmup(max_batch_size=4)
+    timings = predictor.precision_timings
+    assert set(timings) == {"fp32", "bf16"} and all(t > 0 for t in timings.values())
+    expected = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
+    assert predictor.describe()["precision"] == expected
+    fixed = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    fixed.warmup(max_batch_size=4)
+    assert fixed.precision == "fp32" and fixed.precision_timings == {}
 
 
 @pytest.mark.slow
