@@ -12,7 +12,7 @@ preprocessing) comes from the exported artifact named by VIT_MODEL_TAG.
 Settings, all environment variables read at start-up (defaults in brackets):
     VIT_MODEL_TAG [vit-classifier:latest]   model in the BentoML model store
     VIT_DEVICE [auto]                       auto (CUDA when available) | cpu | cuda | cuda:N
-    VIT_PRECISION [auto]                    auto (bf16, or fp16 on older GPUs; fp32 on CPU) | fp32 | bf16 | fp16
+    VIT_PRECISION [auto]                    auto (bf16, or fp16 on older GPUs; on CPU bf16 only if measured faster at warm-up) | fp32 | bf16 | fp16
     VIT_COMPILE [0]                         1 (torch.compile default mode) or a mode, e.g. max-autotune
     VIT_BATCHING [1]                        0: no adaptive batching, one forward pass per request
     VIT_MAX_BATCH_SIZE [32]                 most images in one forward pass
