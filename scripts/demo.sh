@@ -18,7 +18,7 @@ rm -f runs/demo/checkpoints/*.ckpt
 vit-train fit --config configs/demo.yaml --data.train_dir "$DATA/train" --data.val_dir "$DATA/val"
 
 step "Exporting the best checkpoint to the BentoML model store"
-best=$(ls -t runs/demo/checkpoints/best-*.ckpt | head -n 1)
+best=$(ls -t runs/demo/checkpoints/best-*.ckpt | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 tag=$(vit-export --ckpt "$best" --name "$MODEL")
 echo "model: $tag"
 
@@ -34,7 +34,7 @@ for _ in $(seq 1 120); do
 done
 curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "server not ready after 120 s:"; cat "$log"; exit 1; }
 
-image=$(ls "$DATA"/val/*/* | head -n 1)
+image=$(ls "$DATA"/val/*/* | sed -n 1p)
 step "curl -F image=@$image http://127.0.0.1:$PORT/classify"
 curl -sS -F "image=@$image" "http://127.0.0.1:$PORT/classify"
 echo

@@ -1,0 +1,34 @@
+"""The README's main command end to end: scripts/demo.sh (what `make demo` runs), for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service_fixtures import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_make_demo_trains_serves_and_classifies(tmp_path: Path) -> None:
+    # A scratch working folder, so the run's data/ and runs/ never touch the checkout's.
+    for folder in ("configs", "scripts"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PORT": str(free_port()), "BENTOML_HOME": str(tmp_path / "bentoml"), "MODEL": "demo-test"}
+    result = subprocess.run(["bash", "scripts/demo.sh"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reply = next(line for line in result.stdout.splitlines() if line.startswith('{"predictions"'))
+    predictions = json.loads(reply)["predictions"]
+    assert len(predictions) == 5 and predictions[0]["score"] >= predictions[-1]["score"]
+    true_class = result.stdout.split("(true class: ")[1].split(";")[0]
+    assert predictions[0]["label"] == true_class  # the demo model is >= 90% accurate
+    assert "stopping the server" in result.stdout
