@@ -29,20 +29,20 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from vit_service.local_server import local_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -201,45 +201,8 @@ def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Nam
 
 # ------------------------------------------------------------------------------ (b), (c) server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float) -> Iterator[str]:
-    """`bentoml serve` on a free loopback port in its own process group; yields its URL once /readyz
-    answers 200. The whole group is terminated afterwards, whatever happened."""
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "vit_service.service:ViTClassifier",
-           "--host", "127.0.0.1", "--port", str(port)]
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1", **env}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not ready in {ready_timeout} s:\n{log_path.read_text()[-4000:]}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float):
+    return local_server(log_path, env, ready_timeout=ready_timeout)
 
 
 _HIST = re.compile(r'bentoml_service_adaptive_batch_size_(bucket|count|sum)\{([^}]*)\} (\S+)')
