@@ -9,6 +9,7 @@ tries to fetch as a URL), a very long filename. Here every mistake in a request 
 Status codes
     400  not an image, empty, truncated or corrupt image, too many pixels, missing or misnamed
          field, text instead of a file, bad `top_k`, malformed multipart body
+    408  the upload stopped before the body was complete (client gone, or too slow)
     413  body over the size limit, more images than allowed in one request
     415  not a multipart/form-data request
     429  more requests in flight than `max_concurrency` (BentoML, before we see the request)
@@ -28,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -57,8 +58,9 @@ class BodyLimitMiddleware:
     """Answers 413 to a request body over `max_bytes`, declared (Content-Length) or streamed.
 
     BentoML 1.4 has no body limit. A declared length over the limit is refused before reading a
-    byte; otherwise the body is read here, counted, and handed on from memory, so the app behind
-    never sees more than `max_bytes`.
+    byte; otherwise the body is counted as the app reads it, chunk by chunk (nothing is buffered
+    here), and the read that crosses the limit raises a 413 RequestError: our routes turn it into
+    their JSON answer, and for any other route it is answered here if no response has started.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -68,43 +70,36 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        declared = headers.get("content-length")
-        if declared is None and "transfer-encoding" not in headers:
-            return await self.app(scope, receive, send)  # no body (GET, HEAD, ...)
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
+            return await error_response(413, self._message())(scope, receive, send)
 
-        chunks: list[bytes] = []
-        size = 0
-        while True:
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise RequestError(413, self._message())
+            return message
 
-        body = b"".join(chunks)
-        replayed = False
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as the server would
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except RequestError as e:
+            if started:
+                raise
+            await error_response(e.status, e.message)(scope, receive, send)
 
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        mib = self.max_bytes / 2**20
-        response = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes ({mib:g} MiB)")
-        await response(scope, receive, send)
+    def _message(self) -> str:
+        return f"request body is larger than the limit of {self.max_bytes} bytes ({self.max_bytes / 2**20:g} MiB)"
 
 
 @dataclass
@@ -181,6 +176,10 @@ def json_errors(handler: Handler) -> Handler:
             return await handler(request)
         except RequestError as e:
             return error_response(e.status, e.message)
+        except ClientDisconnect:
+            # The upload stopped before its end (client gone, or the traffic timeout fired while
+            # it trickled in): the client's doing, not a server error.
+            return error_response(408, "the request body ended before it was complete")
         except Exception:
             logger.exception("%s %s failed", request.method, request.url.path)
             return error_response(500, "internal error while classifying; see the server log")
