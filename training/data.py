@@ -10,7 +10,7 @@ import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from training.folder_dataset import DatasetError, ImageFolderDataset, find_classes, scan_image_folder
+from training.folder_dataset import DatasetError, ImageFolderDataset, find_classes
 from vit_service.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
@@ -81,8 +81,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "fit" and "train" not in self.datasets:
             train = ImageFolderDataset(hp.train_dir, self.train_transform(), self.class_names)
             if hp.val_dir:
-                scan_image_folder(hp.val_dir, self.class_names)  # class lists must agree, checked now
                 self.datasets["train"] = train
+                # Scanning with train's class list also checks that val's classes agree.
                 self.datasets["val"] = self._eval_dataset(hp.val_dir)
             else:
                 val_full = self._eval_dataset(hp.train_dir)
