@@ -29,7 +29,7 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) MODEL=$(MODEL) bash scripts/demo.sh
 
 serve: $(STAMP)
-	VIT_MODEL_TAG=$(MODEL):latest $(BIN)/bentoml serve vit_service.service:ViTClassifier --port $(PORT)
+	VIT_MODEL_TAG=$(MODEL):latest $(BIN)/bentoml serve vit_service.serving.service:ViTClassifier --port $(PORT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_speed.py

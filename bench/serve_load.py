@@ -3,7 +3,7 @@
 Three setups, measured in one run on the same model and the same JPEGs:
     (a) raw       decode + resize/crop + forward in this process, one thread of calls, at several
                   batch sizes (`vit_service.inference.Predictor`, the code the service runs)
-    (b) batched   `bentoml serve vit_service.service:ViTClassifier` with adaptive batching
+    (b) batched   `bentoml serve vit_service.serving.service:ViTClassifier` with adaptive batching
     (c) unbatched the same server with VIT_BATCHING=0: one forward pass per request
 For (b) and (c), N async clients POST one JPEG each to /classify, back to back, for a fixed time
 per concurrency level. Reported: throughput, p50/p95/p99 latency, errors (any status but 200),
@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from vit_service.local_server import local_server
+from vit_service.serving.local_server import local_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -150,7 +150,7 @@ def prepare_model(args: argparse.Namespace, home: Path) -> tuple[str, Path]:
     from vit_service.artifact import ModelArtifact
     from vit_service.model import ViTConfig, VisionTransformer
     from vit_service.preprocessing import Preprocessing
-    from vit_service.store import save_to_bentoml
+    from vit_service.serving.store import save_to_bentoml
 
     torch.manual_seed(0)
     config = ViTConfig.from_preset(args.preset, num_classes=len(CIFAR10_CLASSES))

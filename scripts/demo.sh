@@ -24,7 +24,7 @@ echo "model: $tag"
 
 step "Serving $tag on http://127.0.0.1:$PORT"
 log=$(mktemp -t vit-serve.XXXX.log)
-VIT_MODEL_TAG="$tag" bentoml serve vit_service.service:ViTClassifier --host 127.0.0.1 --port "$PORT" >"$log" 2>&1 &
+VIT_MODEL_TAG="$tag" bentoml serve vit_service.serving.service:ViTClassifier --host 127.0.0.1 --port "$PORT" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

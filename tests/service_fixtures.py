@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vit_service.local_server import DEFAULT_TARGET, local_server
+from vit_service.serving.local_server import DEFAULT_TARGET, local_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def bentoml_server(bentoml_home: Path, log_path: Path, env: dict[str, str] | Non
 
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
-    from vit_service.store import save_to_bentoml
+    from vit_service.serving.store import save_to_bentoml
 
     model, artifact = build_tiny_model()
     print(save_to_bentoml(MODEL_NAME, model, artifact).tag)

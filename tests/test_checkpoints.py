@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from vit_service.artifact import ModelArtifact
-from vit_service.checkpoints import CheckpointError, LoadReport, load_weights
+from vit_service.formats.checkpoints import CheckpointError, LoadReport, load_weights
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vit_service.checkpoints import load_weights
+from vit_service.formats.checkpoints import load_weights
 from vit_service.model import ViTConfig, VisionTransformer
 
 # Small enough that forward, backward and torch.compile stay fast on a 2-core CPU.

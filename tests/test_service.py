@@ -500,7 +500,7 @@ def services(store):
     home, _ = store
     BentoMLContainer.model_store.set(ModelStore(home / "models"))
     try:
-        from vit_service.service import ViTClassifier
+        from vit_service.serving.service import ViTClassifier
 
         front = ViTClassifier()  # its `model` dependency is a ViTModel built in-process
         yield front, front.model
@@ -519,7 +519,7 @@ def test_in_process_classify_images(services, reference):
 
 
 def test_in_process_errors_carry_status(services):
-    from vit_service.http_api import RequestError
+    from vit_service.serving.http_api import RequestError
 
     front, _ = services
     ok = ("a.jpg", encode(picture(82), "JPEG"))
@@ -554,7 +554,7 @@ def test_model_service_predict_and_info(services, reference):
 
 
 def test_serving_imports_no_training_stack():
-    code = ("import sys, vit_service.service; "
+    code = ("import sys, vit_service.serving.service; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'timm', 'training', 'torchvision'}))")
     out = subprocess.run([str(BIN / "python"), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
@@ -563,7 +563,7 @@ def test_serving_imports_no_training_stack():
 
 
 def test_settings_from_env(monkeypatch):
-    from vit_service.service import Settings
+    from vit_service.serving.service import Settings
 
     monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("VIT_COMPILE", "max-autotune")
@@ -591,7 +591,7 @@ def test_bentoml_build_packs_the_service_and_model(store, tmp_path):
     name, version = bento_tag.split(":")
     bento = env_home / "bentos" / name / version
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    assert "vit_service/service.py" in sources and "vit_service/http_api.py" in sources
+    assert "vit_service/serving/service.py" in sources and "vit_service/serving/http_api.py" in sources
     assert not any(s.startswith(("training/", "tests/", "configs/")) for s in sources), sources
     # BentoML 1.4 records the model (resolved from vit-classifier:latest) in bento.yaml and copies
     # it from the model store on `bentoml containerize` / `export`.

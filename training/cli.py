@@ -9,7 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError
-from vit_service.checkpoints import CheckpointError
+from vit_service.formats.checkpoints import CheckpointError
 from training.module import ViTClassifier
 
 

@@ -11,10 +11,10 @@ import torch
 
 from training.module import build_model_config
 from vit_service.artifact import ModelArtifact
-from vit_service.checkpoints import CheckpointError, load_weights
+from vit_service.formats.checkpoints import CheckpointError, load_weights
 from vit_service.model import VisionTransformer
 from vit_service.preprocessing import Preprocessing
-from vit_service.store import save_to_bentoml
+from vit_service.serving.store import save_to_bentoml
 
 
 class ExportError(ValueError):

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from vit_service.checkpoints import load_weights
+from vit_service.formats.checkpoints import load_weights
 from vit_service.model import ViTConfig, VisionTransformer
 
 

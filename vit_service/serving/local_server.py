@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TARGET = "vit_service.service:ViTClassifier"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TARGET = "vit_service.serving.service:ViTClassifier"
 
 
 def free_port() -> int:

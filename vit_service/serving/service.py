@@ -1,4 +1,4 @@
-"""BentoML service: `bentoml serve vit_service.service:ViTClassifier` (or `bentoml serve .`).
+"""BentoML service: `bentoml serve vit_service.serving.service:ViTClassifier` (or `bentoml serve .`).
 
 Two services, each in its own worker processes:
     ViTClassifier  the HTTP front (http_api.py): parses uploads, decodes and resizes images to uint8
@@ -42,9 +42,9 @@ import httpx
 import numpy as np
 from bentoml.validators import DType
 
-from vit_service.http_api import BodyLimitMiddleware, RequestError, app
+from vit_service.serving.http_api import BodyLimitMiddleware, RequestError, app
 from vit_service.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError, Preprocessing, decode_image
-from vit_service.store import DEFAULT_MODEL_TAG
+from vit_service.serving.store import DEFAULT_MODEL_TAG
 
 logger = logging.getLogger("bentoml.vit_service")
 DEFAULT_TOP_K = 5

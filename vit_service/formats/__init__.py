@@ -1,0 +1,1 @@
+"""Reading and writing other model formats (timm, torchvision, Lightning checkpoints...) into our ViT."""
