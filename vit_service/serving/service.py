@@ -66,6 +66,15 @@ SETTINGS = Settings.from_env()
 WARMUP_GATE_ENV = "VIT_TEST_WARMUP_GATE"
 
 
+def label_metrics_with_model(tag: Any) -> None:
+    """BentoML labels its metrics service_version="not available" when serving from source
+    rather than from a built Bento: label them with the model tag instead."""
+    from bentoml._internal.context import server_context
+
+    if server_context.bento_version == "not available":
+        server_context.bento_version = str(tag)
+
+
 def load_predictor(model_path: str) -> Any:
     """The model on its device, warmed up. Returns (predictor, seconds the warm-up took)."""
     from vit_service.inference import Predictor
@@ -114,6 +123,7 @@ class ViTModel:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self.ready = False
+        label_metrics_with_model(self.bento_model.tag)
         self.predictor = load_predictor(self.bento_model.path)
         warm_up(self.predictor, self.bento_model.tag)
         self.ready = True
@@ -156,6 +166,7 @@ class ViTClassifier:
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        label_metrics_with_model(self.bento_model.tag)
         # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
         self.decode_pool = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
         self._info: dict[str, Any] | None = None
@@ -374,3 +385,9 @@ ViTClassifier.add_asgi_middleware(
     UploadMiddleware, max_bytes=SETTINGS.max_body_bytes, routes=UPLOAD_ROUTES, max_files=lambda: SETTINGS.max_images,
     on_reject=lambda reason: metrics.rejected_uploads_total.labels(reason=reason).inc(),
     on_timings=metrics.observe_stages)
+# BentoML's own routes, ours, and the Swagger UI's static files; anything else folds into one label.
+metrics.fold_unknown_paths(
+    known_paths={"/", "/metrics", "/healthz", "/livez", "/readyz", "/docs.json", "/schema.json", "/model_info",
+                 *(api.route for api in ViTClassifier.apis.values()), *(api.route for api in ViTModel.apis.values())},
+    known_prefixes=("/static_content/", "/assets/"),
+)
