@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -62,9 +63,10 @@ def save_tiny_model(bentoml_home: Path) -> str:
 
 
 def bentoml_server(bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None,
-                   target: str = DEFAULT_TARGET, ready_timeout: float = 180):
+                   target: str = DEFAULT_TARGET, ready_timeout: float = 180, ready_path: str = "/readyz"):
     """A real `bentoml serve` reading the model store at `bentoml_home` (see local_server)."""
-    return local_server(log_path, {"BENTOML_HOME": str(bentoml_home), **(env or {})}, target, ready_timeout)
+    return local_server(log_path, {"BENTOML_HOME": str(bentoml_home), **(env or {})}, target, ready_timeout,
+                        ready_path=ready_path)
 
 
 # ----------------------------------------------------------------------------------- images
@@ -208,6 +210,16 @@ def batch_histogram(client: httpx.Client) -> tuple[float, float, float]:
         return sum(float(v) for v in re.findall(pattern, text))
 
     return total("count"), total("sum"), total("bucket", 'le="1.0"')
+
+
+def poll(call, until, attempts: int = 400):
+    """Calls `call()` until `until(result)` holds (or `attempts` run out); returns the last result."""
+    for _ in range(attempts):
+        result = call()
+        if until(result):
+            return result
+        time.sleep(0.05)  # pacing between attempts, not a synchronisation: the condition decides
+    return result
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from service_fixtures import (BIN, CLASS_NAMES, REPO, assert_matches, bentoml_server, check_predictions, classify, encode,
-                              picture, png_header_only, read_http_response, unusual_images, batch_histogram)
+                              picture, png_header_only, read_http_response, unusual_images, batch_histogram, poll)
 from service_fixtures import reference, store  # noqa: F401  (session fixtures, shared by tests/test_service*.py)
 from vit_service.preprocessing import decode_image
 
@@ -475,16 +475,6 @@ def test_overload_is_429_and_slow_requests_504(url):
 PNG_1 = encode(picture(1), "PNG")
 
 
-def poll(call, until, attempts: int = 400):
-    """Calls `call()` until `until(result)` holds (or `attempts` run out); returns the last result."""
-    for _ in range(attempts):
-        result = call()
-        if until(result):
-            return result
-        time.sleep(0.05)  # pacing between attempts, not a synchronisation: the condition decides
-    return result
-
-
 def test_upload_cut_short_is_408(url, client):
     """A client that sends half its declared body and stops (half-closes) gets 408, not 500.
     The server (uvicorn) drops a half-closed connection, so the 408 is usually never delivered:
@@ -600,14 +590,26 @@ def test_serving_imports_no_training_stack():
 
 
 def test_settings_from_env(monkeypatch):
-    from vit_service.serving.service import Settings
+    from vit_service.serving.settings import Settings, host_cores
+
+    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VIT_DEVICE", "cpu")  # defaults derived for a CPU-only host
+    s = Settings.from_env()
+    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, host_cores(), 16)
+    monkeypatch.setenv("VIT_MODE", "split")
+    monkeypatch.setenv("VIT_DECODE_THREADS", "7")
+    s = Settings.from_env()
+    assert (s.mode, s.decode_threads) == ("split", 7)
+    monkeypatch.delenv("VIT_DEVICE")
 
     monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("VIT_COMPILE", "max-autotune")
     monkeypatch.setenv("VIT_MODEL_TAG", "other:v1")
     s = Settings.from_env()
     assert (s.max_batch_size, s.compile_mode, s.model_tag) == (8, "max-autotune", "other:v1")
-    for name, value in [("VIT_MAX_BATCH_SIZE", "1"), ("VIT_TIMEOUT", "soon"), ("VIT_MAX_BODY_BYTES", "0")]:
+    for name, value in [("VIT_MAX_BATCH_SIZE", "1"), ("VIT_TIMEOUT", "soon"), ("VIT_MAX_BODY_BYTES", "0"),
+                        ("VIT_MODE", "fast"), ("VIT_DECODE_THREADS", "many"), ("VIT_BATCHING", "maybe")]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=name):
             Settings.from_env()
