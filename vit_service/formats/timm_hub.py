@@ -158,7 +158,7 @@ def config_from_timm(tm: nn.Module, name: str) -> ViTConfig:
         num_classes=tm.num_classes, embed_dim=tm.embed_dim, depth=len(tm.blocks),
         num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / tm.embed_dim,
         qkv_bias=block.attn.qkv.bias is not None, global_pool=tm.global_pool,
-        class_token=tm.has_class_token, init_values=init_values,
+        class_token=tm.has_class_token, init_values=init_values, norm_eps=block.norm1.eps,
     )
 
 
