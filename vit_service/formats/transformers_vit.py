@@ -164,7 +164,7 @@ def preprocessing_from_transformers(proc: dict[str, Any], config: ViTConfig, whe
 def load_transformers(directory: str | os.PathLike[str]) -> tuple[VisionTransformer, ModelArtifact]:
     """A transformers ViT folder -> our model (eval mode) and its artifact description."""
     d = Path(directory)
-    hf = _read_json(d / CONFIG_FILE)
+    hf = read_json(d / CONFIG_FILE)
     config = config_from_transformers(hf, str(d / CONFIG_FILE))
     weights = d / WEIGHTS_FILE
     if weights.is_file():
@@ -178,7 +178,7 @@ def load_transformers(directory: str | os.PathLike[str]) -> tuple[VisionTransfor
     id2label = hf.get("id2label") or {}
     class_names = [id2label.get(str(i), id2label.get(i, f"class_{i}")) for i in range(config.num_classes)]
     proc_path = d / PROCESSOR_FILE
-    proc = _read_json(proc_path) if proc_path.is_file() else {}
+    proc = read_json(proc_path) if proc_path.is_file() else {}
     preprocessing = preprocessing_from_transformers(proc, config, str(proc_path))
     metadata = {"source": str(d.resolve()), "format": "transformers",
                 "architectures": hf.get("architectures"), "loaded": str(report)}
@@ -228,7 +228,7 @@ def save_transformers_folder(model: VisionTransformer, artifact: ModelArtifact,
     return d
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
