@@ -17,8 +17,8 @@ from pathlib import Path
 from vit_service.artifact import ModelArtifact, is_artifact_dir, load_model
 from vit_service.formats.checkpoints import CheckpointError, Source, load_weights
 from vit_service.formats.timm_hub import (
-    HubError, TimmSource, class_names_from_timm, config_from_timm, create_timm_model, is_timm_name,
-    load_timm, preprocessing_from_timm, timm_config, timm_weights_path,
+    HubError, TimmSource, check_same_function, class_names_from_timm, config_from_timm,
+    create_timm_model, is_timm_name, load_timm, preprocessing_from_timm, timm_config, timm_weights_path,
 )
 from vit_service.formats.transformers_vit import (
     config_from_transformers, is_transformers_dir, load_transformers, read_json,
@@ -57,6 +57,7 @@ def _load_weight_file(path: Path, arch: str) -> tuple[VisionTransformer, ModelAr
     tm = create_timm_model(TimmSource(arch.removeprefix("timm/"), ""))
     config = config_from_timm(tm, arch)
     model = VisionTransformer(config)
+    check_same_function(tm, model, arch)
     report = load_weights(model, path)
     preprocessing = preprocessing_from_timm(tm)
     if report.format == "torchvision":

@@ -107,12 +107,14 @@ def cached_file(repo_id: str, filenames: tuple[str, ...], library: str = "timm")
                    f"({constants.HF_HUB_CACHE}): {reason}; fetch it with: hf download {repo_id}")
 
 
-def create_timm_model(source: TimmSource) -> nn.Module:
-    """timm's model for `source`, randomly initialised (the definition only, no weights)."""
+def create_timm_model(source: TimmSource, device: str = "cpu") -> nn.Module:
+    """timm's model for `source`, randomly initialised (the definition only, no weights).
+
+    On the "meta" device it costs nothing and still tells the architecture."""
     import timm
 
     try:
-        return timm.create_model(source.model_name, pretrained=False)
+        return timm.create_model(source.model_name, pretrained=False, device=device)
     except Exception as e:  # hf-hub names read config.json through the cache, which can fail
         if source.model_name.startswith("hf-hub:"):
             cached_file(source.repo_id, ("config.json",))  # raises the one-line cache message
@@ -152,7 +154,10 @@ def config_from_timm(tm: nn.Module, name: str) -> ViTConfig:
     (ph, pw), (ih, iw) = tm.patch_embed.patch_size, tm.patch_embed.img_size
     if ph != pw or ih != iw:
         raise refuse(f"a non-square patch {ph}x{pw} or image {ih}x{iw}")
-    init_values = block.ls1.gamma.flatten()[0].item() if isinstance(block.ls1, LayerScale) else None
+    # The LayerScale init value only matters for a fresh init (weights are loaded over it), and a
+    # model on the meta device has no values: timm's usual 1e-5 stands in there.
+    gamma = block.ls1.gamma if isinstance(block.ls1, LayerScale) else None
+    init_values = None if gamma is None else (1e-5 if gamma.is_meta else gamma.flatten()[0].item())
     return ViTConfig(
         image_size=ih, patch_size=ph, in_chans=tm.patch_embed.proj.in_channels,
         num_classes=tm.num_classes, embed_dim=tm.embed_dim, depth=len(tm.blocks),
@@ -214,11 +219,12 @@ def load_timm(name: str) -> tuple[VisionTransformer, ModelArtifact]:
     source = parse_timm_name(name)
     if source is None:
         raise HubError(f"{name!r} is not a timm model name (e.g. vit_small_patch16_224.augreg_in21k_ft_in1k)")
+    tm = create_timm_model(source, device="meta")
+    config = config_from_timm(tm, name)  # an unsupported variant is refused before any download
+    path = cached_file(source.repo_id, source.weight_files)
     tm = create_timm_model(source)
-    config = config_from_timm(tm, name)
     model = VisionTransformer(config)
     check_same_function(tm, model, name)
-    path = cached_file(source.repo_id, source.weight_files)
     report = load_weights(model, path)
     artifact = ModelArtifact(
         config=config, class_names=class_names_from_timm(tm), preprocessing=preprocessing_from_timm(tm),
@@ -233,7 +239,7 @@ def timm_config(name: str) -> ViTConfig:
     source = parse_timm_name(name)
     if source is None:
         raise HubError(f"{name!r} is not a timm model name")
-    return config_from_timm(create_timm_model(source), name)
+    return config_from_timm(create_timm_model(source, device="meta"), name)
 
 
 def timm_weights_path(name: str) -> str:
