@@ -42,12 +42,17 @@ def add_to_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
     return snapshot
 
 
-def cache_timm_model(cache: Path, name: str, seed: int = 0) -> torch.nn.Module:
-    """Caches a randomly initialised `timm.create_model(name)` as timm's hub repo would hold it."""
+def cache_timm_model(cache: Path, name: str, seed: int = 0, head_scale: float = 1.0) -> torch.nn.Module:
+    """Caches a randomly initialised `timm.create_model(name)` as timm's hub repo would hold it.
+
+    `head_scale` spreads the logits (as trained weights have them), so top-k is decided by the image.
+    """
     import timm
 
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(head_scale)
     tmp = cache.parent / f"{name}.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     cfg = model.pretrained_cfg
