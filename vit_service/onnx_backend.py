@@ -29,6 +29,8 @@ class OnnxPredictor:
         S = self.preprocessing.image_size
         self.input_shape = (3, S, S)
         options = ort.SessionOptions()
+        # No busy-waiting between batches: the decode threads of the same process need the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
