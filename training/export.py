@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.from_source:
             model, artifact = load_pretrained(args.from_source, arch=args.arch)
+            if artifact.config.num_classes == 0:
+                raise ExportError(f"{args.from_source} has no classification head (a backbone): nothing to "
+                                  "serve; fine-tune it with vit-train --model.init_from instead")
         else:
             model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
         if args.hf_dir:  # first: a model transformers cannot express fails before anything is saved
