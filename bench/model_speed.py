@@ -12,6 +12,12 @@ that load from other processes on a shared machine hits both alike.
 
     python bench/model_speed.py                                  # vit_tiny, CPU or GPU
     python bench/model_speed.py --model vit_base_patch16_224 --device cuda --compile
+
+`--backends` measures inference backends instead (CPU, eval mode, our model only): torch eager
+fp32, torch bf16 autocast and onnxruntime fp32 on the exported model.onnx, img/s at each batch
+size, the backends timed in rotating order with the median kept (see backend_main):
+
+    python bench/model_speed.py --backends        # vit_tiny + vit_small, batch 1 and 16
 """
 
 from __future__ import annotations
@@ -40,7 +46,11 @@ DTYPE_LABELS = {"fp32": "fp32", "bf16": "bf16 autocast"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vit_tiny_patch16_224", choices=sorted(PRESETS))
+    p.add_argument("--model", default=None, help=f"a preset: {', '.join(sorted(PRESETS))} "
+                   "(default vit_tiny_patch16_224; with --backends, a comma-separated list)")
+    p.add_argument("--backends", action="store_true",
+                   help="compare torch fp32 / torch bf16 autocast / onnxruntime inference on the CPU")
+    p.add_argument("--batch-sizes", default="1,16", help="with --backends: comma-separated batch sizes")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (default: 5 CPU, 20 GPU)")
@@ -51,6 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
+    models = [m.strip() for m in (args.model or "").split(",") if m.strip()]
+    for m in models:
+        if m not in PRESETS:
+            p.error(f"unknown model {m!r}; choose from {sorted(PRESETS)}")
+    if len(models) > 1 and not args.backends:
+        p.error("several models only with --backends")
+    args.models = models or (["vit_tiny_patch16_224", "vit_small_patch16_224"] if args.backends
+                             else ["vit_tiny_patch16_224"])
+    args.model = args.models[0]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for d in args.dtypes:
@@ -143,6 +163,10 @@ def time_step(step: Callable[[], None], steps: int, batch_size: int, device: tor
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.backends:
+        from bench_backends import backend_main  # noqa: PLC0415 (a separate job, its own file)
+
+        return backend_main(args, machine_info(torch.device("cpu")))
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -18,15 +19,23 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit_service.formats.checkpoints import load_weights
+from vit_service.formats.pretrained import init_config, init_weights_source
 from vit_service.model import ViTConfig, VisionTransformer
 
 
 def build_model_config(preset: str, num_classes: int, image_size: int | None,
-                       overrides: dict[str, Any] | None) -> ViTConfig:
-    """The one place a training run's ViTConfig is derived (training and vit-export share it)."""
+                       overrides: dict[str, Any] | None, init_from: str | None = None) -> ViTConfig:
+    """The one place a training run's ViTConfig is derived (training and vit-export share it).
+
+    A timm hub name or transformers folder in `init_from` fixes the architecture (so it is not
+    typed twice); `preset` then goes unused.
+    """
     extra: dict[str, Any] = dict(overrides or {})
     if image_size is not None:
         extra["image_size"] = image_size
+    base = init_config(init_from) if init_from else None
+    if base is not None:
+        return replace(base, num_classes=num_classes, **extra)
     return ViTConfig.from_preset(preset, num_classes=num_classes, **extra)
 
 
@@ -63,7 +72,9 @@ class ViTClassifier(L.LightningModule):
             image_size: linked from the data module.
             model_overrides: any other ViTConfig field, e.g. {depth: 6, drop_path_rate: 0.1}.
             init_from: weights to start from (timm, torchvision, Lightning or exported artifact,
-                any resolution); the head is re-initialised when the class count differs.
+                any resolution); the head is re-initialised when the class count differs. A timm
+                hub name (vit_small_patch16_224.augreg_in21k_ft_in1k, from the Hugging Face cache)
+                or a transformers ViT folder also sets the architecture, replacing `preset`.
             lr: peak learning rate for a global batch of `lr_base_batch_size` (scaled linearly).
             warmup_epochs: linear warmup length, then cosine decay to `lr * min_lr_ratio`.
             layer_decay: layer-wise LR decay factor for fine-tuning (e.g. 0.65); None disables.
@@ -73,9 +84,9 @@ class ViTClassifier(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.model = VisionTransformer(build_model_config(preset, num_classes, image_size, model_overrides))
+        self.model = VisionTransformer(build_model_config(preset, num_classes, image_size, model_overrides, init_from))
         if init_from:
-            report = load_weights(self.model, init_from, prefer_ema=init_prefer_ema)
+            report = load_weights(self.model, init_weights_source(init_from), prefer_ema=init_prefer_ema)
             print(f"init_from: {report}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)

@@ -41,6 +41,7 @@ class ViTConfig:
     global_pool: Literal["token", "avg"] = "token"
     class_token: bool = True
     init_values: float | None = None  # LayerScale init (CaiT/DeiT-III); None disables it
+    norm_eps: float = LN_EPS  # LayerNorm epsilon: timm's 1e-6; Hugging Face ViT checkpoints use 1e-12
 
     def __post_init__(self) -> None:
         if self.global_pool not in ("token", "avg"):
@@ -207,11 +208,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
         super().__init__()
         D = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(D, eps=LN_EPS)
+        self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
         self.ls1 = LayerScale(D, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(D, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.drop_rate)
         self.ls2 = LayerScale(D, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -242,8 +243,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
         # timm's naming: with mean pooling the final norm is applied after pooling ("fc_norm").
         use_fc_norm = cfg.global_pool == "avg"
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(D, eps=LN_EPS)
-        self.fc_norm = nn.LayerNorm(D, eps=LN_EPS) if use_fc_norm else nn.Identity()
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()

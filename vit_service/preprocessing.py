@@ -109,19 +109,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Eval transform: resize the shorter side to image_size / crop_pct, centre-crop, normalise."""
+    """Eval transform: resize the shorter side to image_size / crop_pct, centre-crop, normalise.
+
+    crop_mode "squash" (timm's name) resizes both sides to image_size / crop_pct, ignoring the
+    aspect ratio, then centre-crops; with crop_pct 1 it is Hugging Face's ViTImageProcessor.
+    """
 
     image_size: int
     crop_pct: float = 0.875
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos"] = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_mode: Literal["center", "squash"] = "center"
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        if self.crop_mode not in ("center", "squash"):
+            raise ValueError(f"crop_mode must be 'center' or 'squash', got {self.crop_mode!r}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
@@ -133,7 +140,9 @@ class Preprocessing:
         w, h = img.size
         short = self.resize_size
         # Shorter side to `short`, keeping the aspect ratio (torchvision's Resize(int) rounding).
-        if w <= h:
+        if self.crop_mode == "squash":
+            new_w, new_h = short, short
+        elif w <= h:
             new_w, new_h = short, max(1, int(short * h / w))
         else:
             new_w, new_h = max(1, int(short * w / h)), short

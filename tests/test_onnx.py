@@ -1,0 +1,71 @@
+"""`vit-export --onnx`: model.onnx with a dynamic batch axis, onnxruntime parity on real JPEGs."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxscript", reason="the onnx extra: pip install -e '.[onnx]'")
+
+from conftest import run_cli  # noqa: E402
+from service_fixtures import build_tiny_model  # noqa: E402
+from test_pretrained_serving import jpeg_bytes  # noqa: E402
+from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx  # noqa: E402
+from vit_service.inference import Predictor  # noqa: E402
+from vit_service.onnx_backend import OnnxPredictor  # noqa: E402
+from vit_service.preprocessing import decode_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test model exported by the real CLI with --onnx (from its artifact folder)."""
+    root = tmp_path_factory.mktemp("onnx")
+    model, artifact = build_tiny_model()
+    artifact.save(model, root / "src")
+    out = run_cli("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"),
+                  env={"BENTOML_HOME": str(root / "bentoml")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = list((root / "bentoml" / "models" / "vit-classifier").glob("*/" + ONNX_FILE))
+    assert len(store) == 1  # written into the BentoML model too
+    return root / "out"
+
+
+def real_jpeg_batch(directory: Path, n: int) -> np.ndarray:
+    pre = Predictor.from_directory(directory, device="cpu", precision="fp32").preprocessing
+    return np.stack([pre.to_uint8(decode_image(jpeg_bytes(i, (96 + 8 * i, 64)))).numpy() for i in range(n)])
+
+
+def test_onnxruntime_matches_torch_on_real_jpegs_at_any_batch_size(exported: Path) -> None:
+    import onnxruntime as ort
+
+    torch_predictor = Predictor.from_directory(exported, device="cpu", precision="fp32")
+    session = ort.InferenceSession(str(exported / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for n in (1, 3, 7):
+        images = real_jpeg_batch(exported, n)
+        pixels = torch_predictor.preprocessing.normalize(torch.from_numpy(images))  # (n, 3, S, S)
+        with torch.no_grad():
+            expected = torch_predictor.model(pixels).numpy()
+        got = session.run(["logits"], {"pixel_values": pixels.numpy()})[0]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-4
+        assert np.abs(OnnxPredictor(exported).predict_proba(images) - torch_predictor.predict_proba(images)).max() <= 1e-4
+
+
+def test_missing_exporter_dependency_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    from training.export import main
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what an absent package looks like to import
+    model, artifact = build_tiny_model()
+    with pytest.raises(OnnxExportError, match="pip install"):
+        export_onnx(model, tmp_path)
+    artifact.save(model, tmp_path / "src")
+    assert main(["--from", str(tmp_path / "src"), "--onnx", "--name", "never-saved"]) == 2
+    err = capsys.readouterr().err
+    assert "onnxscript" in err and "pip install" in err and "Traceback" not in err

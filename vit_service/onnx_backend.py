@@ -1,0 +1,72 @@
+"""Batched inference with onnxruntime: the same `predict_proba` contract as `inference.Predictor`.
+
+Reads `model.onnx` (written by `vit-export --onnx`) beside the artifact's manifest; uint8 images
+in, float32 softmax probabilities out. Normalisation and softmax run in numpy, the graph holds the
+network only, so the ONNX file is the plain model other tools expect.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_service.artifact import ModelArtifact
+from vit_service.formats.onnx_export import ONNX_FILE
+
+
+class OnnxPredictor:
+    def __init__(self, directory: str | os.PathLike[str], threads: int | None = None) -> None:
+        import onnxruntime as ort  # optional dependency: only hosts that use this backend need it
+
+        path = Path(directory) / ONNX_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no ONNX model (export with vit-export --onnx)")
+        self.artifact = ModelArtifact.read(directory)
+        self.preprocessing = self.artifact.preprocessing
+        S = self.preprocessing.image_size
+        self.input_shape = (3, S, S)
+        options = ort.SessionOptions()
+        # No busy-waiting between batches: the decode threads of the same process need the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # mean/std in 0..255 units, shaped to broadcast over (B, 3, S, S)
+        self._mean = np.asarray(self.preprocessing.mean, np.float32).reshape(1, 3, 1, 1) * 255.0
+        self._std = np.asarray(self.preprocessing.std, np.float32).reshape(1, 3, 1, 1) * 255.0
+        self.device, self.precision = "cpu", "fp32"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.artifact.class_names)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """(B, 3, S, S) uint8 images -> (B, num_classes) float32 softmax probabilities."""
+        x = np.asarray(images)
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected a uint8 batch of shape (B, {', '.join(map(str, self.input_shape))}), "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        pixels = (x.astype(np.float32) - self._mean) / self._std  # (B, 3, S, S)
+        logits = self.session.run(["logits"], {"pixel_values": pixels})[0]  # (B, K)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def warmup(self, max_batch_size: int) -> float:
+        import time
+
+        start = time.perf_counter()
+        for n in sorted({1, 2, max_batch_size}):
+            self.predict_proba(np.zeros((n, *self.input_shape), dtype=np.uint8))
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "cpu", "precision": "fp32", "backend": "onnxruntime"}
+
+
+__all__ = ["OnnxPredictor"]
