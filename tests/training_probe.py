@@ -91,4 +91,4 @@ class TrainingProbe(L.Callback):
         if self.out_dir:
             path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
             path.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
-                                        "val_metrics": self.val_metrics}))
+                                        "val_metrics": self.val_metrics, "step_lrs": self.step_lrs}))
