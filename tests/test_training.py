@@ -34,7 +34,7 @@ def test_fit_writes_checkpoints_logs_and_config(trained_run: Path) -> None:
     val = [r for r in rows if r.get("val/acc1")]
     assert len(val) == 2  # one validation per epoch
     # It learns: the training loss falls from the first epoch to the second, and from the first
-    # step to the last (the longer demo run's accuracy is checked in test_learning.py, slow).
+    # step to the last (the full demo run's accuracy: test_demo_command.py, slow).
     epoch_loss = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
     step_loss = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(epoch_loss) == 2 and epoch_loss[1] < epoch_loss[0] - 0.01
