@@ -114,7 +114,8 @@ def test_head_reinitialized_when_class_count_differs(timm_vit, ckpt_classes):
 
 
 def test_same_head_is_loaded(sd):
-    _, report = _load(sd)
+    model, report = _load(sd)
+    _assert_weights(model, sd)  # head included, every tensor as in the checkpoint
     assert not report.head_reinitialized and report.pos_embed_resampled is None
     assert report.format == "state_dict" and report.loaded == len(sd)
 

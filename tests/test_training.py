@@ -1,4 +1,5 @@
-"""Training through the real `vit-train` CLI, resume, export round trip, configs, DDP."""
+"""Training through the real `vit-train` CLI, resume, export round trip, configs.
+(The recipe's effects: test_recipe.py; DDP: test_ddp.py.)"""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def test_fit_writes_checkpoints_logs_and_config(trained_run: Path) -> None:
     rows = _read_metrics(trained_run)
     val = [r for r in rows if r.get("val/acc1")]
     assert len(val) == 2  # one validation per epoch
-    assert all(0.0 <= float(r["val/acc1"]) <= 1.0 for r in val)
+    # It learns: the training loss falls from the first epoch to the second, and from the first
+    # step to the last (the full demo run's accuracy: test_demo_command.py, slow).
+    epoch_loss = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    step_loss = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert len(epoch_loss) == 2 and epoch_loss[1] < epoch_loss[0] - 0.01
+    assert step_loss[-1] < step_loss[0]
     assert any(v for r in rows for k, v in r.items() if k.startswith("lr-AdamW"))
 
 
@@ -43,19 +49,6 @@ def test_checkpoint_carries_labels_and_preprocessing(trained_run: Path, demo_dat
     assert hp["num_classes"] == len(hp["class_names"])
     assert hp["preprocessing"]["image_size"] == 64
     assert ckpt["vit_service"]["train_time_s"] > 0
-
-
-def test_recipe_fast_dev_run(demo_data: Path, tmp_path: Path) -> None:
-    """Mixup/CutMix, RandAugment, random erasing, layer decay, grad checkpointing in one short run."""
-    config = demo_config(tmp_path, demo_data)
-    result = run_cli(
-        "vit-train", "fit", "--config", str(config), "--trainer.fast_dev_run", "2",
-        "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--model.layer_decay", "0.75",
-        "--model.grad_checkpointing", "true", "--data.auto_augment", "rand-m9-mstd0.5-inc1",
-        "--data.re_prob", "0.25", "--data.batch_size", "8",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "optimizer: AdamW, global batch 8" in result.stdout
 
 
 def test_resume_from_last_continues_step_count(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
@@ -175,21 +168,6 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, empty)), "--trainer.fast_dev_run", "1")
     assert result.returncode != 0
     assert str(empty / "train") in result.stderr and "Traceback" not in result.stderr
-
-
-def test_ddp_two_cpu_processes(demo_data: Path, tmp_path: Path) -> None:
-    config = demo_config(tmp_path, demo_data, limit_train_batches=3, max_epochs=1)
-    result = run_cli(
-        "vit-train", "fit", "--config", str(config), "--trainer.strategy", "ddp",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "8",
-        "--trainer.limit_val_batches", "2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 3
-    assert "optimizer: AdamW, global batch 16" in result.stdout  # LR scaled by the 2-process batch
-    val = [r for r in _read_metrics(tmp_path) if r.get("val/acc1")]
-    assert val and 0.0 <= float(val[-1]["val/acc1"]) <= 1.0
 
 
 def test_warmup_cosine_schedule() -> None:

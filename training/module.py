@@ -161,10 +161,12 @@ class ViTClassifier(L.LightningModule):
         global_batch = self._global_batch_size()
         lr = hp.lr * global_batch / hp.lr_base_batch_size
         no_wd = self.model.no_weight_decay()
+        # Keyword arguments: timm's positional order differs between these two helpers and releases.
         if hp.layer_decay:
-            groups = param_groups_layer_decay(self.model, hp.weight_decay, no_wd, layer_decay=hp.layer_decay)
+            groups = param_groups_layer_decay(self.model, weight_decay=hp.weight_decay, no_weight_decay_list=no_wd,
+                                              layer_decay=hp.layer_decay)
         else:  # AdamW with no weight decay on norms, biases, pos_embed and cls_token
-            groups = param_groups_weight_decay(self.model, hp.weight_decay, no_wd)
+            groups = param_groups_weight_decay(self.model, weight_decay=hp.weight_decay, no_weight_decay_list=no_wd)
         for g in groups:
             g["lr"] = lr * g.pop("lr_scale", 1.0)
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))

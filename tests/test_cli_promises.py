@@ -1,0 +1,128 @@
+"""README promises of the training CLIs, through the real `vit-train` / `vit-export` commands:
+validate and test, the best checkpoint, `--data.val_fraction`, the `data/skipped_files` metric,
+`vit-export --dir`. Every run writes under its own tmp folder (demo_config), never into the
+shared `trained_run` folder."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from tests.conftest import demo_config, run_cli
+from training.cli import ViTCLI
+from training.data import ImageFolderDataModule
+from training.module import ViTClassifier
+from vit_service.artifact import load_model
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    assert files, f"no metrics.csv under {run_dir}"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def _recorded(ckpt_path: Path) -> dict[str, float]:
+    """The val metrics the training run recorded in a checkpoint when it saved it."""
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False)["vit_service"]
+
+
+def test_best_checkpoint_is_the_best_epoch(trained_run: Path) -> None:
+    val_acc = _column(_metrics(trained_run), "val/acc1")
+    assert len(val_acc) == 2
+    (best,) = (trained_run / "checkpoints").glob("best-*.ckpt")
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    assert ckpt["vit_service"]["val_acc1"] == pytest.approx(max(val_acc), abs=1e-6)
+    assert val_acc[ckpt["epoch"]] == pytest.approx(max(val_acc), abs=1e-6)  # saved at that epoch
+    name_acc = float(re.search(r"acc([0-9.]+)\.ckpt$", best.name).group(1))
+    assert name_acc == pytest.approx(max(val_acc), abs=1e-4)
+
+
+def test_validate_reproduces_the_recorded_val_metrics(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    last = trained_run / "checkpoints/last.ckpt"
+    result = run_cli("vit-train", "validate", "--config", str(demo_config(tmp_path, demo_data)),
+                     "--ckpt_path", str(last))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _metrics(tmp_path)
+    recorded = _recorded(last)
+    assert _column(rows, "val/acc1") == [pytest.approx(recorded["val_acc1"], abs=1e-6)]
+    assert _column(rows, "val/loss") == [pytest.approx(recorded["val_loss"], abs=1e-5)]
+
+
+def test_test_needs_and_uses_test_dir(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    last = trained_run / "checkpoints/last.ckpt"
+    config = demo_config(tmp_path, demo_data)
+    missing = run_cli("vit-train", "test", "--config", str(config), "--ckpt_path", str(last))
+    assert missing.returncode == 2
+    assert "needs --data.test_dir" in missing.stderr and "Traceback" not in missing.stderr
+
+    # The val folder as the test set: the test metrics must be the recorded val metrics.
+    result = run_cli("vit-train", "test", "--config", str(config), "--ckpt_path", str(last),
+                     "--data.test_dir", str(demo_data / "val"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _metrics(tmp_path)
+    recorded = _recorded(last)
+    assert _column(rows, "test/acc1") == [pytest.approx(recorded["val_acc1"], abs=1e-6)]
+    assert _column(rows, "test/acc5") == [pytest.approx(recorded["val_acc5"], abs=1e-6)]
+
+
+def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -> None:
+    # Parsed by the real CLI (no subcommand: build the objects, run nothing).
+    cli = ViTCLI(ViTClassifier, ImageFolderDataModule, run=False, args=[
+        "--config", str(demo_config(tmp_path, demo_data)), "--data.val_dir", "null", "--data.val_fraction", "0.25",
+    ])
+    dm = cli.datamodule
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    assert isinstance(train, Subset) and isinstance(val, Subset)
+    n_files = len(list((demo_data / "train").glob("*/*.jpg")))
+    assert (len(train), len(val)) == (n_files - n_files // 4, n_files // 4)  # 72 images: 54 / 18
+    assert not set(train.indices) & set(val.indices)
+    assert val.dataset.root == train.dataset.root == str(demo_data / "train")
+    # Held-out images get the eval transform (deterministic), the rest the random train one.
+    torch.testing.assert_close(val[0][0], val[0][0], rtol=0, atol=0)
+    assert not torch.equal(train[0][0], train[0][0])
+    assert sorted(val.indices) != list(range(len(val)))  # a random subset, not the first files
+
+
+def test_corrupt_file_is_skipped_and_counted(demo_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    bad = sorted((data / "val").iterdir())[2] / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    config = demo_config(tmp_path, data, max_epochs=1, limit_train_batches=1)
+    result = run_cli("vit-train", "fit", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _column(_metrics(tmp_path), "data/skipped_files") == [1.0]
+    warnings = [line for line in result.stderr.splitlines() if "skipping unreadable image" in line]
+    assert len(warnings) == 1 and str(bad) in warnings[0]
+
+
+def test_export_dir_writes_a_loadable_artifact(trained_run: Path, tmp_path: Path) -> None:
+    (ckpt,) = (trained_run / "checkpoints").glob("best-*.ckpt")
+    out = tmp_path / "exported"
+    result = run_cli("vit-export", "--ckpt", str(ckpt), "--name", "dir-test", "--dir", str(out),
+                     env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vit_artifact.json"]
+    model, artifact = load_model(out)
+    module = ViTClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), module(x), rtol=0, atol=0)
+    assert artifact.class_names == module.hparams.class_names
+    assert artifact.metadata["val_acc1"] == pytest.approx(_recorded(ckpt)["val_acc1"])
+    # The same weights as the copy in the BentoML store.
+    name, version = result.stdout.strip().splitlines()[-1].split(":")
+    stored = tmp_path / "bentoml/models" / name / version / "model.safetensors"
+    assert stored.read_bytes() == (out / "model.safetensors").read_bytes()
