@@ -39,9 +39,6 @@ def main() -> None:
     max_time = f"00:{budget // 3600:02d}:{budget % 3600 // 60:02d}:{budget % 60:02d}"
     cfg = yaml.safe_load(Path(args.config).read_text())
     cfg["trainer"].update(max_time=max_time, default_root_dir=str(run_dir), enable_progress_bar=False)
-    for logger in cfg["trainer"].get("logger", []):
-        logger["init_args"]["save_dir"] = str(run_dir)
-    cfg["checkpoint"]["dirpath"] = str(run_dir / "checkpoints")
     run_dir.mkdir(parents=True)
     config = run_dir / "bench_config.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -51,7 +48,7 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     wall = (time.monotonic() - start) / 60
 
-    metrics = next(run_dir.glob("csv/version_*/metrics.csv"))
+    metrics = run_dir / "version_0" / "metrics.csv"  # the run folder under default_root_dir
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/acc1")]
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

@@ -11,6 +11,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.folder_dataset import DatasetError, ImageFolderDataset, find_classes
+from training.predict import PredictFolderDataset
 from vit_service.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
@@ -46,7 +47,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         Args:
             train_dir: folder of class folders; its sorted folder names are the classes.
             val_dir: same layout and classes; when absent, `val_fraction` of train is held out.
-            test_dir, predict_dir: optional folders for `vit-train test` / `vit-train predict`.
+            test_dir: optional class folders for `vit-train test`.
+            predict_dir: images (any layout, no labels) for `vit-train predict`.
             image_size, crop_pct, interpolation, mean, std: the eval preprocessing, exported
                 with the model so serving uses exactly the same.
             batch_size: per device; the learning rate scales with the global batch.
@@ -101,8 +103,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "predict" and "predict" not in self.datasets:
             folder = hp.predict_dir or hp.test_dir or hp.val_dir
             if not folder:
-                raise DatasetError("`vit-train predict` needs --data.predict_dir (class folders)")
-            self.datasets["predict"] = self._eval_dataset(folder)
+                raise DatasetError("`vit-train predict` needs --data.predict_dir (a folder of images)")
+            # Unlabeled images at any depth; an unreadable one becomes a row naming it, not a skip.
+            self.datasets["predict"] = PredictFolderDataset(folder, self.preprocessing)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

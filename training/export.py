@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from training.module import build_model_config
+from training.runs import RunError, best_checkpoint
 from vit_service.artifact import ModelArtifact
 from vit_service.formats.checkpoints import CheckpointError, load_weights
 from vit_service.model import VisionTransformer
@@ -59,17 +60,25 @@ def artifact_from_checkpoint(ckpt_path: str | Path, ema: bool = False) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vit-export", description=__doc__)
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint from vit-train (e.g. runs/demo/checkpoints/last.ckpt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="Lightning checkpoint from vit-train (e.g. runs/demo/version_0/checkpoints/last.ckpt)")
+    source.add_argument("--run", help="a vit-train run folder (e.g. runs/demo/version_0): exports its best "
+                                      "checkpoint by the monitored metric")
     p.add_argument("--name", default="vit-classifier", help="BentoML model name (default: vit-classifier)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     p.add_argument("--dir", help="also write the artifact folder here (model.safetensors + vit_artifact.json)")
     args = p.parse_args(argv)
     try:
+        if args.run:
+            best = best_checkpoint(args.run)
+            args.ckpt = str(best.path)
+            print(f"best checkpoint of {args.run} by {best.monitor} ({best.mode}): {best.path.name} "
+                  f"({best.monitor} {best.score:.4f})", file=sys.stderr)
         model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
         bento_model = save_to_bentoml(args.name, model, artifact)
         if args.dir:
             artifact.save(model, args.dir)
-    except (ExportError, CheckpointError) as e:
+    except (ExportError, CheckpointError, RunError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
     acc = artifact.metadata.get("val_acc1")
