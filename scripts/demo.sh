@@ -5,6 +5,7 @@ set -euo pipefail
 PORT="${PORT:-3000}"
 MODEL="${MODEL:-vit-classifier}"
 DATA="${DATA:-data/demo}"
+RUNS="${RUNS:-runs/demo}"  # each training run gets its own $RUNS/version_N
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -14,12 +15,12 @@ if [ ! -d "$DATA/train" ]; then
 fi
 
 step "Training a tiny ViT (configs/demo.yaml)"
-rm -f runs/demo/checkpoints/*.ckpt
-vit-train fit --config configs/demo.yaml --data.train_dir "$DATA/train" --data.val_dir "$DATA/val"
+vit-train fit --config configs/demo.yaml --trainer.default_root_dir "$RUNS" \
+  --data.train_dir "$DATA/train" --data.val_dir "$DATA/val"
+run=$(ls -d "$RUNS"/version_* | sort -V | sed -n '$p')  # this run: the newest version_N
 
-step "Exporting the best checkpoint to the BentoML model store"
-best=$(ls -t runs/demo/checkpoints/best-*.ckpt | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
-tag=$(vit-export --ckpt "$best" --name "$MODEL")
+step "Exporting the best checkpoint of $run to the BentoML model store"
+tag=$(vit-export --run "$run" --name "$MODEL")
 echo "model: $tag"
 
 step "Serving $tag on http://127.0.0.1:$PORT"

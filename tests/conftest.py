@@ -27,14 +27,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = None, **trainer: object) -> Path:
-    """configs/demo.yaml with every output under `run_dir` and data from `demo_root`."""
+    """configs/demo.yaml with every output under `run_dir` (runs in run_dir/version_N) and data
+    from `demo_root`."""
     cfg = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     if callbacks:
         cfg["trainer"]["callbacks"] = callbacks
     cfg["trainer"].update(default_root_dir=str(run_dir), enable_progress_bar=False, log_every_n_steps=1, **trainer)
-    for logger in cfg["trainer"]["logger"]:
-        logger["init_args"]["save_dir"] = str(run_dir)
-    cfg["checkpoint"]["dirpath"] = str(run_dir / "checkpoints")
     cfg["data"].update(train_dir=str(demo_root / "train"), val_dir=str(demo_root / "val"), num_workers=0)
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -53,12 +51,12 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (short) `vit-train fit` run on the demo data; returns its run folder."""
-    run_dir = tmp_path_factory.mktemp("run")
-    config = demo_config(run_dir, demo_data, max_epochs=2)
+    """A real (short) `vit-train fit` run on the demo data; returns its run folder (version_0)."""
+    root = tmp_path_factory.mktemp("run")
+    config = demo_config(root, demo_data, max_epochs=2)
     result = run_cli("vit-train", "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir
+    return root / "version_0"
 
 
 def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -17,9 +17,9 @@ from vit_service.artifact import load_model
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    assert files, f"no metrics.csv under {run_dir}"
-    with files[-1].open() as f:
+    path = run_dir / "metrics.csv"
+    assert path.is_file(), f"no metrics.csv in {run_dir}"
+    with path.open() as f:
         return list(csv.DictReader(f))
 
 
@@ -27,9 +27,8 @@ def test_fit_writes_checkpoints_logs_and_config(trained_run: Path) -> None:
     ckpts = trained_run / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
     assert list(ckpts.glob("best-epoch*-acc*.ckpt"))
-    saved_config = list(trained_run.glob("csv/version_*/config.yaml"))
-    assert saved_config and "vit_demo_patch8_64" in saved_config[0].read_text()
-    assert list(trained_run.glob("tensorboard/version_*/events.out.tfevents.*"))
+    assert "vit_demo_patch8_64" in (trained_run / "config.yaml").read_text()
+    assert list(trained_run.glob("events.out.tfevents.*"))
     rows = _read_metrics(trained_run)
     val = [r for r in rows if r.get("val/acc1")]
     assert len(val) == 2  # one validation per epoch
@@ -52,10 +51,11 @@ def test_checkpoint_carries_labels_and_preprocessing(trained_run: Path, demo_dat
 
 
 def test_resume_from_last_continues_step_count(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "resumed"
+    root = tmp_path / "resumed"
+    run_dir = root / "version_0"
     shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")
     before = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    config = demo_config(run_dir, demo_data, max_epochs=3)
+    config = demo_config(root, demo_data, max_epochs=3)
     result = run_cli("vit-train", "fit", "--config", str(config), "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
     after = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
@@ -110,7 +110,7 @@ def test_ema_is_validated_checkpointed_and_exportable(demo_data: Path, tmp_path:
     config = demo_config(tmp_path, demo_data, callbacks=ema, max_epochs=1, limit_train_batches=3)
     result = run_cli("vit-train", "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt_path = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    ckpt_path = next((tmp_path / "version_0/checkpoints").glob("best-*.ckpt"))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert "current_model_state" in ckpt  # Lightning keeps the raw weights apart from the average
 

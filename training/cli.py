@@ -1,16 +1,33 @@
-"""`vit-train`: the LightningCLI entry point (fit / validate / test / predict)."""
+"""`vit-train`: the LightningCLI entry point (fit / validate / test / predict).
+
+Every output follows `--trainer.default_root_dir` (default `runs`), one folder per run in
+Lightning's naming: `<default_root_dir>/version_N/` holds config.yaml, metrics.csv, the TensorBoard
+events, checkpoints/ and (predict) predictions.csv; it is `trainer.log_dir`. `fit --ckpt_path last`
+continues the newest run that has a last.ckpt, in its own folder.
+"""
 
 from __future__ import annotations
 
+import csv
 import sys
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError
-from vit_service.formats.checkpoints import CheckpointError
 from training.module import ViTClassifier
+from training.predict import PredictionFileWriter
+from training.progress import ProgressLog
+from training.runs import RUN_PREFIX, RunError, best_checkpoint, latest_resumable_run, next_version
+from vit_service.formats.checkpoints import CheckpointError
+
+DEFAULT_ROOT_DIR = "runs"
 
 
 class ViTCLI(LightningCLI):
@@ -26,15 +43,81 @@ class ViTCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val/acc1",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
             "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc1:.4f}",
             "checkpoint.auto_insert_metric_name": False,
-            # `last.ckpt` is always the latest state (resume with --ckpt_path last), even when
-            # the run folder was moved or copied; best-* names carry their epoch.
-            "checkpoint.enable_version_counter": False,
+            "checkpoint.enable_version_counter": False,  # best-* names carry their epoch
+        })
+        # `last.ckpt`, the latest state (resume with --ckpt_path last), is a second checkpoint
+        # callback without a monitor: since Lightning 2.6 `save_last` writes last.ckpt only when a
+        # new best is saved, so it would go stale whenever the metric does not improve.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({
+            "last_checkpoint.filename": "last",
+            "last_checkpoint.save_top_k": 1,
+            "last_checkpoint.enable_version_counter": False,
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(ProgressLog, "progress")
+        parser.add_lightning_class_args(PredictionFileWriter, "predict_writer")
+        parser.set_defaults({"trainer.default_root_dir": DEFAULT_ROOT_DIR})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # The loggers are made here, not in the configs, because their folder depends on the run:
+        # both write into <default_root_dir>/version_N, and ModelCheckpoint (no dirpath) puts
+        # checkpoints/ beside them. Loggers given in a config or on the command line are kept.
+        config = self.config_init[self.subcommand]
+        trainer_config = config["trainer"]
+        if trainer_config.get("logger") in (None, True):
+            root = trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR
+            version = f"{RUN_PREFIX}{self._run_version(root, config)}"
+            kwargs["logger"] = [ResumableCSVLogger(save_dir=root, name="", version=version),
+                                TensorBoardLogger(save_dir=root, name="", version=version)]
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_version(self, root: str, config: Any) -> int:
+        """fit --ckpt_path last: the run it resumes. Otherwise a new folder, as Lightning does;
+        validate/test/predict read `last` or `best` from the newest run under root."""
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt_path == "last":
+            resumed = latest_resumable_run(root)
+            if resumed is not None:
+                print(f"resuming {root}/{RUN_PREFIX}{resumed}/checkpoints/last.ckpt")
+                return resumed
+        elif self.subcommand != "fit" and ckpt_path in ("last", "best"):
+            latest = latest_resumable_run(root)
+            if latest is None:
+                raise RunError(f"{root}: no run with checkpoints for --ckpt_path {ckpt_path}")
+            run = f"{root}/{RUN_PREFIX}{latest}"
+            config["ckpt_path"] = (f"{run}/checkpoints/last.ckpt" if ckpt_path == "last"
+                                   else str(best_checkpoint(run).path))
+            print(f"--ckpt_path {ckpt_path}: {config['ckpt_path']}")
+        return next_version(root)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):  # the resumed run's columns come first
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that keeps the metrics of the run it resumes (same version folder)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def run_cli(args: list[str] | None = None) -> ViTCLI:
@@ -51,7 +134,7 @@ def run_cli(args: list[str] | None = None) -> ViTCLI:
 def main() -> None:
     try:
         run_cli()
-    except (DatasetError, CheckpointError) as e:
+    except (DatasetError, CheckpointError, RunError) as e:
         # A user's data or weights problem: one clear line naming the file, no traceback.
         print(f"vit-train: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,6 @@
-"""LightningDataModule for ImageNet-style folders: train/<class>/*.jpg, val/<class>/*.jpg."""
+"""LightningDataModule for ImageNet-style folders (train/<class>/*.jpg, val/<class>/*.jpg) or LitData
+shards written by `vit-data optimize` (a local folder or an s3:// / gs:// URI), with the same
+transforms and class-list checks for both."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ from typing import Any
 import lightning as L
 import torch
 from timm.data import create_transform
+from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.folder_dataset import DatasetError, ImageFolderDataset, find_classes
+from training.predict import PredictFolderDataset
+from training.shards import ShardDataset, check_same_classes, is_shard_dir, shard_class_names
 from vit_service.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 
@@ -44,9 +49,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            train_dir: folder of class folders; its sorted folder names are the classes.
-            val_dir: same layout and classes; when absent, `val_fraction` of train is held out.
-            test_dir, predict_dir: optional folders for `vit-train test` / `vit-train predict`.
+            train_dir: folder of class folders; its sorted folder names are the classes. Or LitData
+                shards from `vit-data optimize` (local folder, s3:// or gs:// URI), streamed.
+            val_dir: same layout (folder or shards) and classes; when absent, `val_fraction` of a
+                train folder is held out.
+            test_dir: optional class folders for `vit-train test`.
+            predict_dir: images (any layout, no labels) for `vit-train predict`.
             image_size, crop_pct, interpolation, mean, std: the eval preprocessing, exported
                 with the model so serving uses exactly the same.
             batch_size: per device; the learning rate scales with the global batch.
@@ -56,7 +64,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.class_names: list[str] = find_classes(train_dir)
+        self.class_names: list[str] = (shard_class_names(train_dir) if is_shard_dir(train_dir)
+                                       else find_classes(train_dir))
         self.num_classes = len(self.class_names)
         self.preprocessing = Preprocessing(image_size, crop_pct, interpolation, tuple(mean), tuple(std))
         self.preprocessing_config: dict[str, Any] = self.preprocessing.to_dict()
@@ -71,15 +80,24 @@ class ImageFolderDataModule(L.LightningDataModule):
             interpolation=hp.interpolation, mean=tuple(hp.mean), std=tuple(hp.std), re_prob=hp.re_prob,
         )
 
-    def _eval_dataset(self, root: str) -> ImageFolderDataset:
+    def _eval_dataset(self, root: str) -> Dataset:
         # Decoded exactly as the service decodes uploads (same JPEG draft size, same transform).
+        if is_shard_dir(root):
+            check_same_classes(root, shard_class_names(root), self.class_names)
+            return ShardDataset(root, self.preprocessing, shuffle=False, draft_size=self.preprocessing.resize_size)
         return ImageFolderDataset(root, self.preprocessing, self.class_names,
                                   draft_size=self.preprocessing.resize_size)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == "fit" and "train" not in self.datasets:
-            train = ImageFolderDataset(hp.train_dir, self.train_transform(), self.class_names)
+            if is_shard_dir(hp.train_dir):
+                if not hp.val_dir:
+                    raise DatasetError(f"{hp.train_dir}: shards need --data.val_dir (holding out "
+                                       "--data.val_fraction works on folders only)")
+                train = ShardDataset(hp.train_dir, self.train_transform(), shuffle=True, seed=hp.seed)
+            else:
+                train = ImageFolderDataset(hp.train_dir, self.train_transform(), self.class_names)
             if hp.val_dir:
                 self.datasets["train"] = train
                 # Scanning with train's class list also checks that val's classes agree.
@@ -101,10 +119,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage == "predict" and "predict" not in self.datasets:
             folder = hp.predict_dir or hp.test_dir or hp.val_dir
             if not folder:
-                raise DatasetError("`vit-train predict` needs --data.predict_dir (class folders)")
-            self.datasets["predict"] = self._eval_dataset(folder)
+                raise DatasetError("`vit-train predict` needs --data.predict_dir (a folder of images)")
+            # Unlabeled images at any depth; an unreadable one becomes a row naming it, not a skip.
+            self.datasets["predict"] = PredictFolderDataset(folder, self.preprocessing)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if isinstance(self.datasets[split], ShardDataset):
+            # LitData's loader: shards split across ranks and workers, and a state_dict that
+            # Lightning saves in checkpoints, so a resumed run continues mid-epoch.
+            return StreamingDataLoader(
+                self.datasets[split], batch_size=self.hparams.batch_size, num_workers=self.num_workers,
+                pin_memory=self.hparams.pin_memory and torch.cuda.is_available(), drop_last=shuffle,
+            )
         return DataLoader(
             self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
             num_workers=self.num_workers, pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

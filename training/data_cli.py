@@ -1,7 +1,9 @@
-"""`vit-data`: write the offline demo dataset, or check a dataset before training on it.
+"""`vit-data`: write the offline demo dataset, check a dataset before training on it, or turn it
+into LitData streaming shards.
 
     vit-data demo --out data/demo [--seed 0] [--train-per-class 200] [--val-per-class 50]
     vit-data verify data/demo
+    vit-data optimize data/demo/train shards/demo/train [--workers 2] [--max-side 256]
 
 `verify` exits 0 when every image decodes, 1 when some do not (or the splits disagree on their
 classes, or a class folder is empty), and 2 when the folder is missing or holds no dataset.
@@ -44,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
                         help="decoding threads")
     verify.set_defaults(func=_verify)
+
+    opt = sub.add_parser("optimize", help="write LitData streaming shards of an ImageNet-style split folder")
+    opt.add_argument("src", help="one split: <src>/<class>/<images>")
+    opt.add_argument("out", help="output folder or s3:// / gs:// URI (index.json, chunks, classes.json, skipped.tsv)")
+    opt.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+                     help="encoding processes")
+    opt.add_argument("--max-side", type=_positive_int, help="downscale so the long side is at most PX pixels")
+    opt.add_argument("--chunk-bytes", default="64MB", help="shard (chunk) size, e.g. 64MB")
+    opt.set_defaults(func=_optimize)
     return parser
 
 
@@ -72,6 +83,20 @@ def _verify(args: argparse.Namespace) -> int:
     report = verify_dataset(args.dir, workers=args.workers)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from training.shards import SKIPPED_FILE, optimize_folder
+
+    start = time.perf_counter()
+    written, skipped = optimize_folder(args.src, args.out, workers=args.workers, max_side=args.max_side,
+                                       chunk_bytes=args.chunk_bytes)
+    print(f"wrote {written} images from {args.src} to {args.out} in {time.perf_counter() - start:.1f} s")
+    if skipped:
+        print(f"dropped {len(skipped)} unreadable file(s) (listed in {args.out}/{SKIPPED_FILE}):")
+        for path, reason in skipped:
+            print(f"  {path}: {reason}")
+    return 0
 
 
 def format_report(report: VerifyReport) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from training.module import build_model_config
+from training.runs import RunError, best_checkpoint
 from vit_service.artifact import ModelArtifact
 from vit_service.formats.checkpoints import CheckpointError, load_weights
 from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
@@ -66,14 +67,17 @@ def artifact_from_checkpoint(ckpt_path: str | Path, ema: bool = False) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vit-export", description=__doc__)
-    p.add_argument("--ckpt", help="Lightning checkpoint from vit-train (e.g. runs/demo/checkpoints/last.ckpt)")
+    p.add_argument("--ckpt", help="Lightning checkpoint from vit-train (e.g. runs/demo/version_0/checkpoints/last.ckpt)")
+    p.add_argument("--run", help="a vit-train run folder (e.g. runs/demo/version_0): exports its best "
+                                 "checkpoint by the monitored metric")
     _add_pretrained_arguments(p)
     p.add_argument("--name", default="vit-classifier", help="BentoML model name (default: vit-classifier)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     p.add_argument("--dir", help="also write the artifact folder here (model.safetensors + vit_artifact.json)")
     args = p.parse_args(argv)
-    if bool(args.ckpt) == bool(args.from_source):
-        p.error("give either --ckpt (a vit-train checkpoint) or --from (a pretrained model)")
+    if sum(map(bool, (args.ckpt, args.run, args.from_source))) != 1:
+        p.error("give one of --ckpt (a vit-train checkpoint), --run (a vit-train run folder: its best "
+                "checkpoint) or --from (a pretrained model)")
     try:
         if args.from_source:
             model, artifact = load_pretrained(args.from_source, arch=args.arch)
@@ -81,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"{args.from_source} has no classification head (a backbone): nothing to "
                                   "serve; fine-tune it with vit-train --model.init_from instead")
         else:
+            if args.run:
+                best = best_checkpoint(args.run)
+                args.ckpt = str(best.path)
+                print(f"best checkpoint of {args.run} by {best.monitor} ({best.mode}): {best.path.name} "
+                      f"({best.monitor} {best.score:.4f})", file=sys.stderr)
             model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
         if args.hf_dir:  # first: a model transformers cannot express fails before anything is saved
             save_transformers_folder(model, artifact, args.hf_dir)
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             artifact.save(model, args.dir)
             if copy_onnx:
                 copy_onnx(Path(args.dir))
-    except (ExportError, CheckpointError, OnnxExportError) as e:
+    except (ExportError, CheckpointError, OnnxExportError, RunError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
     acc = artifact.metadata.get("val_acc1")

@@ -1,0 +1,167 @@
+"""LitData streaming shards: `vit-data optimize`, the DataModule on shards (same transforms and
+class checks as folders), 2-process DDP (gloo) coverage, and mid-epoch resume without repeats."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from tests.conftest import run_cli
+from training.data import ImageFolderDataModule
+from training.folder_dataset import DatasetError, ImageFolderDataset
+from training.shards import ShardDataset, optimize_folder
+from vit_service.serving.local_server import free_port
+
+BATCH = 4
+DATA_ARGS = dict(image_size=64, crop_pct=1.0, batch_size=BATCH, num_workers=0, color_jitter=None,
+                 auto_augment=None, re_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def shards(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo data's train (72 images) and val (24) splits as shards, unchanged bytes."""
+    out = tmp_path_factory.mktemp("shards")
+    for split in ("train", "val"):
+        written, skipped = optimize_folder(str(demo_data / split), str(out / split), workers=1)
+        assert skipped == [] and written == len(list((demo_data / split).glob("*/*.jpg")))
+    return out
+
+
+def test_optimize_cli_drops_corrupt_files_lists_them_and_downscales(demo_data: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(demo_data / "val", src)
+    bad = src / "circle" / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "shards"
+    result = run_cli("vit-data", "optimize", str(src), str(out), "--workers", "2", "--max-side", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dropped 1 unreadable file" in result.stdout and str(bad) in result.stdout
+    assert (out / "skipped.tsv").read_text().startswith(f"{bad}\t")
+    classes = json.loads((out / "classes.json").read_text())["class_names"]
+    assert classes == sorted(p.name for p in src.iterdir())
+
+    expected = {s[0]: s[1] for s in ImageFolderDataset(src, class_names=classes).samples if s[0] != str(bad)}
+    dataset = ShardDataset(str(out), transform=None, shuffle=False)
+    assert len(dataset) == len(expected)
+    seen = {}
+    for i in range(len(dataset)):
+        item = super(ShardDataset, dataset).__getitem__(i)  # the raw stored sample
+        img, label = dataset[i]
+        assert max(img.size) <= 32
+        seen[str(src / item["path"])] = label
+    assert seen == expected  # every readable file once, with its folder's label
+
+
+def test_optimize_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("vit-data", "optimize", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr and "Traceback" not in result.stderr
+
+
+def test_shards_get_the_same_eval_transform_and_classes_as_folders(shards: Path, demo_data: Path) -> None:
+    from_shards = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **DATA_ARGS)
+    from_folders = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), **DATA_ARGS)
+    assert from_shards.class_names == from_folders.class_names
+    from_shards.setup("fit")
+    from_folders.setup("fit")
+    val_shards, val_folder = from_shards.datasets["val"], from_folders.datasets["val"]
+    val_shards.return_ids = True
+    for i in (0, 7, len(val_folder) - 1):
+        x, label, sample_id = val_shards[i]
+        x_ref, label_ref = val_folder[sample_id]
+        assert label == label_ref
+        torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
+
+
+def test_class_mismatch_between_shards_and_val_folder_is_a_clear_error(shards: Path, demo_data: Path,
+                                                                      tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    shutil.copytree(demo_data / "val", val)
+    victim = sorted(val.iterdir())[0]
+    shutil.rmtree(victim)
+    dm = ImageFolderDataModule(str(shards / "train"), str(val), **DATA_ARGS)
+    with pytest.raises(DatasetError, match=victim.name):
+        dm.setup("fit")
+
+
+def _rank_ids(rank: int, world_size: int, port: int, shard_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        dm = ImageFolderDataModule(f"{shard_dir}/train", f"{shard_dir}/val", **DATA_ARGS)
+        dm.setup("fit")
+        dm.datasets["train"].return_ids = True
+        ids = [i for _, _, batch_ids in dm.train_dataloader() for i in batch_ids.tolist()]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(ids))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_see_disjoint_parts_that_cover_the_epoch(shards: Path, tmp_path: Path) -> None:
+    # 72 images, 2 ranks, batch 4: 9 full batches each, so nothing is dropped to even them out.
+    mp.spawn(_rank_ids, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
+    ids = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ids[0]) == len(ids[1]) == 36
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == list(range(72))
+
+
+class _RecordIds(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 6)
+        self.seen: list[int] = []
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y, ids = batch
+        self.seen += ids.tolist()
+        return F.cross_entropy(self.head(x.mean(dim=(2, 3))), y)  # (B, 3) pooled pixels -> 6 logits
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _KillAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise _Killed(f"killed at step {self.step}")
+
+
+def _fit(shards: Path, root: Path, callbacks: list[Callback], ckpt_path: str | None = None) -> _RecordIds:
+    dm = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **{**DATA_ARGS, "num_workers": 2})
+    dm.setup("fit")
+    dm.datasets["train"].return_ids = True
+    model = _RecordIds()
+    trainer = L.Trainer(default_root_dir=root, max_epochs=1, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    try:
+        trainer.fit(model, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
+    except _Killed:
+        pass
+    return model
+
+
+def test_run_killed_mid_epoch_resumes_without_repeating_or_dropping_samples(shards: Path, tmp_path: Path) -> None:
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    first = _fit(shards, tmp_path, [every, _KillAtStep(9)])  # 18 steps an epoch; dies at step 9
+    assert len(first.seen) == 9 * BATCH
+    resumed = _fit(shards, tmp_path, [], ckpt_path=str(tmp_path / "step=6.ckpt"))
+    done_before_checkpoint = first.seen[: 6 * BATCH]
+    assert len(resumed.seen) == 12 * BATCH  # the rest of the epoch, not a whole new one
+    assert sorted(done_before_checkpoint + resumed.seen) == list(range(72))  # no repeats, no gaps
