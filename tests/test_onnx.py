@@ -28,7 +28,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("onnx")
     model, artifact = build_tiny_model()
     artifact.save(model, root / "src")
-    out = run_cli("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"),
+    out = run_cli("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"), "--hf-dir", str(root / "hf"),
                   env={"BENTOML_HOME": str(root / "bentoml")})
     assert out.returncode == 0, out.stderr[-3000:]
     store = list((root / "bentoml" / "models" / "vit-classifier").glob("*/" + ONNX_FILE))
@@ -116,3 +116,14 @@ def test_service_with_vit_backend_onnxruntime_serves_the_same_probabilities(expo
     assert info["serving"]["backend"] == "onnxruntime"
     for p in r.json()["predictions"]:
         assert abs(p["score"] - float(expected[p["index"]])) <= 1e-4
+
+
+def test_vit_export_hf_dir_writes_a_folder_transformers_loads_with_the_same_logits(exported: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
+
+    hf = transformers.ViTForImageClassification.from_pretrained(exported.parent / "hf").eval()
+    ours = Predictor.from_directory(exported, device="cpu", precision="fp32")
+    pixels = ours.preprocessing.normalize(torch.from_numpy(real_jpeg_batch(exported, 2)))
+    with torch.no_grad():
+        assert (hf(pixel_values=pixels).logits - ours.model(pixels)).abs().max().item() <= 1e-4
+    assert list(hf.config.id2label.values()) == ours.artifact.class_names
