@@ -25,12 +25,15 @@ from vit_service.model import ViTConfig, VisionTransformer
 BACKENDS = ("torch fp32", "torch bf16 autocast", "onnxruntime fp32")
 
 
-def _runners(model: VisionTransformer, onnx_path: str, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+def _runners(model: VisionTransformer, onnx_path: str, x: torch.Tensor,
+             threads: int | None) -> dict[str, Callable[[], Any]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     # No busy-waiting between runs: spinning ORT threads would steal the cores torch is timed on.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
     session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     x_np = x.numpy()
 
@@ -47,6 +50,9 @@ def _runners(model: VisionTransformer, onnx_path: str, x: torch.Tensor) -> dict[
 
 def backend_main(args: Any, info: dict[str, Any]) -> dict:
     steps = args.steps or 5
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        info = {**info, "torch_threads": args.threads}
     print(f"machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)")
     rows = []
     for name in args.models:
@@ -57,7 +63,7 @@ def backend_main(args: Any, info: dict[str, Any]) -> dict:
             onnx_path = str(export_onnx(model, tmp))
             for batch in args.batch_sizes:
                 x = torch.randn(batch, 3, S, S, generator=torch.Generator().manual_seed(0))
-                run = _runners(model, onnx_path, x)
+                run = _runners(model, onnx_path, x, args.threads)
                 diff = float(np.abs(run[BACKENDS[2]]() - run[BACKENDS[0]]().numpy()).max())
                 if diff > 1e-4:
                     raise AssertionError(f"onnxruntime and torch disagree: max |diff| = {diff:.3g}")

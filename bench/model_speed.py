@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backends", action="store_true",
                    help="compare torch fp32 / torch bf16 autocast / onnxruntime inference on the CPU")
     p.add_argument("--batch-sizes", default="1,16", help="with --backends: comma-separated batch sizes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="with --backends: torch and onnxruntime threads (default: each library's own)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 128 on GPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=None, help="timed calls per measurement (default: 5 CPU, 20 GPU)")

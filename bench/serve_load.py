@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=64, help="VIT_MAX_CONCURRENCY of the server")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra server setting, e.g. VIT_MAX_LATENCY_MS=5000 (repeatable)")
+    p.add_argument("--onnx", action="store_true",
+                   help="the generated model also holds model.onnx (then: --server-env VIT_BACKEND=onnxruntime)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--log-dir", type=Path, default=None, help="keep the server logs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
@@ -169,7 +171,12 @@ def prepare_model(args: argparse.Namespace, home: Path) -> tuple[str, Path]:
     artifact = ModelArtifact(config=config, class_names=list(CIFAR10_CLASSES),
                              preprocessing=Preprocessing(image_size=config.image_size),
                              metadata={"trained_by": "bench/serve_load.py (random init)"})
-    tag = save_to_bentoml("vit-bench", model, artifact).tag
+    write_onnx = None
+    if args.onnx:  # model.onnx beside the weights, for --server-env VIT_BACKEND=onnxruntime|auto
+        from vit_service.formats.onnx_export import export_onnx
+
+        write_onnx = lambda folder: export_onnx(model, folder)  # noqa: E731
+    tag = save_to_bentoml("vit-bench", model, artifact, write_extra=write_onnx).tag
     return str(tag), Path(bentoml.models.get(tag).path)  # its path in the store, not the staging one
 
 

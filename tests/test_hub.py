@@ -103,3 +103,21 @@ def test_init_from_a_hub_name_sets_the_architecture_and_loads_the_cached_weights
     module = ViTClassifier(preset="vit_base_patch16_224", num_classes=3, image_size=64, init_from=TINY)
     assert (module.model.config.embed_dim, module.model.config.num_classes, module.model.config.image_size) == (192, 3, 64)
     assert torch.equal(module.model.blocks[5].attn.qkv.weight, timm_model.blocks[5].attn.qkv.weight)
+
+
+def test_a_bare_weight_file_loads_with_the_architecture_named_by_arch(offline_cache, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from vit_service.formats.checkpoints import CheckpointError
+    from vit_service.formats.pretrained import load_pretrained
+
+    _, timm_model = offline_cache
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="--arch"):
+        load_pretrained(path)
+    model, artifact = load_pretrained(path, arch="vit_tiny_patch16_224")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(x) - timm_model(x)).abs().max().item() <= 1e-4
+    assert len(artifact.class_names) == 1000

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("onnx")
     model, artifact = build_tiny_model()
     artifact.save(model, root / "src")
-    out = run_cli("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"),
+    out = run_cli("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"), "--hf-dir", str(root / "hf"),
                   env={"BENTOML_HOME": str(root / "bentoml")})
     assert out.returncode == 0, out.stderr[-3000:]
     store = list((root / "bentoml" / "models" / "vit-classifier").glob("*/" + ONNX_FILE))
@@ -69,3 +68,61 @@ def test_missing_exporter_dependency_is_a_clear_error(monkeypatch: pytest.Monkey
     assert main(["--from", str(tmp_path / "src"), "--onnx", "--name", "never-saved"]) == 2
     err = capsys.readouterr().err
     assert "onnxscript" in err and "pip install" in err and "Traceback" not in err
+
+
+def test_vit_backend_auto_times_both_and_serves_with_the_one_it_measured_faster(exported: Path) -> None:
+    from vit_service.backend import FasterOfTwo, load_backend
+
+    predictor = load_backend(exported, backend="auto", device="cpu", precision="fp32")
+    assert isinstance(predictor, FasterOfTwo)
+    predictor.warmup(2)
+    t = predictor.backend_timings
+    assert set(t) == {"torch", "onnxruntime"}
+    assert predictor.backend == ("onnxruntime" if t["onnxruntime"] < 0.9 * t["torch"] else "torch")
+    assert predictor.describe()["backend"] == predictor.backend
+    images = real_jpeg_batch(exported, 2)
+    expected = Predictor.from_directory(exported, device="cpu", precision="fp32").predict_proba(images)
+    assert np.abs(predictor.predict_proba(images) - expected).max() <= 1e-4
+    assert isinstance(load_backend(exported, backend="torch", device="cpu"), Predictor)
+
+
+def test_vit_backend_onnxruntime_without_model_onnx_says_how_to_export(tmp_path: Path) -> None:
+    from vit_service.backend import load_backend
+
+    model, artifact = build_tiny_model()
+    artifact.save(model, tmp_path)
+    with pytest.raises(ValueError, match="vit-export --onnx"):
+        load_backend(tmp_path, backend="onnxruntime")
+    with pytest.raises(ValueError, match="VIT_BACKEND must be one of"):
+        load_backend(tmp_path, backend="tensorrt")
+
+
+def test_service_with_vit_backend_onnxruntime_serves_the_same_probabilities(exported: Path) -> None:
+    import httpx
+
+    from service_fixtures import bentoml_server
+
+    image = jpeg_bytes(5, (100, 70))
+    torch_predictor = Predictor.from_directory(exported, device="cpu", precision="fp32")
+    pre = torch_predictor.preprocessing
+    # decoded as the service decodes (JPEG draft scaling down to about the resize size)
+    expected = torch_predictor.predict_proba(pre.to_uint8(decode_image(image, draft_size=pre.resize_size))[None].numpy())[0]
+    home = exported.parent / "bentoml"
+    with bentoml_server(home, exported.parent / "server.log", {"VIT_BACKEND": "onnxruntime"}) as url:
+        r = httpx.post(f"{url}/classify", files={"image": ("x.jpg", image, "image/jpeg")}, data={"top_k": "4"}, timeout=60)
+        info = httpx.get(f"{url}/model_info", timeout=30).json()
+    assert r.status_code == 200, r.text
+    assert info["serving"]["backend"] == "onnxruntime"
+    for p in r.json()["predictions"]:
+        assert abs(p["score"] - float(expected[p["index"]])) <= 1e-4
+
+
+def test_vit_export_hf_dir_writes_a_folder_transformers_loads_with_the_same_logits(exported: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
+
+    hf = transformers.ViTForImageClassification.from_pretrained(exported.parent / "hf").eval()
+    ours = Predictor.from_directory(exported, device="cpu", precision="fp32")
+    pixels = ours.preprocessing.normalize(torch.from_numpy(real_jpeg_batch(exported, 2)))
+    with torch.no_grad():
+        assert (hf(pixel_values=pixels).logits - ours.model(pixels)).abs().max().item() <= 1e-4
+    assert list(hf.config.id2label.values()) == ours.artifact.class_names

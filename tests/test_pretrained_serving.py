@@ -73,6 +73,7 @@ def test_serve_a_timm_name_without_training(tmp_path: Path) -> None:
     assert info["class_names"][:2] == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
 
 
+@pytest.mark.slow  # a second server start (~40 s); the transformers parity itself is in test_transformers_format.py
 def test_serve_a_transformers_folder_without_training(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
     from test_transformers_format import LABELS, save_hf_vit

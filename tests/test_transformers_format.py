@@ -116,3 +116,17 @@ def test_other_model_types_are_refused_by_name(tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps({"model_type": "deit", "architectures": ["DeiTForImageClassification"]}))
     with pytest.raises(TransformersFormatError, match="model_type 'deit' is not a plain ViT"):
         load_transformers(d)
+
+
+def test_init_from_a_transformers_folder_sets_the_architecture_and_loads_its_weights(tmp_path: Path) -> None:
+    from training.module import ViTClassifier
+
+    save_hf_vit(tmp_path / "hf")
+    module = ViTClassifier(preset="vit_base_patch16_224", num_classes=3, image_size=32, init_from=str(tmp_path / "hf"))
+    c = module.model.config
+    assert (c.embed_dim, c.depth, c.num_classes, c.image_size, c.norm_eps) == (64, 2, 3, 32, 1e-12)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "hf" / "model.safetensors"))  # the folder as transformers wrote it
+    hf_qkv = torch.cat([saved[f"vit.encoder.layer.1.attention.attention.{n}.weight"] for n in ("query", "key", "value")])
+    assert torch.equal(module.model.blocks[1].attn.qkv.weight, hf_qkv)

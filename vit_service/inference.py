@@ -128,7 +128,7 @@ class Predictor:
         return choose_cpu_precision(self.precision_timings)
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "precision": self.precision,
+        return {"backend": "torch", "device": str(self.device), "precision": self.precision,
                 "precision_timings_s": self.precision_timings,
                 "compile": self.compile_mode or False, "channels_last": self.channels_last}
 

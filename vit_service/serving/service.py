@@ -77,14 +77,16 @@ def label_metrics_with_model(tag: Any) -> None:
 
 def load_predictor(model_path: str) -> Any:
     """The model on its device, warmed up. Returns (predictor, seconds the warm-up took)."""
-    from vit_service.inference import Predictor
+    from vit_service.backend import load_backend
 
     if SETTINGS.torch_threads:
         import torch
 
         torch.set_num_threads(SETTINGS.torch_threads)
-    return Predictor.from_directory(model_path, device=SETTINGS.device, precision=SETTINGS.precision,
-                                    compile_mode=SETTINGS.compile_mode)
+    # VIT_BACKEND=auto|torch|onnxruntime (see vit_service/backend.py)
+    return load_backend(model_path, backend=os.environ.get("VIT_BACKEND", "").strip() or "auto",
+                        device=SETTINGS.device, precision=SETTINGS.precision,
+                        compile_mode=SETTINGS.compile_mode, threads=SETTINGS.torch_threads)
 
 
 def warm_up(predictor: Any, tag: Any) -> None:
