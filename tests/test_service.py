@@ -220,7 +220,12 @@ def test_bentoml_endpoints_keep_working(client):
     assert ui.status_code == 200 and "html" in ui.headers["content-type"]
     spec = client.get("/docs.json").json()
     assert {"/classify", "/classify_batch", "/model_info", "/readyz", "/metrics"} <= set(spec["paths"])
-    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+        form = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        upload = form["properties"][field]
+        upload = upload.get("items", upload)  # /classify_batch: an array of files
+        assert upload["format"] == "binary" and field in form["required"], form  # a file-upload field
+        assert "top_k" in form["properties"]
     assert "bentoml_service_request" in client.get("/metrics").text
 
 
