@@ -319,6 +319,8 @@ def _bad_cases() -> dict[str, tuple[dict, int, str]]:
         "top_k negative": ({"files": {"image": ok}, "data": {"top_k": "-1"}}, 400, "top_k"),
         "top_k not int": ({"files": {"image": ok}, "data": {"top_k": "three"}}, 400, "integer"),
         "top_k float": ({"files": {"image": ok}, "data": {"top_k": "2.5"}}, 400, "integer"),
+        "top_k with underscore": ({"files": {"image": ok}, "data": {"top_k": "1_0"}}, 400, "integer"),
+        "top_k plus sign": ({"files": {"image": ok}, "data": {"top_k": "+2"}}, 400, "integer"),
         "top_k twice": ({"files": {"image": ok}, "data": {"top_k": ["1", "2"]}}, 400, "top_k"),
         "top_k as file": ({"files": {"image": ok, "top_k": ("k.txt", b"2", "text/plain")}}, 400, "top_k"),
         "json body": ({"json": {"image": "cat.jpg"}}, 415, "multipart/form-data"),
