@@ -220,7 +220,12 @@ def test_bentoml_endpoints_keep_working(client):
     assert ui.status_code == 200 and "html" in ui.headers["content-type"]
     spec = client.get("/docs.json").json()
     assert {"/classify", "/classify_batch", "/model_info", "/readyz", "/metrics"} <= set(spec["paths"])
-    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+        form = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        upload = form["properties"][field]
+        upload = upload.get("items", upload)  # /classify_batch: an array of files
+        assert upload["format"] == "binary" and field in form["required"], form  # a file-upload field
+        assert "top_k" in form["properties"]
     assert "bentoml_service_request" in client.get("/metrics").text
 
 
@@ -314,6 +319,8 @@ def _bad_cases() -> dict[str, tuple[dict, int, str]]:
         "top_k negative": ({"files": {"image": ok}, "data": {"top_k": "-1"}}, 400, "top_k"),
         "top_k not int": ({"files": {"image": ok}, "data": {"top_k": "three"}}, 400, "integer"),
         "top_k float": ({"files": {"image": ok}, "data": {"top_k": "2.5"}}, 400, "integer"),
+        "top_k with underscore": ({"files": {"image": ok}, "data": {"top_k": "1_0"}}, 400, "integer"),
+        "top_k plus sign": ({"files": {"image": ok}, "data": {"top_k": "+2"}}, 400, "integer"),
         "top_k twice": ({"files": {"image": ok}, "data": {"top_k": ["1", "2"]}}, 400, "top_k"),
         "top_k as file": ({"files": {"image": ok, "top_k": ("k.txt", b"2", "text/plain")}}, 400, "top_k"),
         "json body": ({"json": {"image": "cat.jpg"}}, 415, "multipart/form-data"),

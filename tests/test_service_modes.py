@@ -117,10 +117,11 @@ def test_readyz_is_503_until_the_model_is_warm(gated_server):
         assert r.status_code == 503 and "warming up" in r.json()["error"]
         gate.touch()
         assert poll(lambda: c.get("/readyz").status_code, until=lambda status: status == 200, attempts=2000) == 200
-    # VIT_WORKERS=2: two processes, each with its own warmed model (one log line each once both
-    # have answered /readyz, which BentoML sends to either).
-    warmed = [line for line in log.read_text().splitlines() if re.search(r"model vit-classifier:\w+ ready on", line)]
-    assert len(warmed) >= 1
+    # VIT_WORKERS=2: two worker processes, each loading and warming its own model.
+    def warmed_workers() -> set[str]:
+        return set(re.findall(r"\[entry_service:vit_classifier:(\d+)\] model vit-classifier:\w+ ready on", log.read_text()))
+
+    assert poll(warmed_workers, until=lambda workers: len(workers) == 2, attempts=2000) == {"1", "2"}
     with httpx.Client(base_url=url, timeout=30) as c:
         info = c.get("/model_info").json()["serving"]
     assert (info["workers"], info["decode_threads"], info["mode"]) == (2, 1, "inprocess")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -283,10 +284,11 @@ def parse_top_k(values: list[Any]) -> int | None:
     with contextlib.suppress(ValueError):
         decoded = json.loads(text)  # BentoML's client JSON-encodes form values: '"3"' -> "3"
         text = decoded.strip() if isinstance(decoded, str) else text
-    try:
-        return int(text)
-    except ValueError:
-        raise RequestError(400, f"'{TOP_K_FIELD}' must be an integer, got {text[:40]!r}", "bad_top_k") from None
+    # Plain ASCII digits only: Python's int() also takes "1_000" and other scripts' digits,
+    # which BentoML's own validation behind us would refuse with a 400 of another shape.
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise RequestError(400, f"'{TOP_K_FIELD}' must be an integer, got {text[:40]!r}", "bad_top_k")
+    return int(text)
 
 
 # ------------------------------------------------------------------ GET /model_info, mounted at "/"

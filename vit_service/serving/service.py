@@ -76,7 +76,8 @@ def label_metrics_with_model(tag: Any) -> None:
 
 
 def load_predictor(model_path: str) -> Any:
-    """The model on its device, warmed up. Returns (predictor, seconds the warm-up took)."""
+    """The exported model on its device (not yet warmed up; `warm_up` does that), with the configured
+    torch threads and the backend chosen by VIT_BACKEND."""
     from vit_service.backend import load_backend
 
     if SETTINGS.torch_threads:
@@ -186,7 +187,11 @@ class ViTClassifier:
                                        on_batch=metrics.batch_size.observe)
 
         def warm() -> None:  # in the background, so /readyz answers 503 meanwhile
-            warm_up(predictor, self.bento_model.tag)
+            try:
+                warm_up(predictor, self.bento_model.tag)
+            except Exception:  # stays unready (503), with the reason in the log
+                logger.exception("warm-up of %s failed; the service stays unready", self.bento_model.tag)
+                return
             self._info = self._with_limits(describe_model(predictor, self.bento_model.tag))
             self._warm.set()
 
