@@ -8,10 +8,15 @@ learn the shape and not a colour or a pixel position.
 Each image draws from its own numpy Generator seeded by (seed, split, class, index): the same seed
 gives byte-identical files, and changing the count of one split or class leaves the others as they
 were.
+
+`boxes.json` beside the splits records where each image's shape is: {"val/circle/00000.jpg":
+[left, top, right, bottom], ...} in pixels (the tight box of the drawn shape; the whole image for
+the textures), so attention maps can be scored (the pointing game in tests/test_explain_pointing.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +30,8 @@ MIN_SIDE, MAX_SIDE = 48, 160
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and scaled down, for anti-aliased edges
 _SPLIT_IDS = {"train": 0, "val": 1}
 _JPEG_QUALITY = 92
+BOXES_FILE = "boxes.json"
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
 
 
 def generate_demo_dataset(
@@ -35,7 +42,7 @@ def generate_demo_dataset(
     val_per_class: int = DEFAULT_VAL_PER_CLASS,
     classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES,
 ) -> dict[str, dict[str, int]]:
-    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and returns {split: {class: count}}."""
+    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and out_dir/boxes.json; returns {split: {class: count}}."""
     unknown = [c for c in classes if c not in DEFAULT_CLASSES]
     if unknown:
         raise ValueError(f"unknown demo classes {unknown}; choose from {list(DEFAULT_CLASSES)}")
@@ -43,6 +50,7 @@ def generate_demo_dataset(
         raise ValueError("train_per_class and val_per_class must be at least 1")
     out = Path(out_dir)
     summary: dict[str, dict[str, int]] = {}
+    boxes: dict[str, Box] = {}
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         summary[split] = {}
         for class_name in classes:
@@ -53,24 +61,40 @@ def generate_demo_dataset(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 rng = np.random.default_rng([seed, _SPLIT_IDS[split], class_id, i])
-                draw_image(class_name, rng).save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+                image, box = draw_image_with_box(class_name, rng)
+                image.save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+                boxes[f"{split}/{class_name}/{i:05d}.jpg"] = box
             summary[split][class_name] = count
     _write_readme(out, seed, summary)
+    (out / BOXES_FILE).write_text(json.dumps(boxes, indent=0, sort_keys=True))
     return summary
+
+
+def read_boxes(root: str | Path) -> dict[str, Box]:
+    """{"<split>/<class>/<file>": (left, top, right, bottom)} from a generated dataset's boxes.json."""
+    return {k: tuple(v) for k, v in json.loads((Path(root) / BOXES_FILE).read_text()).items()}
 
 
 def draw_image(class_name: str, rng: np.random.Generator) -> Image.Image:
     """One RGB image of `class_name`, every random choice taken from `rng`."""
+    return draw_image_with_box(class_name, rng)[0]
+
+
+def draw_image_with_box(class_name: str, rng: np.random.Generator) -> tuple[Image.Image, Box]:
+    """`draw_image`, and the shape's box: the pixels at least half covered (textures: the image)."""
     w, h = _image_size(rng)
     fg, bg = _contrasting_colours(rng)
+    box: Box = (0, 0, w, h)
     if class_name in _TEXTURES:
         arr = _TEXTURES[class_name](rng, w, h, fg, bg)
     else:
         arr = _background(rng, w, h, bg)
         mask = _shape_mask(class_name, rng, w, h)  # (h, w) in [0, 1]
         arr = arr * (1.0 - mask[..., None]) + np.asarray(fg, np.float32) * mask[..., None]
+        ys, xs = np.nonzero(mask >= 0.5)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     arr = arr + rng.normal(0.0, rng.uniform(0.0, 12.0), size=arr.shape)
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB"), box
 
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -180,4 +204,4 @@ def _write_readme(out: Path, seed: int, summary: dict[str, dict[str, int]]) -> N
     (out / "README.txt").write_text("\n".join(lines) + "\n")
 
 
-__all__ = ["generate_demo_dataset", "draw_image", "DEFAULT_CLASSES"]
+__all__ = ["generate_demo_dataset", "draw_image", "draw_image_with_box", "read_boxes", "DEFAULT_CLASSES", "BOXES_FILE"]

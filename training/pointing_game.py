@@ -1,0 +1,144 @@
+"""The pointing game on the demo data: does an attention map's peak fall on the drawn shape?
+
+For every val image of a shape class (circle, square, triangle, cross; the textures fill the
+image, so they prove nothing), the peak patch of the map is a hit when its centre lies inside the
+shape's recorded box (`boxes.json`, written by `vit-data demo`). The random baseline is the chance
+that a uniformly random patch of the model's crop is a hit, averaged over the same images.
+
+    python -m training.pointing_game [--out DIR] [--train-per-class 150] [--epochs 20]
+
+generates demo data, trains the demo model with `vit-train fit` for that long, exports it and
+prints the hit rate of each method beside the baseline (the figures in bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.demo_data import DEFAULT_CLASSES, generate_demo_dataset, read_boxes
+from vit_service.explain import Explainer, peak_point
+from vit_service.preprocessing import open_image
+
+SHAPE_CLASSES = tuple(c for c in DEFAULT_CLASSES if c not in ("stripes", "checkerboard"))
+# (label, method, head fusion, discard ratio): every variant the figures report.
+VARIANTS = [
+    ("rollout-mean", "rollout", "mean", 0.0),
+    ("rollout-max", "rollout", "max", 0.0),
+    ("rollout-min", "rollout", "min", 0.0),
+    ("rollout-mean-discard0.9", "rollout", "mean", 0.9),
+    ("grad", "grad", "mean", 0.0),
+]
+
+
+@dataclass
+class PointingScore:
+    hits: int
+    images: int
+    baseline: float  # expected hit rate of a random patch
+    box_share: float  # mean share of the image the box covers
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.images)
+
+
+def _inside(point: tuple[float, float], box: tuple[float, ...]) -> bool:
+    x, y = point
+    return box[0] <= x < box[2] and box[1] <= y < box[3]
+
+
+def _random_patch_hit_rate(grid_shape: tuple[int, int], crop: tuple[float, ...], box: tuple[float, ...]) -> float:
+    gh, gw = grid_shape
+    hits = sum(_inside(peak_point(_one_hot(gh, gw, r, c), crop), box) for r in range(gh) for c in range(gw))
+    return hits / (gh * gw)
+
+
+def _one_hot(gh: int, gw: int, r: int, c: int) -> np.ndarray:
+    g = np.zeros((gh, gw), np.float32)
+    g[r, c] = 1.0
+    return g
+
+
+def pointing_game(explainer: Explainer, data_root: str | Path, split: str = "val", method: str = "rollout",
+                  head_fusion: str = "mean", discard_ratio: float = 0.0) -> PointingScore:
+    """Scores one method on every shape image of `split` under `data_root` (a generated demo set)."""
+    root = Path(data_root)
+    boxes = read_boxes(root)
+    hits = images = 0
+    baselines, shares = [], []
+    for key, box in sorted(boxes.items()):
+        key_split, class_name, _ = key.split("/")
+        if key_split != split or class_name not in SHAPE_CLASSES:
+            continue
+        image = open_image(root / key)
+        ex = explainer.explain_image(image, method, None, head_fusion, discard_ratio)
+        hits += _inside(peak_point(ex.grid, ex.crop_box), box)
+        images += 1
+        baselines.append(_random_patch_hit_rate(ex.grid.shape, ex.crop_box, box))
+        w, h = image.size
+        shares.append((box[2] - box[0]) * (box[3] - box[1]) / (w * h))
+    return PointingScore(hits, images, float(np.mean(baselines)), float(np.mean(shares)))
+
+
+def train_demo_model(workdir: Path, train_per_class: int, val_per_class: int, epochs: int,
+                     seed: int = 0) -> tuple[Path, Path]:
+    """Generates demo data and trains configs/demo.yaml on it with `vit-train fit`, all under
+    `workdir`; returns (data root, last checkpoint)."""
+    import yaml
+
+    data = workdir / "data"
+    generate_demo_dataset(data, seed=seed, train_per_class=train_per_class, val_per_class=val_per_class)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "configs/demo.yaml").read_text())
+    run = workdir / "run"
+    cfg["trainer"].update(max_epochs=epochs, default_root_dir=str(run), enable_progress_bar=False)
+    for logger in cfg["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(run)
+    cfg["checkpoint"].update(dirpath=str(run / "checkpoints"))
+    cfg["data"].update(train_dir=str(data / "train"), val_dir=str(data / "val"), num_workers=0)
+    config = workdir / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [str(Path(sys.executable).parent / "vit-train"), "fit", "--config", str(config)]
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"vit-train fit failed:\n{result.stderr[-4000:]}")
+    return data, run / "checkpoints" / "last.ckpt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="work folder (default: a temporary one)")
+    p.add_argument("--train-per-class", type=int, default=150)
+    p.add_argument("--val-per-class", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+    from vit_service.formats.sources import load_model_source
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.out or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        data, ckpt = train_demo_model(work, args.train_per_class, args.val_per_class, args.epochs)
+        explainer = Explainer(*load_model_source(str(ckpt)))
+        figures = {}
+        print(f"{'method':<26} {'hit rate':>9} {'random patch':>13} {'box share':>10} images")
+        for label, method, fusion, discard in VARIANTS:
+            s = pointing_game(explainer, data, "val", method, fusion, discard)
+            figures[label] = {"hit_rate": round(s.hit_rate, 4), "random_patch": round(s.baseline, 4),
+                              "box_share": round(s.box_share, 4), "images": s.images}
+            print(f"{label:<26} {s.hit_rate:>9.3f} {s.baseline:>13.3f} {s.box_share:>10.3f} {s.images}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
