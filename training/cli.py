@@ -11,6 +11,7 @@ from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError
 from vit_service.formats.checkpoints import CheckpointError
 from training.module import ViTClassifier
+from training.report import EvaluationReport, TrainingCurves
 
 
 class ViTCLI(LightningCLI):
@@ -35,6 +36,9 @@ class ViTCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # Plots in the run's folder: the report after validate/test, the curves after fit.
+        parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(TrainingCurves, "curves")
 
 
 def run_cli(args: list[str] | None = None) -> ViTCLI:
