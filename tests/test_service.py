@@ -241,16 +241,55 @@ def test_real_curl(url, tmp_path, reference):
     assert status == 400 and "'image'" in body["error"]
 
 
+def readme_python_snippet() -> str:
+    """The first ```python block under "## Python client" in README.md."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python client"):]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
 def test_readme_python_client(url, tmp_path, reference):
-    """The README's bentoml.SyncHTTPClient snippet, as written there."""
+    """The README's BentoML client snippet, verbatim but for the URL, run in a fresh interpreter
+    next to a cat.jpg."""
+    snippet = readme_python_snippet()
+    assert "http://localhost:3000" in snippet and "bentoml.SyncHTTPClient" in snippet
     image = tmp_path / "cat.jpg"
     image.write_bytes(encode(picture(42), "JPEG"))
+    out = subprocess.run([str(BIN / "python"), "-c", snippet.replace("http://localhost:3000", url)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = [line for line in out.stdout.splitlines() if line.strip()]
+    assert printed, out.stdout
+    expected = reference(image.read_bytes())
+    top = json.loads(printed[0].replace("'", '"'))
+    check_predictions(top, k=len(top))
+    assert_matches(top, expected)
+
+
+def test_bentoml_clients_round_trip(url, tmp_path, reference):
+    """`bentoml.SyncHTTPClient(url).classify(image=Path(...))` and friends, and the async client."""
+    a, b = tmp_path / "a.jpg", tmp_path / "b.png"
+    a.write_bytes(encode(picture(43), "JPEG"))
+    b.write_bytes(encode(picture(44), "PNG"))
     with bentoml.SyncHTTPClient(url) as client:
-        response = client.client.post("/classify", files={"image": image.read_bytes()}, data={"top_k": "3"})
-    assert response.status_code == 200, response.text
-    preds = response.json()["predictions"]
-    check_predictions(preds, k=3)
-    assert_matches(preds, reference(image.read_bytes()))
+        one = client.classify(image=a)
+        assert set(one) == {"predictions"}
+        check_predictions(one["predictions"], k=4)
+        assert_matches(one["predictions"], reference(a.read_bytes()))
+        two = client.classify(image=b, top_k=2)
+        check_predictions(two["predictions"], k=2)
+        batch = client.classify_batch(images=[a, b], top_k=3)
+        assert [len(r["predictions"]) for r in batch["results"]] == [3, 3]
+        assert_matches(batch["results"][1]["predictions"], reference(b.read_bytes()))
+        pil = client.classify(image=Image.open(b))  # a PIL image works too
+        assert_matches(pil["predictions"], reference(b.read_bytes()))
+        assert client.model_info()["class_names"] == CLASS_NAMES
+
+    async def use_async() -> dict:
+        async with bentoml.AsyncHTTPClient(url) as client:
+            return await client.classify(image=a, top_k=1)
+
+    check_predictions(asyncio.run(use_async())["predictions"], k=1)
 
 
 @pytest.mark.parametrize("name", sorted(unusual_images()))
@@ -371,7 +410,7 @@ def _bad_cases() -> dict[str, tuple[dict, int, str]]:
         "top_k as file": ({"files": {"image": ok, "top_k": ("k.txt", b"2", "text/plain")}}, 400, "top_k"),
         "json body": ({"json": {"image": "cat.jpg"}}, 415, "multipart/form-data"),
         "no body": ({}, 415, "multipart/form-data"),
-        "urlencoded url": ({"data": {"image": "http://127.0.0.1:1/x.jpg"}}, 415, "multipart/form-data"),
+        "urlencoded url": ({"data": {"image": "http://127.0.0.1:1/x.jpg"}}, 400, "must be a file"),
         "raw jpeg body": ({"content": jpeg, "headers": {"content-type": "image/jpeg"}}, 415, "'image'"),
         "multipart without boundary": ({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400, "multipart"),
         "multipart garbage": ({"content": b"nonsense", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "malformed multipart"),
@@ -411,6 +450,64 @@ def test_bad_uploads_to_classify_batch(client):
         assert fragment in r.json()["error"], r.text
     at_limit = client.post("/classify_batch", files=[("images", ("a.png", good, "image/png"))] * MAX_IMAGES)
     assert at_limit.status_code == 200 and len(at_limit.json()["results"]) == MAX_IMAGES
+
+
+def bad_files(tmp: Path) -> dict[str, tuple[Path, int, str]]:
+    """Bad image files a user may pick: name -> (path, status, fragment of the error)."""
+    jpeg = encode(picture(51), "JPEG")
+    files = {
+        "text file": ("notes.txt", b"hello, not an image\n", 400, "not a recognised image"),
+        "empty file": ("empty.jpg", b"", 400, "empty"),
+        "truncated jpeg": ("cut.jpg", jpeg[: len(jpeg) // 2], 400, "truncated"),
+        "decompression bomb": ("bomb.png", png_header_only(40_000, 40_000), 400, "limit"),
+        "body over the limit": ("big.jpg", b"\xff\xd8" + bytes(MAX_BODY), 413, "limit"),
+    }
+    out = {}
+    for case, (name, data, status, fragment) in files.items():
+        (tmp / name).write_bytes(data)
+        out[case] = (tmp / name, status, fragment)
+    return out
+
+
+def curl_json(*args: str) -> tuple[int, dict]:
+    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    body, status = out.stdout.rsplit("\n", 1)
+    return int(status), json.loads(body)
+
+
+def test_every_mistake_is_4xx_json_through_curl_and_the_bentoml_client(url, tmp_path):
+    """Each bad input, sent by real curl and by bentoml.SyncHTTPClient: the same 4xx and
+    {"error": ...} message; the client raises a BentoMLException carrying the status."""
+    good = tmp_path / "good.jpg"
+    good.write_bytes(encode(picture(52), "JPEG"))
+    cases = [(case, ["-F", f"image=@{path}"], {"image": path}, "classify", status, fragment)
+             for case, (path, status, fragment) in bad_files(tmp_path).items()]
+    cases += [
+        ("top_k zero", ["-F", f"image=@{good}", "-F", "top_k=0"], {"image": good, "top_k": 0}, "classify", 400, "between 1 and 4"),
+        ("top_k too big", ["-F", f"image=@{good}", "-F", "top_k=5"], {"image": good, "top_k": 5}, "classify", 400, "between 1 and 4"),
+        ("top_k not int", ["-F", f"image=@{good}", "-F", "top_k=three"], {"image": good, "top_k": "three"}, "classify", 400, "integer"),
+        ("text instead of file", ["-F", "image=http://169.254.169.254/latest"], {"image": "http://169.254.169.254/latest"},
+         "classify", 400, "must be a file"),
+        ("too many images", [arg for _ in range(MAX_IMAGES + 1) for arg in ("-F", f"images=@{good}")],
+         {"images": [good] * (MAX_IMAGES + 1)}, "classify_batch", 413, f"limit is {MAX_IMAGES}"),
+        ("bad image in a batch", ["-F", f"images=@{good}", "-F", f"images=@{tmp_path / 'notes.txt'}"],
+         {"images": [good, tmp_path / "notes.txt"]}, "classify_batch", 400, "notes.txt"),
+    ]
+    with bentoml.SyncHTTPClient(url) as client:
+        for case, curl_args, kwargs, endpoint, status, fragment in cases:
+            got, body = curl_json(*curl_args, f"{url}/{endpoint}")
+            assert (got, set(body)) == (status, {"error"}), (case, body)
+            assert fragment in body["error"], (case, body)
+            with pytest.raises(bentoml.exceptions.BentoMLException) as e:
+                getattr(client, endpoint)(**kwargs)
+            assert int(e.value.error_code) == status, (case, str(e.value))
+            assert json.loads(str(e.value)) == body, case
+        # A misnamed field cannot be sent through the typed client: its own HTTP session can.
+        misnamed = client.client.post("/classify", files={"file": good.read_bytes()})
+        assert misnamed.status_code == 400 and "'image'" in misnamed.json()["error"]
+        got, body = curl_json("-F", f"file=@{good}", f"{url}/classify")
+        assert got == 400 and body == misnamed.json()
 
 
 def test_body_over_the_limit_is_413_declared_or_streamed(client, url, tmp_path):

@@ -34,7 +34,9 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Annotated, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import aiohttp
 import bentoml
@@ -42,7 +44,9 @@ import httpx
 import numpy as np
 from bentoml.validators import DType
 
-from vit_service.serving.http_api import BodyLimitMiddleware, RequestError, app
+from vit_service.serving.http_api import (IMAGE_FIELD, IMAGES_FIELD, TOP_K_FIELD, UPLOAD_SCOPE_KEY, RequestError,
+                                          UploadMiddleware,
+                                          UploadRoute, app, parse_top_k)
 from vit_service.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError, Preprocessing, decode_image
 from vit_service.serving.store import DEFAULT_MODEL_TAG
 
@@ -157,14 +161,15 @@ class ViTModel:
         }
 
 
-@bentoml.asgi_app(app, path="/")
+@bentoml.asgi_app(app, path="/")  # GET /model_info (BentoML's API routes are POST only)
 @bentoml.service(
     name="vit_classifier",
     traffic={"timeout": SETTINGS.timeout, "max_concurrency": SETTINGS.max_concurrency},
     workers=SETTINGS.workers,
 )
 class ViTClassifier:
-    """The HTTP front: uploads in, top-k JSON out (routes in http_api.py)."""
+    """The HTTP front: uploads in, top-k JSON out. Uploads are checked by UploadMiddleware
+    (http_api.py) before BentoML parses them, so every mistake is a 4xx with {"error": ...}."""
 
     model = bentoml.depends(ViTModel)
 
@@ -176,8 +181,32 @@ class ViTClassifier:
         self._preprocessing: Preprocessing | None = None
         _keep_one_session(self.model)
 
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, top_k: Optional[int] = None,
+                       ctx: bentoml.Context = None) -> dict[str, Any]:  # type: ignore[assignment]
+        """Classify one image: the top `top_k` classes (default 5, at most the number of classes),
+        highest score first. `curl -F image=@cat.jpg URL/classify`"""
+        return await self._answer(ctx, [image], top_k, lambda results: {"predictions": results[0]})
+
+    @bentoml.api(route="/classify_batch")
+    async def classify_batch(self, images: list[Path], top_k: Optional[int] = None,
+                             ctx: bentoml.Context = None) -> dict[str, Any]:  # type: ignore[assignment]
+        """Classify several images, results in upload order.
+        `curl -F images=@a.jpg -F images=@b.png URL/classify_batch`"""
+        if len(images) > SETTINGS.max_images:  # in-process calls; HTTP ones were checked already
+            return _error(ctx, RequestError(413, f"too many images: {len(images)} in one request, "
+                                                 f"the limit is {SETTINGS.max_images}"))
+        return await self._answer(ctx, images, top_k,
+                                  lambda results: {"results": [{"predictions": p} for p in results]})
+
+    @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:
-        """The model service's description (fetched once), plus this front's request limits."""
+        """The model: tag, class names, input size, preprocessing, training metadata, serving settings."""
+        return await self.describe()
+
+    async def describe(self) -> dict[str, Any]:
+        """The model service's description (fetched once), plus this front's request limits.
+        (Not `self.model_info()`: BentoML routes a service's call to its own API through HTTP.)"""
         if self._info is None:
             info = await self.model.to_async.info()
             self._preprocessing = Preprocessing.from_dict(info["preprocessing"])
@@ -191,16 +220,28 @@ class ViTClassifier:
         # /readyz: ready once the model service answers, i.e. has loaded and warmed up the model.
         # Until then a call to it hangs in its socket's backlog, hence the short bound.
         try:
-            await asyncio.wait_for(self.model_info(), timeout=2)
+            await asyncio.wait_for(self.describe(), timeout=2)
         except Exception:
             return False
         return True
+
+    async def _answer(self, ctx: bentoml.Context | None, paths: list[Path], top_k: int | None,
+                      shape: Callable[[list[list[dict[str, Any]]]], dict[str, Any]]) -> dict[str, Any]:
+        """Runs classify_images on the uploaded files; a RequestError becomes its status and
+        {"error": ...} (BentoML would answer a raised 4xx with a list-shaped body)."""
+        if top_k is None and ctx is not None:  # ?top_k=3 as a query parameter (checked by the middleware)
+            top_k = parse_top_k(ctx.request.query_params.getlist(TOP_K_FIELD))
+        try:
+            images = [(name, p.read_bytes()) for name, p in zip(_upload_names(ctx, paths), paths)]
+            return shape(await self.classify_images(images, top_k))
+        except RequestError as e:
+            return _error(ctx, e)
 
     async def classify_images(self, images: list[tuple[str, bytes]], top_k: int | None = None) -> list[list[dict[str, Any]]]:
         """[(filename, encoded bytes)] -> top-k predictions per image, in order. Raises RequestError."""
         from vit_service.inference import top_k_predictions
 
-        info = await self.model_info()
+        info = await self.describe()
         class_names = info["class_names"]
         k = min(DEFAULT_TOP_K, len(class_names)) if top_k is None else top_k
         if not 1 <= k <= len(class_names):
@@ -272,4 +313,21 @@ _DISCONNECTS = (aiohttp.ClientConnectionError, httpx.TransportError)
 MODEL_CALL_ATTEMPTS = 3
 
 
-ViTClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=SETTINGS.max_body_bytes)
+def _error(ctx: bentoml.Context | None, e: RequestError) -> dict[str, Any]:
+    if ctx is None:  # called in-process, not over HTTP
+        raise e
+    ctx.response.status_code = e.status
+    return {"error": e.message}
+
+
+def _upload_names(ctx: bentoml.Context | None, paths: list[Path]) -> list[str]:
+    """The uploaded files' own names (BentoML's temporary files carry a random prefix)."""
+    upload = ctx.request.scope.get(UPLOAD_SCOPE_KEY) if ctx is not None else None
+    if upload is not None and len(upload.files) == len(paths):
+        return [name for name, _ in upload.files]
+    return [p.name for p in paths]
+
+
+UPLOAD_ROUTES = {"/classify": UploadRoute(IMAGE_FIELD, many=False), "/classify_batch": UploadRoute(IMAGES_FIELD, many=True)}
+ViTClassifier.add_asgi_middleware(UploadMiddleware, max_bytes=SETTINGS.max_body_bytes, routes=UPLOAD_ROUTES,
+                                  max_files=lambda: SETTINGS.max_images)
