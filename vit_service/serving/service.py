@@ -44,6 +44,7 @@ import httpx
 import numpy as np
 from bentoml.validators import DType
 
+from vit_service.serving.explain_api import EXPLAIN_FIELDS
 from vit_service.serving.http_api import (IMAGE_FIELD, IMAGES_FIELD, TOP_K_FIELD, UPLOAD_SCOPE_KEY, RequestError,
                                           UploadMiddleware,
                                           UploadRoute, app, parse_top_k)
@@ -127,6 +128,12 @@ class ViTModel:
             compile_mode=SETTINGS.compile_mode,
         )
         seconds = self.predictor.warmup(SETTINGS.max_batch_size)
+        from vit_service.explain import Explainer
+
+        # /explain runs here, one at a time in its own thread: never in the batch queue, and
+        # never more than one core's worth of work taken from /classify's forward passes.
+        self.explainer = Explainer(self.predictor.model, self.predictor.artifact, self.predictor.device)
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.ready = True
         logger.info("model %s ready on %s in %.1f s", self.bento_model.tag, self.predictor.describe(), seconds)
 
@@ -141,6 +148,18 @@ class ViTModel:
             return self.predictor.predict_proba(images)
         except ValueError as e:
             raise bentoml.exceptions.InvalidArgument(str(e)) from None
+
+    @bentoml.api
+    async def explain(self, pixels: Annotated[np.ndarray, DType("uint8")], method: str = "rollout",
+                      class_index: Optional[int] = None) -> dict[str, Any]:
+        """(1, 3, S, S) uint8 -> probabilities, the explained class and the (Gh, Gw) map in [0, 1]."""
+        loop = asyncio.get_running_loop()
+        try:
+            probs, target, maps = await loop.run_in_executor(
+                self.explain_pool, self.explainer.explain_uint8, pixels, method, class_index)
+        except ValueError as e:
+            raise bentoml.exceptions.InvalidArgument(str(e)) from None
+        return {"probs": probs[0].tolist(), "class_index": int(target[0]), "grid": maps[0].tolist()}
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
@@ -198,6 +217,29 @@ class ViTClassifier:
                                                  f"the limit is {SETTINGS.max_images}"))
         return await self._answer(ctx, images, top_k,
                                   lambda results: {"results": [{"predictions": p} for p in results]})
+
+    @bentoml.api(route="/explain")
+    async def explain(self, image: Path, top_k: Optional[int] = None, method: Optional[str] = None,
+                      class_name: Optional[str] = None, format: Optional[str] = None,
+                      ctx: bentoml.Context = None) -> dict[str, Any]:  # type: ignore[assignment]
+        """Which patches drove the prediction: top-k labels and a rows x cols attention grid in [0, 1]
+        over the crop the model saw. `method`: rollout (default; attention rollout) or grad
+        (gradient-weighted, class-specific); `class_name`: explain this class instead of the top one;
+        `format=png`: the overlay image instead of JSON. `curl -F image=@cat.jpg URL/explain`"""
+        from starlette.responses import Response
+
+        from vit_service.serving.explain_api import explain_upload
+
+        if top_k is None and ctx is not None:
+            top_k = parse_top_k(ctx.request.query_params.getlist(TOP_K_FIELD))
+        try:
+            [name] = _upload_names(ctx, [image])
+            result = await explain_upload(self, name, image.read_bytes(), top_k, method, class_name, format)
+        except RequestError as e:
+            return _error(ctx, e)
+        if isinstance(result, bytes):
+            return Response(result, media_type="image/png")  # type: ignore[return-value]
+        return result
 
     @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:
@@ -328,6 +370,7 @@ def _upload_names(ctx: bentoml.Context | None, paths: list[Path]) -> list[str]:
     return [p.name for p in paths]
 
 
-UPLOAD_ROUTES = {"/classify": UploadRoute(IMAGE_FIELD, many=False), "/classify_batch": UploadRoute(IMAGES_FIELD, many=True)}
+UPLOAD_ROUTES = {"/classify": UploadRoute(IMAGE_FIELD, many=False), "/classify_batch": UploadRoute(IMAGES_FIELD, many=True),
+                 "/explain": UploadRoute(IMAGE_FIELD, many=False, options=EXPLAIN_FIELDS)}
 ViTClassifier.add_asgi_middleware(UploadMiddleware, max_bytes=SETTINGS.max_body_bytes, routes=UPLOAD_ROUTES,
                                   max_files=lambda: SETTINGS.max_images)
