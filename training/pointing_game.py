@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.demo_data import DEFAULT_CLASSES, generate_demo_dataset, read_boxes
-from vit_service.explain import Explainer, peak_point
+from training.demo_data import BOXES_FILE, DEFAULT_CLASSES, generate_demo_dataset, read_boxes
+from vit_service.explain import Explainer, crop_box, peak_point
 from vit_service.preprocessing import open_image
 
 SHAPE_CLASSES = tuple(c for c in DEFAULT_CLASSES if c not in ("stripes", "checkerboard"))
@@ -71,21 +71,22 @@ def pointing_game(explainer: Explainer, data_root: str | Path, split: str = "val
                   head_fusion: str = "mean", discard_ratio: float = 0.0) -> PointingScore:
     """Scores one method on every shape image of `split` under `data_root` (a generated demo set)."""
     root = Path(data_root)
+    keys = [k for k in sorted(read_boxes(root)) if k.split("/")[0] == split and k.split("/")[1] in SHAPE_CLASSES]
+    if not keys:
+        raise ValueError(f"{root}: no {split} images of the shape classes in {BOXES_FILE}")
     boxes = read_boxes(root)
-    hits = images = 0
-    baselines, shares = [], []
-    for key, box in sorted(boxes.items()):
-        key_split, class_name, _ = key.split("/")
-        if key_split != split or class_name not in SHAPE_CLASSES:
-            continue
-        image = open_image(root / key)
-        ex = explainer.explain_image(image, method, None, head_fusion, discard_ratio)
-        hits += _inside(peak_point(ex.grid, ex.crop_box), box)
-        images += 1
-        baselines.append(_random_patch_hit_rate(ex.grid.shape, ex.crop_box, box))
+    images = [open_image(root / k) for k in keys]
+    pre = explainer.preprocessing
+    pixels = np.stack([pre.to_uint8(img).numpy() for img in images])  # (B, 3, S, S) uint8
+    _, _, grids = explainer.explain_uint8(pixels, method, None, head_fusion, discard_ratio)  # one batch
+    hits, baselines, shares = 0, [], []
+    for key, image, grid in zip(keys, images, grids):
+        box, crop = boxes[key], crop_box(pre, *image.size)
+        hits += _inside(peak_point(grid, crop), box)
+        baselines.append(_random_patch_hit_rate(grid.shape, crop, box))
         w, h = image.size
         shares.append((box[2] - box[0]) * (box[3] - box[1]) / (w * h))
-    return PointingScore(hits, images, float(np.mean(baselines)), float(np.mean(shares)))
+    return PointingScore(hits, len(keys), float(np.mean(baselines)), float(np.mean(shares)))
 
 
 def train_demo_model(workdir: Path, train_per_class: int, val_per_class: int, epochs: int,
