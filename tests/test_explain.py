@@ -163,10 +163,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("method", ["rollout", "grad"])
-def test_cli_writes_overlay_grid_and_json(artifact_dir: Path, images: list[Path], tmp_path: Path, method: str) -> None:
+def test_cli_writes_overlay_grid_and_json(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    r = run_cli("vit-explain", *map(str, images), "--model", str(artifact_dir), "--method", method, "--out", str(out))
+    r = run_cli("vit-explain", *map(str, images), "--model", str(artifact_dir), "--out", str(out))
     assert r.returncode == 0, r.stderr
     for path in images:
         overlay = Image.open(out / f"{path.stem}.png")
@@ -176,29 +175,40 @@ def test_cli_writes_overlay_grid_and_json(artifact_dir: Path, images: list[Path]
         grid = np.load(out / f"{path.stem}.npy")
         assert grid.shape == (4, 4) == tuple(record["grid_shape"]) and 0.0 <= grid.min() and grid.max() == 1.0
         assert np.allclose(np.array(record["grid"]), grid, atol=1e-4)
-        assert record["method"] == method and record["predictions"][0]["label"] == record["explained_class"]
+        assert record["method"] == "rollout" and record["predictions"][0]["label"] == record["explained_class"]
         assert f"{path}: {record['predictions'][0]['label']}" in r.stdout
 
 
-def test_cli_explains_a_chosen_class(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
-    r = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--method", "grad",
-                "--class", "star", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "wide.json").read_text())["explained_class"] == "star"
+def test_cli_grad_explains_a_chosen_class(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
+    from vit_service.explain_cli import main  # in-process: the subprocess path is covered above
+
+    assert main([str(images[0]), "--model", str(artifact_dir), "--method", "grad", "--class", "star",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "wide.json").read_text())
+    assert record["explained_class"] == "star" and record["method"] == "grad"
 
 
-@pytest.mark.parametrize("problem", ["missing", "text", "class", "model"])
-def test_cli_errors_name_the_problem(artifact_dir: Path, images: list[Path], tmp_path: Path, problem: str) -> None:
+def test_cli_error_is_one_line_naming_the_file(artifact_dir: Path, tmp_path: Path) -> None:
+    r = run_cli("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("vit-explain: error:") and "nope.jpg" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem", ["text", "class", "model"])
+def test_cli_errors_name_the_problem(artifact_dir: Path, images: list[Path], tmp_path: Path, problem: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from vit_service.explain_cli import main
+
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    args = {"missing": [str(tmp_path / "nope.jpg"), "--model", str(artifact_dir)],
-            "text": [str(text), "--model", str(artifact_dir)],
+    args = {"text": [str(text), "--model", str(artifact_dir)],
             "class": [str(images[0]), "--model", str(artifact_dir), "--class", "giraffe"],
             "model": [str(images[0]), "--model", str(tmp_path)]}[problem]
-    r = run_cli("vit-explain", *args, "--out", str(tmp_path / "out"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    named = {"missing": "nope.jpg", "text": "notes.txt", "class": "giraffe", "model": str(tmp_path)}[problem]
-    assert r.stderr.startswith("vit-explain: error:") and named in r.stderr
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    named = {"text": "notes.txt: not a recognised image format", "class": "giraffe", "model": str(tmp_path)}[problem]
+    assert err.startswith("vit-explain: error:") and named in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
