@@ -18,7 +18,6 @@ import httpx
 import numpy as np
 import pytest
 
-from service_fixtures import bentoml_server, save_tiny_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -28,13 +27,8 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-ru
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("bentoml_home")
-    save_tiny_model(home)
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32"}) as url:
-        yield url
-    assert "Traceback" not in log.read_text()
+def url(tiny_model_server) -> str:
+    return tiny_model_server[0]
 
 
 @pytest.fixture(scope="module")
