@@ -221,3 +221,14 @@ def test_explainer_from_tiny_artifact_uses_its_preprocessing(artifact_dir: Path)
     assert explainer.class_index("square") == 1
     with pytest.raises(ValueError, match="giraffe"):
         explainer.class_index("giraffe")
+
+
+def test_vit_explain_imports_no_training_stack() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, vit_service.explain_cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'training'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
