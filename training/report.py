@@ -41,6 +41,7 @@ def _pyplot():
 def _run_folder(trainer: L.Trainer) -> Path:
     # The first logger's folder (e.g. runs/demo/csv/version_3), else default_root_dir: where
     # Lightning itself puts this run's files, whatever --trainer.default_root_dir says.
+    # Call it on every process: `trainer.log_dir` is a collective (broadcast) under DDP.
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -100,10 +101,11 @@ class EvaluationReport(Callback):
     def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.metrics is None or not self._active(trainer):
             return
-        results = {k: v.cpu() for k, v in self.metrics.compute().items()}
+        results = {k: v.cpu() for k, v in self.metrics.compute().items()}  # synced over processes
         self.metrics = None
+        folder = _run_folder(trainer)  # on every process: Lightning broadcasts it
         if trainer.is_global_zero:
-            out = _run_folder(trainer) / f"report-{stage}"
+            out = folder / f"report-{stage}"
             write_report(out, results, list(pl_module.hparams.class_names), self._worst,
                          torch.cat(self._confidence).numpy(), torch.cat(self._correct).numpy(),
                          self.max_matrix_classes, self.top_pairs, self.calibration_bins)
@@ -305,9 +307,10 @@ class TrainingCurves(Callback):
         self.val.append((trainer.global_step, float(m.get("val/loss", float("nan"))), float(m["val/acc1"])))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        folder = _run_folder(trainer)  # on every process: Lightning broadcasts it
         if not trainer.is_global_zero or not self.train:
             return
-        path = _run_folder(trainer) / self.filename
+        path = folder / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_training_curves(path, self.train, self.val)
         print(f"training curves: {path}")
