@@ -163,9 +163,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def test_cli_writes_overlay_grid_and_json(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
+def test_cli_writes_overlay_grid_and_json(images: list[Path], tmp_path: Path) -> None:
+    from tests.service_fixtures import save_tiny_model
+
+    home = tmp_path / "bentoml_home"
+    save_tiny_model(home)  # as vit-classifier, then named by its tag as in the README
     out = tmp_path / "out"
-    r = run_cli("vit-explain", *map(str, images), "--model", str(artifact_dir), "--out", str(out))
+    r = run_cli("vit-explain", *map(str, images), "--model", "vit-classifier:latest", "--out", str(out),
+                env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"})
     assert r.returncode == 0, r.stderr
     for path in images:
         overlay = Image.open(out / f"{path.stem}.png")
@@ -180,7 +185,7 @@ def test_cli_writes_overlay_grid_and_json(artifact_dir: Path, images: list[Path]
 
 
 def test_cli_grad_explains_a_chosen_class(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
-    from vit_service.explain_cli import main  # in-process: the subprocess path is covered above
+    from vit_service.explain_cli import main  # in-process (an exported folder): the subprocess path is covered above
 
     assert main([str(images[0]), "--model", str(artifact_dir), "--method", "grad", "--class", "star",
                  "--out", str(tmp_path)]) == 0
@@ -232,3 +237,12 @@ def test_vit_explain_imports_no_training_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    from vit_service.explain_cli import main
+
+    image = demo_data / "val" / "circle" / "00000.jpg"
+    assert main([str(image), "--model", str(trained_run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "00000.json").read_text())
+    assert record["grid_shape"] == [8, 8] and len(record["predictions"]) == 5  # the demo model: 64 px, patch 8
