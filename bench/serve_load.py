@@ -1,19 +1,23 @@
 """Serving load: the HTTP service under N concurrent clients, against the raw pipeline in one process.
 
-Three setups, measured in one run on the same model and the same JPEGs:
+Setups, measured in one run on the same model and the same JPEGs:
     (a) raw       decode + resize/crop + forward in this process, one thread of calls, at several
                   batch sizes (`vit_service.inference.Predictor`, the code the service runs)
     (b) batched   `bentoml serve vit_service.serving.service:ViTClassifier` with adaptive batching
+                  (VIT_MODE from --mode: auto picks inprocess on a CPU-only host)
     (c) unbatched the same server with VIT_BATCHING=0: one forward pass per request
-For (b) and (c), N async clients POST one JPEG each to /classify, back to back, for a fixed time
+    (d) naive     bench/naive_service.py: one batchable BentoML API on PIL images with per-request
+                  torchvision transforms, the baseline to beat
+    (e) split     (b) with VIT_MODE=split: front and model service in two processes
+For the servers, N async clients POST one JPEG each to /classify, back to back, for a fixed time
 per concurrency level. Reported: throughput, p50/p95/p99 latency, errors (any status but 200),
-and for (b) the batch-size distribution, read from the `bentoml_service_adaptive_batch_size`
-histogram on /metrics before and after each level.
+the batch-size distribution (read from the batch-size histogram on /metrics before and after
+each level), and for our service the mean of each stage of its Server-Timing header.
 
 The model is a random-init preset saved into a temporary BENTOML_HOME unless `--model-tag` names
 one in your store: throughput and latency do not depend on the weights' values.
 
-    python bench/serve_load.py                                   # vit_tiny, 1/16/32 clients, 20 s each
+    python bench/serve_load.py                                   # vit_tiny, 1/16/32 clients, 20 s each, (a)-(d)
     python bench/serve_load.py --duration 5 --clients 1,16       # a quick smoke run
     python bench/serve_load.py --model-tag vit-classifier:latest --json bench/serve_load.json
 """
@@ -46,10 +50,15 @@ from vit_service.serving.local_server import local_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+# The shared dataset folder sits beside the checkout (or beside its worktrees' folder).
+CIFAR_TAR = next((p for p in (REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz",
+                              REPO.parent.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz") if p.exists()),
+                 REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz")
 DEFAULT_IMAGES = Path("/tmp/cifar10/test")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_KINDS = {"small": (224, 224), "photo": (500, 375)}  # CIFAR-10 upscaled (bicubic), JPEG q90
+SETUP_NAMES = {"raw": "(a) raw", "batched": "(b) service, adaptive batching", "unbatched": "(c) service, batching off",
+               "naive": "(d) naive BentoML service", "split": "(e) service, split mode"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     p.add_argument("--raw-batch-sizes", default="1,8,16,32")
     p.add_argument("--raw-seconds", type=float, default=None, help="seconds per raw batch size (default: --duration / 2)")
-    p.add_argument("--setups", default="raw,batched,unbatched", help="comma-separated subset to run")
+    p.add_argument("--setups", default="raw,batched,unbatched,naive",
+                   help="comma-separated subset of raw,batched,unbatched,naive,split")
+    p.add_argument("--mode", default="auto", help="VIT_MODE of (b) and (c): auto | inprocess | split")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (VIT_DEVICE)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in the raw run and the server (OMP_NUM_THREADS); default: torch's")
@@ -79,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     args.raw_batch_sizes = [int(b) for b in args.raw_batch_sizes.split(",") if b.strip()]
     args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    if unknown := set(args.setups) - {"raw", "batched", "unbatched"}:
+    if unknown := set(args.setups) - set(SETUP_NAMES):
         p.error(f"unknown setup(s) {sorted(unknown)}")
     if args.raw_seconds is None:
         args.raw_seconds = args.duration / 2
@@ -171,6 +182,25 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
     return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
 
 
+def decode_rate_per_core(images: list[tuple[str, bytes]], image_size: int, resize_size: int,
+                         seconds: float) -> dict[str, float]:
+    """Decode + resize + crop of the 500x375 JPEGs on one thread, per second of that thread's CPU
+    time (so other load on the machine does not lower it): the per-core rate of a front's decoding."""
+    from vit_service.preprocessing import Preprocessing, decode_image
+
+    pre = Preprocessing(image_size=image_size)
+    photos = [d for name, d in images if name.endswith(f"{IMAGE_KINDS['photo'][0]}x{IMAGE_KINDS['photo'][1]}.jpg")]
+    if not photos:
+        return {}
+    n, cpu0 = 0, time.thread_time()
+    deadline = time.perf_counter() + seconds
+    while n < 20 or time.perf_counter() < deadline:
+        pre.to_uint8(decode_image(photos[n % len(photos)], draft_size=resize_size))
+        n += 1
+    cpu = time.thread_time() - cpu0
+    return {"images": n, "cpu_s": cpu, "img_per_cpu_s": n / cpu, "ms_per_img": 1000 * cpu / n}
+
+
 def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Decode, preprocess and forward in this process, one batch after another, per batch size.
     Decoding uses the server's settings (JPEG draft mode on, default pixel limit)."""
@@ -179,6 +209,11 @@ def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Nam
 
     predictor = Predictor.from_directory(model_dir, device=args.device)
     pre = predictor.preprocessing
+    rate = decode_rate_per_core(images, pre.image_size, pre.resize_size, args.raw_seconds)
+    if rate:
+        print(f"  decode + resize + crop of a 500x375 JPEG: {rate['ms_per_img']:.2f} ms of CPU, "
+              f"{rate['img_per_cpu_s']:.0f} img/s per core")
+        args.decode_rate = rate
     predictor.warmup(max(args.raw_batch_sizes))
     results, cursor = [], 0
     for b in args.raw_batch_sizes:
@@ -201,24 +236,26 @@ def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Nam
 
 # ------------------------------------------------------------------------------ (b), (c) server
 
-def bentoml_server(env: dict[str, str], log_path: Path, ready_timeout: float):
-    return local_server(log_path, env, ready_timeout=ready_timeout)
+_HIST = re.compile(r'^(\w+)_(bucket|count|sum)(?:\{([^}]*)\})? (\S+)', re.MULTILINE)
+# Where each server reports its batch sizes: (metric, a label every sample must carry).
+BATCH_METRICS = {"ours": [("vit_batch_size", "")],
+                 "naive": [("bentoml_service_adaptive_batch_size", 'method_name="classify"')]}
 
 
-_HIST = re.compile(r'bentoml_service_adaptive_batch_size_(bucket|count|sum)\{([^}]*)\} (\S+)')
-
-
-def batch_histogram(metrics_text: str) -> dict[str, float]:
-    """The model service's predict batch-size histogram: {"count", "sum", "le=<bound>" (cumulative)}."""
+def batch_histogram(metrics_text: str, kind: str = "ours") -> dict[str, float]:
+    """The batch-size histogram: {"count", "sum", "le=<bound>" (cumulative)}."""
     out: dict[str, float] = {}
-    for series, labels, value in _HIST.findall(metrics_text):
-        if 'method_name="predict"' not in labels:
+    for name, series, labels, value in _HIST.findall(metrics_text):
+        if not any(name == metric and label in labels for metric, label in BATCH_METRICS[kind]):
             continue
         key = series
         if series == "bucket":
             key = "le=" + re.search(r'le="([^"]+)"', labels).group(1)
         out[key] = out.get(key, 0.0) + float(value)
     return out
+
+
+_TIMING = re.compile(r"(\w+);dur=([\d.]+)")
 
 
 def histogram_diff(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
@@ -245,9 +282,10 @@ class Sample:
 
 
 async def load_level(url: str, images: list[tuple[str, bytes]], clients: int, warmup: float,
-                     duration: float) -> dict[str, Any]:
+                     duration: float, kind: str = "ours") -> dict[str, Any]:
     """`clients` loops posting to /classify back to back for warmup + duration seconds."""
     samples: list[Sample] = []
+    stages: dict[str, list[float]] = {}
     counter = iter(range(10**12))
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
@@ -260,18 +298,21 @@ async def load_level(url: str, images: list[tuple[str, bytes]], clients: int, wa
                 try:
                     r = await http.post("/classify", files={"image": (name, data, "image/jpeg")})
                     status = r.status_code
+                    if start >= t0 and status == 200:
+                        for stage, ms in _TIMING.findall(r.headers.get("server-timing", "")):
+                            stages.setdefault(stage, []).append(float(ms))
                 except httpx.HTTPError:
                     status = 0
                 samples.append(Sample(start - t_begin, time.perf_counter() - start, status))
 
         async def snapshot_at(t: float) -> dict[str, float]:
             await asyncio.sleep(max(0.0, t - time.perf_counter()))
-            return batch_histogram((await http.get("/metrics")).text)
+            return batch_histogram((await http.get("/metrics")).text, kind)
 
         tasks = [asyncio.create_task(client()) for _ in range(clients)]
         before = await snapshot_at(t0)
         await asyncio.gather(*tasks)
-        after = batch_histogram((await http.get("/metrics")).text)
+        after = batch_histogram((await http.get("/metrics")).text, kind)
 
     measured = [s for s in samples if s.start >= warmup]
     ok_in_window = [s for s in measured if s.status == 200 and s.start + s.latency <= warmup + duration]
@@ -284,23 +325,28 @@ async def load_level(url: str, images: list[tuple[str, bytes]], clients: int, wa
         **percentiles_ms([s.latency for s in measured if s.status == 200]),
         "errors": sum(errors.values()), "errors_by_status": errors,
         "batching": histogram_diff(before, after),
+        "stages_mean_ms": {k: statistics.mean(v) for k, v in stages.items()},
     }
 
 
 def run_server(setup: str, model_tag: str, images: list[tuple[str, bytes]], args: argparse.Namespace,
                log_dir: Path) -> list[dict[str, Any]]:
     env = {"VIT_MODEL_TAG": model_tag, "VIT_DEVICE": args.device, "VIT_MAX_CONCURRENCY": str(args.max_concurrency),
-           "VIT_BATCHING": "1" if setup == "batched" else "0",
+           "VIT_BATCHING": "0" if setup == "unbatched" else "1",
+           "VIT_MODE": "split" if setup == "split" else args.mode,
            **dict(kv.split("=", 1) for kv in args.server_env)}
+    target = "bench.naive_service:NaiveViT" if setup == "naive" else "vit_service.serving.service:ViTClassifier"
+    kind = "naive" if setup == "naive" else "ours"
     log_path = log_dir / f"server_{setup}.log"
     print(f"starting the {setup} server (log: {log_path})")
     results = []
-    with bentoml_server(env, log_path, args.ready_timeout) as url:
+    with local_server(log_path, env, target=target, ready_timeout=args.ready_timeout) as url:
         for n in args.clients:
-            row = asyncio.run(load_level(url, images, n, args.warmup, args.duration))
+            row = asyncio.run(load_level(url, images, n, args.warmup, args.duration, kind))
             mean = row["batching"]["mean_batch"] if row["batching"] else 1.0
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages_mean_ms"].items())
             print(f"  {setup} {n:>3} clients: {row['img_per_s']:7.1f} img/s, p50 {row['p50_ms'] or 0:.0f} ms, "
-                  f"mean batch {mean:.2f}, errors {row['errors']}")
+                  f"mean batch {mean:.2f}, errors {row['errors']}" + (f"; stages (ms) {stages}" if stages else ""))
             results.append({"setup": setup, **row})
     return results
 
@@ -328,7 +374,7 @@ def report(machine: dict[str, Any], raw: list[dict[str, Any]], served: list[dict
         if r is not None:
             lines.append(f"| {label} ({r['batch_size']}) | — | {r['img_per_s']:.1f} | {fmt(r['p50_ms'])} | "
                          f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['batch_size']} | — | 0 |")
-    names = {"batched": "(b) service, adaptive batching", "unbatched": "(c) service, batching off"}
+    names = SETUP_NAMES
     for r in served:
         b = r["batching"]
         dist = ", ".join(f"≤{float(k):g}: {v}" for k, v in b["distribution"].items()) if b else "—"
@@ -336,24 +382,38 @@ def report(machine: dict[str, Any], raw: list[dict[str, Any]], served: list[dict
         errs = f"{r['errors']} {r['errors_by_status']}" if r["errors"] else "0"
         lines.append(f"| {names[r['setup']]} | {r['clients']} | {r['img_per_s']:.1f} | {fmt(r['p50_ms'], 0)} | "
                      f"{fmt(r['p95_ms'], 0)} | {fmt(r['p99_ms'], 0)} | {mean} | {dist} | {errs} |")
+    if getattr(args, "decode_rate", None):
+        r = args.decode_rate
+        lines += ["", f"decode + resize + crop of a 500x375 JPEG on one core: {r['ms_per_img']:.2f} ms CPU time, "
+                      f"{r['img_per_cpu_s']:.0f} img/s per core"]
     if raw:
         lines += ["", "(a) rows: latency is per batch call (decode + preprocess + forward of the whole batch).",
                   "raw img/s by batch size: " + ", ".join(f"{r['batch_size']}: {r['img_per_s']:.1f}" for r in raw)]
 
+    stage_rows = [r for r in served if r.get("stages_mean_ms")]
+    if stage_rows:
+        lines += ["", "Mean stage times from the Server-Timing header (ms): "]
+        for r in stage_rows:
+            lines.append(f"- {names[r['setup']]}, {r['clients']} clients: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_mean_ms"].items()))
+
     lines.append("")
     by = {(r["setup"], r["clients"]): r for r in served}
-    top = max(args.clients)
-    if best and ("batched", top) in by:
-        ratio = by["batched", top]["img_per_s"] / best["img_per_s"]
-        lines.append(f"(b)/(a) throughput at {top} clients: {ratio:.2f} (target >= 0.8)")
+    best_raw = max(raw, key=lambda r: r["img_per_s"]) if raw else None
+    for setup in ("batched", "split", "naive"):
+        if raw1 and (setup, 1) in by and by[setup, 1]["p50_ms"]:
+            ratio = by[setup, 1]["p50_ms"] / raw1["p50_ms"]
+            lines.append(f"{names[setup]}: p50 at 1 client / raw batch-1 p50 = {ratio:.2f} "
+                         f"({by[setup, 1]['p50_ms']:.1f} / {raw1['p50_ms']:.1f} ms; target <= 1.2 and below (d))")
+    for setup in ("batched", "split", "naive"):
+        if best_raw and (setup, 16) in by:
+            ratio = by[setup, 16]["img_per_s"] / best_raw["img_per_s"]
+            lines.append(f"{names[setup]}: throughput at 16 clients / raw best batch = {ratio:.2f} "
+                         f"({by[setup, 16]['img_per_s']:.1f} / {best_raw['img_per_s']:.1f} img/s; target >= 0.85 and above (d))")
     for n in args.clients:
         if n >= 16 and ("batched", n) in by and ("unbatched", n) in by and by["unbatched", n]["img_per_s"]:
             ratio = by["batched", n]["img_per_s"] / by["unbatched", n]["img_per_s"]
-            lines.append(f"(b)/(c) throughput at {n} clients: {ratio:.2f} (target: well above 1)")
-    if raw1 and ("batched", 1) in by and by["batched", 1]["p50_ms"]:
-        ratio = by["batched", 1]["p50_ms"] / raw1["p50_ms"]
-        lines.append(f"(b) p50 at 1 client / raw batch-1 p50: {ratio:.2f} "
-                     f"({by['batched', 1]['p50_ms']:.1f} / {raw1['p50_ms']:.1f} ms; target <= 1.2)")
+            lines.append(f"(b)/(c) throughput at {n} clients: {ratio:.2f} (target >= 2 at 32)")
     if served:
         errors = sum(r["errors"] for r in served)
         lines.append(f"errors at {max(args.clients)} or fewer clients (max_concurrency {args.max_concurrency}): "
@@ -391,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             print("(a) raw pipeline in this process")
             machine["load_average_1min"]["raw"] = round(os.getloadavg()[0], 2)
             raw = run_raw(model_dir, images, args)
-        for setup in ("batched", "unbatched"):
+        for setup in ("batched", "unbatched", "naive", "split"):
             if setup in args.setups:
                 machine["load_average_1min"][setup] = round(os.getloadavg()[0], 2)
                 served += run_server(setup, tag, images, args, log_dir)
@@ -401,9 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + "\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "decode_rate"}
         args.json.write_text(json.dumps({"machine": machine, "args": config, "model_tag": tag, "raw": raw,
-                                         "served": served, "report": lines}, indent=2))
+                                         "served": served, "decode_rate": getattr(args, "decode_rate", None), "report": lines}, indent=2))
         print(f"wrote {args.json}")
 
 

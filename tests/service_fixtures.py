@@ -7,10 +7,22 @@ BentoML has already cached.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
+import re
+import socket
+import struct
 import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, features
 
 from vit_service.serving.local_server import DEFAULT_TARGET, local_server
 
@@ -36,7 +48,8 @@ def build_tiny_model(seed: int = 0):
     artifact = ModelArtifact(
         config=config, class_names=list(CLASS_NAMES),
         preprocessing=Preprocessing(image_size=32, crop_pct=1.0),
-        metadata={"trained_by": "tests/service_fixtures.py", "val_acc": 0.25, "epochs": 0},
+        metadata={"trained_by": "tests/service_fixtures.py", "val_acc": 0.25, "epochs": 0,
+                  "_instantiator": "lightning.pytorch.cli.instantiate_module"},  # internal: /model_info hides it
     )
     return model, artifact
 
@@ -50,9 +63,163 @@ def save_tiny_model(bentoml_home: Path) -> str:
 
 
 def bentoml_server(bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None,
-                   target: str = DEFAULT_TARGET, ready_timeout: float = 180):
+                   target: str = DEFAULT_TARGET, ready_timeout: float = 180, ready_path: str = "/readyz"):
     """A real `bentoml serve` reading the model store at `bentoml_home` (see local_server)."""
-    return local_server(log_path, {"BENTOML_HOME": str(bentoml_home), **(env or {})}, target, ready_timeout)
+    return local_server(log_path, {"BENTOML_HOME": str(bentoml_home), **(env or {})}, target, ready_timeout,
+                        ready_path=ready_path)
+
+
+# ----------------------------------------------------------------------------------- images
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def picture(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A random but structured RGB picture: noise plus a few coloured shapes."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(base // 2 + rng.integers(0, 128, size=3, dtype=np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        w, h = max(2, size[0] // 2), max(2, size[1] // 2)
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(1, w)), y0 + int(rng.integers(1, h))
+        draw.ellipse((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 255, size=3)))
+    return img
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds almost no data: a decompression-bomb probe."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def unusual_images() -> dict[str, tuple[bytes, str]]:
+    """Valid images a user may well send: name -> (bytes, declared content type)."""
+    rgb = picture(7)
+    cases = {
+        "grayscale.png": (encode(rgb.convert("L"), "PNG"), "image/png"),
+        "palette.png": (encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "image/png"),
+        "palette_transparent.gif": (encode(rgb.convert("P"), "GIF", transparency=0), "image/gif"),
+        "rgba.png": (encode(rgb.convert("RGBA"), "PNG"), "image/png"),
+        "cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), "image/jpeg"),
+        "16bit.png": (encode(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "PNG"), "image/png"),
+        "tiny_1x1.png": (encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "image/png"),
+        "very_wide.jpg": (encode(picture(8, (2000, 12)), "JPEG"), "image/jpeg"),
+        "very_tall.png": (encode(picture(9, (5, 900)), "PNG"), "image/png"),
+        "png_labelled_jpeg": (encode(rgb, "PNG"), "image/jpeg"),
+        "jpeg_no_type": (encode(rgb, "JPEG"), "application/octet-stream"),
+        "big_photo.jpg": (encode(picture(10, (1600, 1200)), "JPEG", quality=90), "image/jpeg"),
+    }
+    frames = [picture(11), picture(12)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cases["animated.gif"] = (buf.getvalue(), "image/gif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    cases["exif_rotated.jpg"] = (encode(picture(13, (120, 40)), "JPEG", exif=exif.tobytes()), "image/jpeg")
+    cases["photo.bmp"] = (encode(rgb, "BMP"), "image/bmp")
+    cases["photo.tiff"] = (encode(rgb, "TIFF", compression="tiff_lzw"), "image/tiff")
+    if features.check("webp"):
+        cases["photo.webp"] = (encode(rgb, "WEBP"), "image/webp")
+    return cases
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A temporary BENTOML_HOME holding the tiny model; returns (home, full tag)."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    return home, save_tiny_model(home)
+
+
+@pytest.fixture(scope="session")
+def reference(store):
+    """The exported model run directly, the oracle for what the server answers."""
+    import torch
+
+    from vit_service.artifact import load_model
+    from vit_service.preprocessing import decode_image
+
+    home, tag = store
+    name, version = tag.split(":")
+    model, artifact = load_model(home / "models" / name / version)
+    pre = artifact.preprocessing
+
+    def probs(data: bytes) -> np.ndarray:
+        img = decode_image(data, draft_size=pre.resize_size)  # as the service decodes
+        with torch.no_grad():
+            return model(pre(img)[None]).softmax(-1)[0].numpy()
+
+    return probs
+
+
+def classify(client: httpx.Client, data: bytes, name: str = "x.jpg", ctype: str = "image/jpeg", **form) -> httpx.Response:
+    return client.post("/classify", files={"image": (name, data, ctype)}, data=form)
+
+
+def check_predictions(preds: list[dict], k: int) -> None:
+    assert len(preds) == k
+    for p in preds:
+        assert set(p) == {"label", "index", "score"}
+        assert CLASS_NAMES[p["index"]] == p["label"]
+        assert 0.0 <= p["score"] <= 1.0
+    scores = [p["score"] for p in preds]
+    assert scores == sorted(scores, reverse=True)
+    assert len({p["index"] for p in preds}) == k
+
+
+def assert_matches(preds: list[dict], probs: np.ndarray) -> None:
+    assert preds[0]["index"] == int(np.argmax(probs))
+    for p in preds:
+        # fp32 on both sides; only the batch composition differs (summation order): ~1e-7.
+        assert p["score"] == pytest.approx(float(probs[p["index"]]), abs=1e-5)
+
+
+def read_http_response(sock: socket.socket) -> tuple[str, bytes]:
+    """Reads one HTTP/1.1 response with a Content-Length from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, body
+        body += chunk
+    return head.decode().split("\r\n")[0], body
+
+
+
+def batch_histogram(client: httpx.Client) -> tuple[float, float, float]:
+    """(forward passes, images in them, passes of exactly one image) from `vit_batch_size` on
+    /metrics (in split mode the model service's; all workers share one Prometheus dir)."""
+    text = client.get("/metrics").text
+
+    def total(series: str, labels: str = "") -> float:
+        pattern = rf'vit_batch_size_{series}(?:\{{{labels}[^}}]*\}})? (\S+)'
+        return sum(float(v) for v in re.findall(pattern, text))
+
+    return total("count"), total("sum"), total("bucket", 'le="1.0"')
+
+
+def poll(call, until, attempts: int = 400):
+    """Calls `call()` until `until(result)` holds (or `attempts` run out); returns the last result."""
+    for _ in range(attempts):
+        result = call()
+        if until(result):
+            return result
+        time.sleep(0.05)  # pacing between attempts, not a synchronisation: the condition decides
+    return result
 
 
 if __name__ == "__main__":

@@ -125,13 +125,17 @@ class Predictor:
             for _ in range(2):
                 self.predict_proba(x)
             self.precision_timings[precision] = round((time.perf_counter() - start) / 2, 4)
-        t = self.precision_timings
-        return "bf16" if t["bf16"] < 0.9 * t["fp32"] else "fp32"
+        return choose_cpu_precision(self.precision_timings)
 
     def describe(self) -> dict[str, Any]:
         return {"device": str(self.device), "precision": self.precision,
                 "precision_timings_s": self.precision_timings,
                 "compile": self.compile_mode or False, "channels_last": self.channels_last}
+
+
+def choose_cpu_precision(seconds: dict[str, float]) -> Precision:
+    """bf16 autocast on the CPU only where it was measured at least 10% faster than fp32."""
+    return "bf16" if seconds["bf16"] < 0.9 * seconds["fp32"] else "fp32"
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -145,4 +149,4 @@ def top_k_predictions(probs: np.ndarray, class_names: list[str], k: int) -> list
     return [{"label": class_names[i], "index": int(i), "score": float(probs[i])} for i in order]
 
 
-__all__ = ["Predictor", "resolve_device", "resolve_precision", "top_k_predictions"]
+__all__ = ["Predictor", "choose_cpu_precision", "resolve_device", "resolve_precision", "top_k_predictions"]

@@ -1,9 +1,9 @@
 """POST /explain on the front: decode the upload, ask the model service for the attention map,
 answer JSON (top-k labels + patch grid) or the overlay PNG.
 
-The map is computed by the model service's `explain` API in its own single thread (service.py),
-never in the batch queue that serves /classify. Decoding and overlay rendering run in the front's
-decoding threads, so the event loop stays free.
+The map is computed in its own single thread, never in the batch queue that serves /classify: in
+the front process in in-process mode, by the model service's `explain` API in split mode.
+Decoding and overlay rendering run in the front's decoding threads, so the event loop stays free.
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ def _decode(svc: Any, name: str, data: bytes) -> tuple[Image.Image, np.ndarray]:
 async def _call_model(svc: Any, pixels: np.ndarray, method: str, class_index: int | None) -> dict[str, Any]:
     from bentoml.exceptions import BentoMLException
 
+    if getattr(svc, "explainer", None) is not None:  # in-process mode: the model is in this process
+        loop = asyncio.get_running_loop()
+        probs, target, maps = await loop.run_in_executor(
+            svc.explain_pool, svc.explainer.explain_uint8, pixels, method, class_index)
+        return {"probs": probs[0], "class_index": int(target[0]), "grid": maps[0]}
     try:
         return await svc.model.to_async.explain(pixels, method=method, class_index=class_index)
     except BentoMLException as e:

@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vit_service.serving.metrics import server_timing
 from vit_service.serving.pages import ROUTES as PAGE_ROUTES
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ IMAGE_FIELD = "image"  # POST /classify
 IMAGES_FIELD = "images"  # POST /classify_batch, repeated
 TOP_K_FIELD = "top_k"
 MAX_FILENAME_BYTES = 200  # BentoML names its temporary file after the upload; the OS caps names at 255
-UPLOAD_SCOPE_KEY = "vit.upload"  # the checked Upload, for the route (and its timings)
+UPLOAD_SCOPE_KEY = "vit.upload"  # the checked Upload, for the route
+TIMINGS_SCOPE_KEY = "vit.timings"  # {stage: seconds}; the route adds its own stages
+HANDOFF, ENTERED, RETURNED = "_handoff", "_entered", "_returned"  # perf_counter marks in the timings
 
 
 class RequestError(Exception):
@@ -76,8 +79,6 @@ class UploadRoute:
 class Upload:
     files: list[tuple[str, bytes]]  # (filename, content) in upload order
     top_k: int | None
-    read_s: float = 0.0  # seconds reading the body off the socket
-    parse_s: float = 0.0  # seconds parsing and checking the multipart form
 
 
 class UploadMiddleware:
@@ -87,21 +88,26 @@ class UploadMiddleware:
     byte; otherwise the body is counted as it arrives and the read that crosses the limit is a 413.
     For POST to `routes`, the body is read here (bounded), parsed and checked: a mistake is
     answered here as JSON; a good upload is stored in the scope and its bytes replayed to BentoML.
-    `on_reject(reason)` is called for every upload refused here (the rejected-uploads metric).
+    `on_reject(reason)` is called for every upload refused here (the rejected-uploads metric),
+    `on_timings(stages)` once per upload-route response, whose Server-Timing header lists them.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, routes: dict[str, UploadRoute],
-                 max_files: Callable[[], int], on_reject: Callable[[str], None] | None = None) -> None:
+                 max_files: Callable[[], int], on_reject: Callable[[str], None] | None = None,
+                 on_timings: Callable[[dict[str, float]], None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.routes = routes
         self.max_files = max_files
         self.on_reject = on_reject or (lambda reason: None)
+        self.on_timings = on_timings or (lambda timings: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = self.routes.get(scope["path"])
+        timings: dict[str, float] = {}
+        send = self._timed(send, timings) if route is not None else send
         try:
             declared = Headers(scope=scope).get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -114,12 +120,33 @@ class UploadMiddleware:
             body = await self._read_body(receive)
             read_done = time.perf_counter()
             upload = await read_upload(scope, body, route, self.max_files())
-            upload.read_s, upload.parse_s = read_done - start, time.perf_counter() - read_done
+            timings["read"], timings["parse"] = read_done - start, time.perf_counter() - read_done
         except RequestError as e:
             self.on_reject(e.reason)
             return await error_response(e.status, e.message)(scope, receive, send)
         scope[UPLOAD_SCOPE_KEY] = upload
+        scope[TIMINGS_SCOPE_KEY] = timings
+        timings[HANDOFF] = time.perf_counter()
         await self.app(scope, _replay(body, receive), send)
+
+    def _timed(self, send: Send, timings: dict[str, float]) -> Send:
+        """Adds the Server-Timing header to the response and reports the stages once it starts."""
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                now = time.perf_counter()
+                if ENTERED in timings and HANDOFF in timings:
+                    timings["bentoml"] = timings[ENTERED] - timings[HANDOFF]
+                if RETURNED in timings:
+                    timings["serialize"] = now - timings[RETURNED]
+                stages = {k: v for k, v in timings.items() if not k.startswith("_")}
+                if stages:
+                    header = (b"server-timing", server_timing(stages).encode())
+                    message = {**message, "headers": [*message.get("headers", []), header]}
+                    self.on_timings(stages)
+            await send(message)
+
+        return timed_send
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks, size = [], 0
@@ -280,6 +307,8 @@ async def model_info(request: Request) -> Response:
 
     try:
         return JSONResponse(await bentoml.get_current_service().describe())
+    except RequestError as e:  # 503 while the model warms up
+        return error_response(e.status, e.message)
     except Exception:
         logger.exception("GET /model_info failed")
         return error_response(500, "internal error while describing the model; see the server log")

@@ -26,8 +26,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_server(log_path: Path, env: dict[str, str] | None = None, target: str = DEFAULT_TARGET,
-                 ready_timeout: float = 180, cwd: Path = REPO) -> Iterator[str]:
-    """`bentoml serve target` on 127.0.0.1:<free port>; yields its URL once /readyz answers 200.
+                 ready_timeout: float = 180, cwd: Path = REPO, ready_path: str = "/readyz") -> Iterator[str]:
+    """`bentoml serve target` on 127.0.0.1:<free port>; yields its URL once `ready_path` answers
+    200 (/readyz: the model is warm; /livez: the server is up).
 
     The server runs in its own process group, which is always terminated afterwards.
     """
@@ -44,7 +45,7 @@ def local_server(log_path: Path, env: dict[str, str] | None = None, target: str 
                 if proc.poll() is not None:
                     raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"server not ready in {ready_timeout} s:\n{log_path.read_text()[-4000:]}")

@@ -1,21 +1,26 @@
 """BentoML service: `bentoml serve vit_service.serving.service:ViTClassifier` (or `bentoml serve .`).
 
-Two services, each in its own worker processes:
-    ViTClassifier  the HTTP front (http_api.py): parses uploads, decodes and resizes images to uint8
-                   in a thread pool, checks them, calls the model, returns top-k JSON.
-    ViTModel       the model: one batchable API that takes (B, 3, S, S) uint8 and returns (B, K)
-                   probabilities. BentoML merges concurrent calls into one forward pass.
-So decoding (CPU, per image) never waits behind the forward pass (GPU, per batch), and only
-uint8 pixels cross between them. Everything about the model (architecture, class names,
-preprocessing) comes from the exported artifact named by VIT_MODEL_TAG.
+`ViTClassifier` is the HTTP front: typed `@bentoml.api` routes /classify, /classify_batch and
+/model_info; uploads are checked by UploadMiddleware (http_api.py) first, decoded and resized to
+uint8 in a thread pool, classified, and answered as top-k JSON. Where the model runs depends on
+VIT_MODE:
+    inprocess  (auto on CPU-only hosts) in the front process, behind an in-process adaptive
+               batcher (batcher.py): no second process, no HTTP hop, no pickling, no added wait.
+    split      (auto with CUDA) in `ViTModel`, its own BentoML service (`bentoml.depends`) whose
+               batchable API merges concurrent calls into one forward pass on the GPU, while
+               several front workers decode on the CPU cores; only uint8 pixels cross between them.
+Everything about the model (architecture, class names, preprocessing) comes from the exported
+artifact named by VIT_MODEL_TAG.
 
-Settings, all environment variables read at start-up (defaults in brackets):
+Settings, environment variables read at start-up (settings.py; defaults in brackets, "host" ones
+derived from the host's cores and device):
     VIT_MODEL_TAG [vit-classifier:latest]   model in the BentoML model store
+    VIT_MODE [auto]                         auto | inprocess | split (see above)
     VIT_DEVICE [auto]                       auto (CUDA when available) | cpu | cuda | cuda:N
     VIT_PRECISION [auto]                    auto (bf16, or fp16 on older GPUs; on CPU bf16 only if measured faster at warm-up) | fp32 | bf16 | fp16
     VIT_COMPILE [0]                         1 (torch.compile default mode) or a mode, e.g. max-autotune
-    VIT_BATCHING [1]                        0: no adaptive batching, one forward pass per request
-    VIT_MAX_BATCH_SIZE [32]                 most images in one forward pass
+    VIT_BATCHING [1]                        0: no batching, one forward pass per request
+    VIT_MAX_BATCH_SIZE [host: 16 CPU, 64 GPU]  most images in one forward pass
     VIT_MAX_LATENCY_MS [2000]               longest wait in the batch queue, else 503
     VIT_MAX_IMAGES_PER_REQUEST [32]         /classify_batch limit, else 413
     VIT_MAX_BODY_BYTES [33554432]           request body limit (32 MiB), else 413
@@ -23,8 +28,9 @@ Settings, all environment variables read at start-up (defaults in brackets):
     VIT_JPEG_DRAFT [1]                      decode large JPEGs at reduced scale (DCT scaling)
     VIT_TIMEOUT [30]                        seconds per request, else 504
     VIT_MAX_CONCURRENCY [64]                requests in flight on the front, beyond that 429
-    VIT_WORKERS [1]                         front worker processes
-    VIT_DECODE_THREADS [4]                  decoding threads per front worker
+    VIT_WORKERS [host: 1 CPU, cores-1 GPU]  front worker processes
+    VIT_DECODE_THREADS [host: cores CPU, 2 GPU]  decoding threads per front worker
+    VIT_TORCH_THREADS [torch's: one per core]  intra-op threads of the in-process model
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -45,89 +52,81 @@ import numpy as np
 from bentoml.validators import DType
 
 from vit_service.serving.explain_api import EXPLAIN_FIELDS
-from vit_service.serving.http_api import (IMAGE_FIELD, IMAGES_FIELD, TOP_K_FIELD, UPLOAD_SCOPE_KEY, RequestError,
-                                          UploadMiddleware,
-                                          UploadRoute, app, parse_top_k)
-from vit_service.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError, Preprocessing, decode_image
-from vit_service.serving.store import DEFAULT_MODEL_TAG
+from vit_service.preprocessing import InvalidImageError, Preprocessing, decode_image
+from vit_service.serving import metrics
+from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
+from vit_service.serving.http_api import (ENTERED, IMAGE_FIELD, IMAGES_FIELD, RETURNED, TIMINGS_SCOPE_KEY, TOP_K_FIELD,
+                                          UPLOAD_SCOPE_KEY, RequestError, UploadMiddleware, UploadRoute, app,
+                                          parse_top_k)
+from vit_service.serving.settings import Settings
 
 logger = logging.getLogger("bentoml.vit_service")
 DEFAULT_TOP_K = 5
-
-
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class Settings:
-    model_tag: str
-    device: str
-    precision: str
-    compile_mode: str | None
-    batching: bool
-    max_batch_size: int
-    max_latency_ms: int
-    max_images: int
-    max_body_bytes: int
-    max_image_pixels: int
-    jpeg_draft: bool
-    timeout: int
-    max_concurrency: int
-    workers: int
-    decode_threads: int
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        compile_env = os.environ.get("VIT_COMPILE", "0").strip()
-        return cls(
-            model_tag=os.environ.get("VIT_MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG,
-            device=os.environ.get("VIT_DEVICE", "").strip() or "auto",
-            precision=os.environ.get("VIT_PRECISION", "").strip() or "auto",
-            compile_mode=None if compile_env in ("", "0") else ("default" if compile_env == "1" else compile_env),
-            batching=os.environ.get("VIT_BATCHING", "1").strip() not in ("0", "false", "no"),
-            # BentoML's batcher requires max_batch_size > 1.
-            max_batch_size=_env_int("VIT_MAX_BATCH_SIZE", 32, minimum=2),
-            max_latency_ms=_env_int("VIT_MAX_LATENCY_MS", 2000),
-            max_images=_env_int("VIT_MAX_IMAGES_PER_REQUEST", 32),
-            max_body_bytes=_env_int("VIT_MAX_BODY_BYTES", 32 * 2**20),
-            max_image_pixels=_env_int("VIT_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
-            jpeg_draft=os.environ.get("VIT_JPEG_DRAFT", "1").strip() not in ("0", "false", "no"),
-            timeout=_env_int("VIT_TIMEOUT", 30),
-            max_concurrency=_env_int("VIT_MAX_CONCURRENCY", 64),
-            workers=_env_int("VIT_WORKERS", 1),
-            decode_threads=_env_int("VIT_DECODE_THREADS", 4),
-        )
-
-
 SETTINGS = Settings.from_env()
+# Test hook: warm-up waits until this file exists, so a test can watch /readyz answer 503 first.
+WARMUP_GATE_ENV = "VIT_TEST_WARMUP_GATE"
+
+
+def label_metrics_with_model(tag: Any) -> None:
+    """BentoML labels its metrics service_version="not available" when serving from source
+    rather than from a built Bento: label them with the model tag instead."""
+    from bentoml._internal.context import server_context
+
+    if server_context.bento_version == "not available":
+        server_context.bento_version = str(tag)
+
+
+def load_predictor(model_path: str) -> Any:
+    """The exported model on its device (not yet warmed up), with the configured torch threads."""
+    from vit_service.inference import Predictor
+
+    if SETTINGS.torch_threads:
+        import torch
+
+        torch.set_num_threads(SETTINGS.torch_threads)
+    return Predictor.from_directory(model_path, device=SETTINGS.device, precision=SETTINGS.precision,
+                                    compile_mode=SETTINGS.compile_mode)
+
+
+def warm_up(predictor: Any, tag: Any) -> None:
+    gate = os.environ.get(WARMUP_GATE_ENV)
+    if gate:
+        while not Path(gate).exists():
+            time.sleep(0.05)
+    seconds = predictor.warmup(SETTINGS.max_batch_size)
+    logger.info("model %s ready on %s in %.1f s", tag, predictor.describe(), seconds)
+
+
+def describe_model(predictor: Any, tag: Any) -> dict[str, Any]:
+    """What the front needs to prepare inputs and label outputs, and what /model_info shows."""
+    artifact = predictor.artifact
+    S = artifact.preprocessing.image_size
+    return {
+        "model_tag": str(tag),
+        "class_names": list(artifact.class_names),
+        "num_classes": len(artifact.class_names),
+        "input_size": [3, S, S],
+        "preprocessing": artifact.preprocessing.to_dict(),
+        "model_config": artifact.config.to_dict(),
+        # Keys starting with "_" (e.g. Lightning's "_instantiator") are internal.
+        "metadata": {k: v for k, v in artifact.metadata.items() if not str(k).startswith("_")},
+        "serving": {**predictor.describe(), "batching": SETTINGS.batching,
+                    "max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
+    }
 
 
 @bentoml.service(name="vit_model", traffic={"timeout": SETTINGS.timeout}, workers=1)
 class ViTModel:
-    """The model on its device, behind one adaptive-batching API."""
+    """Split mode: the model on its device, behind one adaptive-batching API."""
 
     bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)  # at class scope: `bentoml build` packs it
 
     def __init__(self) -> None:
-        from vit_service.inference import Predictor
-
         self.settings = SETTINGS
         self.ready = False
-        self.predictor = Predictor.from_directory(
-            self.bento_model.path, device=SETTINGS.device, precision=SETTINGS.precision,
-            compile_mode=SETTINGS.compile_mode,
-        )
-        seconds = self.predictor.warmup(SETTINGS.max_batch_size)
+        label_metrics_with_model(self.bento_model.tag)
+        self.predictor = load_predictor(self.bento_model.path)
+        warm_up(self.predictor, self.bento_model.tag)
         from vit_service.explain import Explainer
 
         # /explain runs here, one at a time in its own thread: never in the batch queue, and
@@ -135,7 +134,6 @@ class ViTModel:
         self.explainer = Explainer(self.predictor.model, self.predictor.artifact, self.predictor.device)
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.ready = True
-        logger.info("model %s ready on %s in %.1f s", self.bento_model.tag, self.predictor.describe(), seconds)
 
     def __is_ready__(self) -> bool:
         return self.ready
@@ -144,10 +142,14 @@ class ViTModel:
                  max_latency_ms=SETTINGS.max_latency_ms)
     def predict(self, images: Annotated[np.ndarray, DType("uint8")]) -> np.ndarray:
         """(B, 3, S, S) uint8 images, resized and cropped -> (B, num_classes) float32 probabilities."""
+        start = time.perf_counter()
         try:
-            return self.predictor.predict_proba(images)
+            probs = self.predictor.predict_proba(images)
         except ValueError as e:
             raise bentoml.exceptions.InvalidArgument(str(e)) from None
+        metrics.stage_seconds.labels(stage="forward").observe(time.perf_counter() - start)
+        metrics.batch_size.observe(len(images))
+        return probs
 
     @bentoml.api
     async def explain(self, pixels: Annotated[np.ndarray, DType("uint8")], method: str = "rollout",
@@ -163,21 +165,7 @@ class ViTModel:
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
-        """What the front needs to prepare inputs and label outputs, and what /model_info shows."""
-        artifact = self.predictor.artifact
-        S = artifact.preprocessing.image_size
-        return {
-            "model_tag": str(self.bento_model.tag),
-            "class_names": list(artifact.class_names),
-            "num_classes": len(artifact.class_names),
-            "input_size": [3, S, S],
-            "preprocessing": artifact.preprocessing.to_dict(),
-            "model_config": artifact.config.to_dict(),
-            "metadata": artifact.metadata,
-            "serving": {**self.predictor.describe(), "batching": SETTINGS.batching,
-                        "max_batch_size": SETTINGS.max_batch_size,
-                        "max_latency_ms": SETTINGS.max_latency_ms},
-        }
+        return describe_model(self.predictor, self.bento_model.tag)
 
 
 @bentoml.asgi_app(app, path="/")  # GET /model_info (BentoML's API routes are POST only)
@@ -187,25 +175,55 @@ class ViTModel:
     workers=SETTINGS.workers,
 )
 class ViTClassifier:
-    """The HTTP front: uploads in, top-k JSON out. Uploads are checked by UploadMiddleware
-    (http_api.py) before BentoML parses them, so every mistake is a 4xx with {"error": ...}."""
+    """The HTTP front: uploads in, top-k JSON out; the model in-process or in ViTModel (VIT_MODE)."""
 
-    model = bentoml.depends(ViTModel)
+    # At class scope in both modes, so `bentoml build` packs the model whichever mode the
+    # build host would pick.
+    bento_model = bentoml.models.BentoModel(SETTINGS.model_tag)
+    if SETTINGS.mode == "split":
+        model = bentoml.depends(ViTModel)
 
     def __init__(self) -> None:
         self.settings = SETTINGS
+        label_metrics_with_model(self.bento_model.tag)
         # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
         self.decode_pool = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
         self._info: dict[str, Any] | None = None
         self._preprocessing: Preprocessing | None = None
-        _keep_one_session(self.model)
+        self.batcher: AdaptiveBatcher | None = None
+        self._warm = threading.Event()
+        if SETTINGS.mode == "split":
+            _keep_one_session(self.model)
+            return
+        predictor = load_predictor(self.bento_model.path)
+        self._preprocessing = predictor.preprocessing
+        from vit_service.explain import Explainer
+
+        # /explain in-process: its own single thread, beside (never inside) the batcher.
+        self.explainer = Explainer(predictor.model, predictor.artifact, predictor.device)
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
+        self.batcher = AdaptiveBatcher(predictor.predict_proba,
+                                       max_batch_size=SETTINGS.max_batch_size if SETTINGS.batching else 1,
+                                       max_latency_s=SETTINGS.max_latency_ms / 1000,
+                                       on_batch=metrics.batch_size.observe)
+
+        def warm() -> None:  # in the background, so /readyz answers 503 meanwhile
+            try:
+                warm_up(predictor, self.bento_model.tag)
+            except Exception:  # stays unready (503), with the reason in the log
+                logger.exception("warm-up of %s failed; the service stays unready", self.bento_model.tag)
+                return
+            self._info = self._with_limits(describe_model(predictor, self.bento_model.tag))
+            self._warm.set()
+
+        threading.Thread(target=warm, name="warmup", daemon=True).start()
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: Optional[int] = None,
                        ctx: bentoml.Context = None) -> dict[str, Any]:  # type: ignore[assignment]
         """Classify one image: the top `top_k` classes (default 5, at most the number of classes),
         highest score first. `curl -F image=@cat.jpg URL/classify`"""
-        return await self._answer(ctx, [image], top_k, lambda results: {"predictions": results[0]})
+        return await self._answer(ctx, "classify", [image], top_k, lambda results: {"predictions": results[0]})
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Path], top_k: Optional[int] = None,
@@ -215,7 +233,7 @@ class ViTClassifier:
         if len(images) > SETTINGS.max_images:  # in-process calls; HTTP ones were checked already
             return _error(ctx, RequestError(413, f"too many images: {len(images)} in one request, "
                                                  f"the limit is {SETTINGS.max_images}"))
-        return await self._answer(ctx, images, top_k,
+        return await self._answer(ctx, "classify_batch", images, top_k,
                                   lambda results: {"results": [{"predictions": p} for p in results]})
 
     @bentoml.api(route="/explain")
@@ -247,58 +265,87 @@ class ViTClassifier:
         return await self.describe()
 
     async def describe(self) -> dict[str, Any]:
-        """The model service's description (fetched once), plus this front's request limits.
-        (Not `self.model_info()`: BentoML routes a service's call to its own API through HTTP.)"""
+        """The model's description plus this front's request limits; raises RequestError(503)
+        until the model is warm. (Not `self.model_info()`: BentoML routes a service's call to
+        its own API through HTTP.)"""
         if self._info is None:
+            if SETTINGS.mode != "split":
+                raise RequestError(503, "the model is still warming up; retry shortly", "not_ready")
             info = await self.model.to_async.info()
             self._preprocessing = Preprocessing.from_dict(info["preprocessing"])
-            info["serving"].update(max_images_per_request=SETTINGS.max_images,
-                                   max_body_bytes=SETTINGS.max_body_bytes,
-                                   max_image_pixels=SETTINGS.max_image_pixels)
-            self._info = info
+            self._info = self._with_limits(info)
         return self._info
 
+    @staticmethod
+    def _with_limits(info: dict[str, Any]) -> dict[str, Any]:
+        info["serving"].update(max_images_per_request=SETTINGS.max_images, max_body_bytes=SETTINGS.max_body_bytes,
+                               max_image_pixels=SETTINGS.max_image_pixels, **SETTINGS.describe())
+        return info
+
     async def __is_ready__(self) -> bool:
-        # /readyz: ready once the model service answers, i.e. has loaded and warmed up the model.
-        # Until then a call to it hangs in its socket's backlog, hence the short bound.
+        # /readyz: ready once the model is warm. In split mode, once the model service answers;
+        # until then a call to it hangs in its socket's backlog, hence the short bound.
+        if SETTINGS.mode != "split":
+            return self._warm.is_set()
         try:
             await asyncio.wait_for(self.describe(), timeout=2)
         except Exception:
             return False
         return True
 
-    async def _answer(self, ctx: bentoml.Context | None, paths: list[Path], top_k: int | None,
+    async def _answer(self, ctx: bentoml.Context | None, endpoint: str, paths: list[Path], top_k: int | None,
                       shape: Callable[[list[list[dict[str, Any]]]], dict[str, Any]]) -> dict[str, Any]:
         """Runs classify_images on the uploaded files; a RequestError becomes its status and
         {"error": ...} (BentoML would answer a raised 4xx with a list-shaped body)."""
+        timings: dict[str, float] = ctx.request.scope.get(TIMINGS_SCOPE_KEY, {}) if ctx is not None else {}
+        timings[ENTERED] = time.perf_counter()
         if top_k is None and ctx is not None:  # ?top_k=3 as a query parameter (checked by the middleware)
             top_k = parse_top_k(ctx.request.query_params.getlist(TOP_K_FIELD))
+        outcome = "error"
         try:
             images = [(name, p.read_bytes()) for name, p in zip(_upload_names(ctx, paths), paths)]
-            return shape(await self.classify_images(images, top_k))
+            answer = shape(await self.classify_images(images, top_k, timings))
+            outcome = "ok"
+            return answer
         except RequestError as e:
+            outcome = "overloaded" if e.status == 503 else "rejected" if e.status < 500 else "error"
+            if e.status < 500:
+                metrics.rejected_uploads_total.labels(reason=e.reason).inc()
             return _error(ctx, e)
+        finally:
+            metrics.images_total.labels(endpoint=endpoint, outcome=outcome).inc(len(paths))
+            timings[RETURNED] = time.perf_counter()
 
-    async def classify_images(self, images: list[tuple[str, bytes]], top_k: int | None = None) -> list[list[dict[str, Any]]]:
-        """[(filename, encoded bytes)] -> top-k predictions per image, in order. Raises RequestError."""
+    async def classify_images(self, images: list[tuple[str, bytes]], top_k: int | None = None,
+                              timings: dict[str, float] | None = None) -> list[list[dict[str, Any]]]:
+        """[(filename, encoded bytes)] -> top-k predictions per image, in order. Raises RequestError.
+        Adds its stages (decode, and hop or queue + forward) to `timings`."""
         from vit_service.inference import top_k_predictions
 
+        timings = {} if timings is None else timings
         info = await self.describe()
         class_names = info["class_names"]
         k = min(DEFAULT_TOP_K, len(class_names)) if top_k is None else top_k
         if not 1 <= k <= len(class_names):
-            raise RequestError(400, f"top_k must be between 1 and {len(class_names)} (the number of classes), got {k}")
+            raise RequestError(400, f"top_k must be between 1 and {len(class_names)} (the number of classes), got {k}",
+                               "bad_top_k")
         if not images:
-            raise RequestError(400, "no images given")
+            raise RequestError(400, "no images given", "missing_field")
+        start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.decode_pool, self._prepare, name, data) for name, data in images]
+        if len(images) == 1:
+            jobs = [loop.run_in_executor(self.decode_pool, self._prepare, *images[0])]
+        else:
+            jobs = [loop.run_in_executor(self.decode_pool, self._prepare, name, data) for name, data in images]
         pixels = await asyncio.gather(*jobs, return_exceptions=True)
+        timings["decode"] = time.perf_counter() - start
         for result in pixels:  # report the first bad image in upload order
             if isinstance(result, InvalidImageError):
-                raise RequestError(400, str(result))
+                raise RequestError(400, str(result), "bad_image")
             if isinstance(result, BaseException):
                 raise result
-        probs = await self._predict(np.stack(pixels))  # (B, 3, S, S) uint8 -> (B, K)
+        batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)  # (B, 3, S, S) uint8
+        probs = await self._predict(batch, timings)  # (B, K)
         return [top_k_predictions(p, class_names, k) for p in probs]
 
     def _prepare(self, name: str, data: bytes) -> np.ndarray:
@@ -312,7 +359,21 @@ class ViTClassifier:
             raise InvalidImageError(f"{name or 'upload'}: {e}") from None
         return pre.to_uint8(image).numpy()
 
-    async def _predict(self, batch: np.ndarray) -> np.ndarray:
+    async def _predict(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
+        if self.batcher is not None:
+            try:
+                probs, timing = await self.batcher(batch)
+            except Overloaded:
+                raise RequestError(503, "the model is overloaded; retry shortly", "overloaded") from None
+            timings["queue"], timings["forward"] = timing.queue_s, timing.forward_s
+            return probs
+        start = time.perf_counter()
+        try:
+            return await self._call_model_service(batch)
+        finally:
+            timings["hop"] = time.perf_counter() - start
+
+    async def _call_model_service(self, batch: np.ndarray) -> np.ndarray:
         from bentoml.exceptions import BentoMLException
 
         for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
@@ -321,7 +382,7 @@ class ViTClassifier:
             except BentoMLException as e:
                 status = int(e.error_code)
                 if status in (429, 503):
-                    raise RequestError(503, "the model is overloaded; retry shortly") from None
+                    raise RequestError(503, "the model is overloaded; retry shortly", "overloaded") from None
                 if status == 504:
                     raise RequestError(504, "the model did not answer in time") from None
                 raise
@@ -372,5 +433,13 @@ def _upload_names(ctx: bentoml.Context | None, paths: list[Path]) -> list[str]:
 
 UPLOAD_ROUTES = {"/classify": UploadRoute(IMAGE_FIELD, many=False), "/classify_batch": UploadRoute(IMAGES_FIELD, many=True),
                  "/explain": UploadRoute(IMAGE_FIELD, many=False, options=EXPLAIN_FIELDS)}
-ViTClassifier.add_asgi_middleware(UploadMiddleware, max_bytes=SETTINGS.max_body_bytes, routes=UPLOAD_ROUTES,
-                                  max_files=lambda: SETTINGS.max_images)
+ViTClassifier.add_asgi_middleware(
+    UploadMiddleware, max_bytes=SETTINGS.max_body_bytes, routes=UPLOAD_ROUTES, max_files=lambda: SETTINGS.max_images,
+    on_reject=lambda reason: metrics.rejected_uploads_total.labels(reason=reason).inc(),
+    on_timings=metrics.observe_stages)
+# BentoML's own routes, ours, and the Swagger UI's static files; anything else folds into one label.
+metrics.fold_unknown_paths(
+    known_paths={"/", "/ui", "/docs", "/metrics", "/healthz", "/livez", "/readyz", "/docs.json", "/schema.json", "/model_info",
+                 *(api.route for api in ViTClassifier.apis.values()), *(api.route for api in ViTModel.apis.values())},
+    known_prefixes=("/static_content/", "/assets/"),
+)

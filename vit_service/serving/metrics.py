@@ -1,0 +1,82 @@
+"""The service's own Prometheus metrics (on BentoML's /metrics) and the Server-Timing header.
+
+Every request to /classify or /classify_batch is split into stages, each observed in
+`vit_stage_seconds{stage=...}` and listed in the response's `Server-Timing` header:
+    read        body read off the socket
+    parse       multipart parsed and checked (UploadMiddleware)
+    bentoml     BentoML's own parsing and hand-off to the API method
+    decode      decode + resize + crop of the request's images (thread pool)
+    hop         the call to the model service, minus its forward pass (split mode only)
+    queue       wait for the model in the in-process batcher (in-process mode only)
+    forward     the forward pass this request was part of
+    serialize   from the API method's return to the response's first byte
+Label values are fixed sets, so the number of series stays bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+STAGES = ("read", "parse", "bentoml", "decode", "hop", "queue", "forward", "serialize")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+stage_seconds = bentoml.metrics.Histogram(
+    name="vit_stage_seconds",
+    documentation="Seconds per request in each serving stage (see vit_service/serving/metrics.py)",
+    labelnames=["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+batch_size = bentoml.metrics.Histogram(
+    name="vit_batch_size",
+    documentation="Images per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+images_total = bentoml.metrics.Counter(
+    name="vit_images",
+    documentation="Images received, by endpoint and outcome (ok, rejected, overloaded, error)",
+    labelnames=["endpoint", "outcome"],
+)
+rejected_uploads_total = bentoml.metrics.Counter(
+    name="vit_rejected_uploads",
+    documentation="Requests refused with a 4xx, by reason",
+    labelnames=["reason"],
+)
+
+
+def observe_stages(timings: dict[str, float]) -> None:
+    for stage in STAGES:
+        if stage in timings:
+            stage_seconds.labels(stage=stage).observe(timings[stage])
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """`read;dur=0.12, parse;dur=0.30, ...` in milliseconds, stages in pipeline order."""
+    return ", ".join(f"{stage};dur={timings[stage] * 1000:.2f}" for stage in STAGES if stage in timings)
+
+
+UNKNOWN_PATH = "/__unknown__"
+
+
+def fold_unknown_paths(known_paths: set[str], known_prefixes: tuple[str, ...]) -> None:
+    """Makes BentoML's per-endpoint traffic metrics label every unknown path as one.
+
+    BentoML 1.4 labels its request counters and latency histograms with the raw request path, so
+    each request to a new made-up path adds ~20 series to /metrics: a scanner could grow the
+    server's memory without limit. It has no setting for this, so its metrics middleware is
+    wrapped here: a request to a path no route serves reaches it (and the app behind it, which
+    answers 404 either way) as UNKNOWN_PATH. Known paths pass untouched.
+    """
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    call = RunnerTrafficMetricsMiddleware.__call__
+    if getattr(call, "folds_unknown_paths", False):
+        return
+
+    async def folding_call(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in known_paths and not path.startswith(known_prefixes):
+            scope = {**scope, "path": UNKNOWN_PATH, "raw_path": UNKNOWN_PATH.encode()}
+        await call(self, scope, receive, send)
+
+    folding_call.folds_unknown_paths = True  # type: ignore[attr-defined]
+    RunnerTrafficMetricsMiddleware.__call__ = folding_call  # type: ignore[method-assign]
