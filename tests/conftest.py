@@ -87,3 +87,18 @@ def timm_vit() -> Callable[..., torch.nn.Module]:
         return perturb_(timm.create_model(name, pretrained=False, **kwargs))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `bentoml serve` of the tiny test model (service_fixtures.py), shared by the /explain
+    and web-page tests; yields (url, BENTOML_HOME)."""
+    from service_fixtures import bentoml_server, save_tiny_model
+
+    home = tmp_path_factory.mktemp("bentoml_home_tiny")
+    save_tiny_model(home)
+    log = tmp_path_factory.mktemp("tiny_server") / "serve.log"
+    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32"}) as url:
+        yield url, home
+    text = log.read_text()
+    assert "Traceback" not in text and "status=500" not in text, text[-4000:]

@@ -25,6 +25,7 @@ from training.module import ViTClassifier
 from training.predict import PredictionFileWriter
 from training.progress import ProgressLog
 from training.runs import RUN_PREFIX, RunError, best_checkpoint, latest_resumable_run, next_version
+from training.report import EvaluationReport, TrainingCurves
 from vit_service.formats.checkpoints import CheckpointError
 
 DEFAULT_ROOT_DIR = "runs"
@@ -58,6 +59,9 @@ class ViTCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        # Plots in the run's folder: the report after validate/test, the curves after fit.
+        parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(TrainingCurves, "curves")
         parser.add_lightning_class_args(ProgressLog, "progress")
         parser.add_lightning_class_args(PredictionFileWriter, "predict_writer")
         parser.set_defaults({"trainer.default_root_dir": DEFAULT_ROOT_DIR})

@@ -8,10 +8,15 @@ learn the shape and not a colour or a pixel position.
 Each image draws from its own numpy Generator seeded by (seed, split, class, index): the same seed
 gives byte-identical files, and changing the count of one split or class leaves the others as they
 were.
+
+`boxes.json` beside the splits records where each image's shape is: {"val/circle/00000.jpg":
+[left, top, right, bottom], ...} in pixels (the tight box of the drawn shape; the whole image for
+the textures), so attention maps can be scored (the pointing game in tests/test_explain_pointing.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,6 +30,8 @@ MIN_SIDE, MAX_SIDE = 48, 160
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and scaled down, for anti-aliased edges
 _SPLIT_IDS = {"train": 0, "val": 1}
 _JPEG_QUALITY = 92
+BOXES_FILE = "boxes.json"
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
 
 
 def generate_demo_dataset(
@@ -35,7 +42,7 @@ def generate_demo_dataset(
     val_per_class: int = DEFAULT_VAL_PER_CLASS,
     classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES,
 ) -> dict[str, dict[str, int]]:
-    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and returns {split: {class: count}}."""
+    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and out_dir/boxes.json; returns {split: {class: count}}."""
     unknown = [c for c in classes if c not in DEFAULT_CLASSES]
     if unknown:
         raise ValueError(f"unknown demo classes {unknown}; choose from {list(DEFAULT_CLASSES)}")
@@ -43,6 +50,7 @@ def generate_demo_dataset(
         raise ValueError("train_per_class and val_per_class must be at least 1")
     out = Path(out_dir)
     summary: dict[str, dict[str, int]] = {}
+    boxes: dict[str, Box] = {}
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         summary[split] = {}
         for class_name in classes:
@@ -53,24 +61,73 @@ def generate_demo_dataset(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 rng = np.random.default_rng([seed, _SPLIT_IDS[split], class_id, i])
-                draw_image(class_name, rng).save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+                image, box = draw_image_with_box(class_name, rng)
+                image.save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+                boxes[f"{split}/{class_name}/{i:05d}.jpg"] = box
             summary[split][class_name] = count
     _write_readme(out, seed, summary)
+    (out / BOXES_FILE).write_text(json.dumps(boxes, indent=0, sort_keys=True))
     return summary
+
+
+PROBE_SPLIT = "probe"
+_PROBE_SPLIT_ID = 2
+
+
+def generate_pointing_probe(out_dir: str | Path, *, seed: int = 0, per_class: int = 20,
+                            classes: tuple[str, ...] = ("circle", "square", "triangle", "cross")) -> int:
+    """Writes out_dir/probe/<class>/NNNNN.jpg, off-centre shapes (see draw_image_with_box), and adds
+    their boxes to out_dir/boxes.json; returns the number of images."""
+    out = Path(out_dir)
+    boxes_file = out / BOXES_FILE
+    boxes = json.loads(boxes_file.read_text()) if boxes_file.is_file() else {}
+    for class_name in classes:
+        if class_name in _TEXTURES:
+            raise ValueError(f"{class_name!r} is a texture: it has no place to point at")
+        folder = out / PROBE_SPLIT / class_name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, _PROBE_SPLIT_ID, DEFAULT_CLASSES.index(class_name), i])
+            image, box = draw_image_with_box(class_name, rng, off_centre=True)
+            image.save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
+            boxes[f"{PROBE_SPLIT}/{class_name}/{i:05d}.jpg"] = box
+    boxes_file.write_text(json.dumps(boxes, indent=0, sort_keys=True))
+    return per_class * len(classes)
+
+
+def read_boxes(root: str | Path) -> dict[str, Box]:
+    """{"<split>/<class>/<file>": (left, top, right, bottom)} from a generated dataset's boxes.json."""
+    return {k: tuple(v) for k, v in json.loads((Path(root) / BOXES_FILE).read_text()).items()}
 
 
 def draw_image(class_name: str, rng: np.random.Generator) -> Image.Image:
     """One RGB image of `class_name`, every random choice taken from `rng`."""
+    return draw_image_with_box(class_name, rng)[0]
+
+
+def draw_image_with_box(class_name: str, rng: np.random.Generator,
+                        off_centre: bool = False) -> tuple[Image.Image, Box]:
+    """`draw_image`, and the shape's box: the pixels at least half covered (textures: the image).
+
+    `off_centre`: a square image with a smaller shape (a third of the side) in one of its four
+    quadrants, never over the centre: the pointing game's probe images, where guessing the
+    centre fails (in the training images the shape always covers the centre).
+    """
     w, h = _image_size(rng)
+    if off_centre:
+        w = h = max(w, h)
     fg, bg = _contrasting_colours(rng)
+    box: Box = (0, 0, w, h)
     if class_name in _TEXTURES:
         arr = _TEXTURES[class_name](rng, w, h, fg, bg)
     else:
         arr = _background(rng, w, h, bg)
-        mask = _shape_mask(class_name, rng, w, h)  # (h, w) in [0, 1]
+        mask = _shape_mask(class_name, rng, w, h, off_centre)  # (h, w) in [0, 1]
         arr = arr * (1.0 - mask[..., None]) + np.asarray(fg, np.float32) * mask[..., None]
+        ys, xs = np.nonzero(mask >= 0.5)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     arr = arr + rng.normal(0.0, rng.uniform(0.0, 12.0), size=arr.shape)
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB"), box
 
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -103,14 +160,23 @@ def _background(rng: np.random.Generator, w: int, h: int, bg: np.ndarray) -> np.
     return arr
 
 
-def _shape_mask(class_name: str, rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """(h, w) float coverage in [0, 1] of one shape inside the image's central square."""
+def _shape_mask(class_name: str, rng: np.random.Generator, w: int, h: int, off_centre: bool = False) -> np.ndarray:
+    """(h, w) float coverage in [0, 1] of one shape inside the image's central square (or, when
+    `off_centre`, inside one quadrant of a square image)."""
     short = min(w, h)
-    size = rng.uniform(0.55, 0.8) * short  # circumscribed diameter
-    # Jitter the centre, keeping the shape inside the central short x short square.
-    slack = max(0.0, (short - size) / 2 - 1)
-    cx = w / 2 + rng.uniform(-slack, slack)
-    cy = h / 2 + rng.uniform(-slack, slack)
+    if off_centre:
+        size = rng.uniform(0.3, 0.4) * short
+        # A quadrant, then a place in it that keeps the shape clear of the centre lines.
+        qx, qy = rng.integers(0, 2, size=2)
+        lo, hi = size / 2 + 1, short / 2 - size / 2 - 1
+        cx = qx * short / 2 + (rng.uniform(lo, hi) if qx == 0 else rng.uniform(size / 2 + 1, hi))
+        cy = qy * short / 2 + (rng.uniform(lo, hi) if qy == 0 else rng.uniform(size / 2 + 1, hi))
+    else:
+        size = rng.uniform(0.55, 0.8) * short  # circumscribed diameter
+        # Jitter the centre, keeping the shape inside the central short x short square.
+        slack = max(0.0, (short - size) / 2 - 1)
+        cx = w / 2 + rng.uniform(-slack, slack)
+        cy = h / 2 + rng.uniform(-slack, slack)
     # Tilt at most 15 degrees from upright: a free rotation turns squares into diamonds and
     # crosses into Xs, and a tiny ViT then needs far more data to tell the shapes apart.
     tilt = math.radians(rng.uniform(-15, 15))
@@ -180,4 +246,4 @@ def _write_readme(out: Path, seed: int, summary: dict[str, dict[str, int]]) -> N
     (out / "README.txt").write_text("\n".join(lines) + "\n")
 
 
-__all__ = ["generate_demo_dataset", "draw_image", "DEFAULT_CLASSES"]
+__all__ = ["generate_demo_dataset", "generate_pointing_probe", "draw_image", "draw_image_with_box", "read_boxes", "DEFAULT_CLASSES", "BOXES_FILE"]

@@ -114,7 +114,7 @@ class ViTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         if split == "train" and self.mixup is not None:
             x, soft_targets = self.mixup(x, y)
@@ -128,16 +128,17 @@ class ViTClassifier(L.LightningModule):
         on_step = split == "train"
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         self.log_dict(metrics, prog_bar=True, on_step=False, on_epoch=True)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
+    # Logits and targets go to the callbacks' on_*_batch_end (the evaluation report in report.py).
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"logits": self._step(batch, "val")[1].detach(), "targets": batch[1]}
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"logits": self._step(batch, "test")[1].detach(), "targets": batch[1]}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

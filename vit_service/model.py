@@ -320,6 +320,11 @@ class VisionTransformer(nn.Module):
 
         Uses the explicit softmax(QK^T) path; `forward` keeps the fused kernel.
         """
+        return self.forward_with_attention(x)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`attention_maps` inside autograd: the maps stay in the graph, so gradient-based
+        explanations can take d(logit)/d(attention) with `torch.autograd.grad`."""
         x = self._embed(x)
         maps = []
         for blk in self.blocks:

@@ -42,6 +42,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vit_service.serving.metrics import server_timing
+from vit_service.serving.pages import ROUTES as PAGE_ROUTES
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 class UploadRoute:
     field: str  # the form field holding the image file(s)
     many: bool  # repeated field allowed
+    options: tuple[str, ...] = ()  # other plain-text form fields the route takes (checked by the route)
 
 
 @dataclass
@@ -225,22 +227,27 @@ async def read_upload(scope: Scope, body: bytes, route: UploadRoute, max_files: 
         message = e.message if isinstance(e, MultiPartException) else e.detail
         raise RequestError(400, f"malformed multipart body: {message}", "malformed_multipart") from None
     try:
-        return await _check_form(form, request, field, many, max_files, example)
+        return await _check_form(form, request, field, many, max_files, example, route.options)
     finally:
         await form.close()
 
 
 async def _check_form(form: FormData, request: Request, field: str, many: bool, max_files: int,
-                      example: str) -> Upload:
+                      example: str, options: tuple[str, ...] = ()) -> Upload:
     names = list(dict.fromkeys(form.keys()))
     if field not in names:
         got = f"; got field(s) {', '.join(map(repr, names))}" if names else "; the form is empty"
         raise RequestError(400, f"missing form field '{field}': send the image file{'s' if many else ''} "
                                 f"as '{field}' (e.g. {example}){got}", "missing_field")
-    unknown = [n for n in names if n not in (field, TOP_K_FIELD)]
+    unknown = [n for n in names if n not in (field, TOP_K_FIELD, *options)]
     if unknown:
+        optional = " or ".join(f"'{o}'" for o in (TOP_K_FIELD, *options))
         raise RequestError(400, f"unexpected form field(s) {', '.join(map(repr, unknown))}; "
-                                f"expected '{field}' and optionally '{TOP_K_FIELD}'", "unknown_field")
+                                f"expected '{field}' and optionally {optional}", "unknown_field")
+    for option in options:
+        given = form.getlist(option)
+        if len(given) > 1 or any(not isinstance(v, str) for v in given):
+            raise RequestError(400, f"'{option}' must be one plain form value", "bad_option")
     values = form.getlist(field)
     if not many and len(values) > 1:
         raise RequestError(400, f"expected one '{field}' field, got {len(values)}; "
@@ -309,5 +316,6 @@ async def model_info(request: Request) -> Response:
         return error_response(500, "internal error while describing the model; see the server log")
 
 
-# BentoML's API routes are POST only; PassiveMount sends a GET /model_info here.
-app = Starlette(routes=[Route("/model_info", model_info, methods=["GET"])])
+# BentoML's API routes are POST only; PassiveMount sends a GET /model_info here, and the pages
+# (/, /ui, /docs, /docs.json), which come before BentoML's own index and spec routes.
+app = Starlette(routes=[Route("/model_info", model_info, methods=["GET"]), *PAGE_ROUTES])

@@ -51,6 +51,7 @@ import httpx
 import numpy as np
 from bentoml.validators import DType
 
+from vit_service.serving.explain_api import EXPLAIN_FIELDS
 from vit_service.preprocessing import InvalidImageError, Preprocessing, decode_image
 from vit_service.serving import metrics
 from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
@@ -129,6 +130,12 @@ class ViTModel:
         label_metrics_with_model(self.bento_model.tag)
         self.predictor = load_predictor(self.bento_model.path)
         warm_up(self.predictor, self.bento_model.tag)
+        from vit_service.explain import Explainer
+
+        # /explain runs here, one at a time in its own thread: never in the batch queue, and
+        # never more than one core's worth of work taken from /classify's forward passes.
+        self.explainer = Explainer(self.predictor.model, self.predictor.artifact, self.predictor.device)
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -146,6 +153,18 @@ class ViTModel:
         metrics.stage_seconds.labels(stage="forward").observe(time.perf_counter() - start)
         metrics.batch_size.observe(len(images))
         return probs
+
+    @bentoml.api
+    async def explain(self, pixels: Annotated[np.ndarray, DType("uint8")], method: str = "rollout",
+                      class_index: Optional[int] = None) -> dict[str, Any]:
+        """(1, 3, S, S) uint8 -> probabilities, the explained class and the (Gh, Gw) map in [0, 1]."""
+        loop = asyncio.get_running_loop()
+        try:
+            probs, target, maps = await loop.run_in_executor(
+                self.explain_pool, self.explainer.explain_uint8, pixels, method, class_index)
+        except ValueError as e:
+            raise bentoml.exceptions.InvalidArgument(str(e)) from None
+        return {"probs": probs[0].tolist(), "class_index": int(target[0]), "grid": maps[0].tolist()}
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
@@ -181,6 +200,11 @@ class ViTClassifier:
             return
         predictor = load_predictor(self.bento_model.path)
         self._preprocessing = predictor.preprocessing
+        from vit_service.explain import Explainer
+
+        # /explain in-process: its own single thread, beside (never inside) the batcher.
+        self.explainer = Explainer(predictor.model, predictor.artifact, predictor.device)
+        self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=SETTINGS.max_batch_size if SETTINGS.batching else 1,
                                        max_latency_s=SETTINGS.max_latency_ms / 1000,
@@ -214,6 +238,29 @@ class ViTClassifier:
                                                  f"the limit is {SETTINGS.max_images}"))
         return await self._answer(ctx, "classify_batch", images, top_k,
                                   lambda results: {"results": [{"predictions": p} for p in results]})
+
+    @bentoml.api(route="/explain")
+    async def explain(self, image: Path, top_k: Optional[int] = None, method: Optional[str] = None,
+                      class_name: Optional[str] = None, format: Optional[str] = None,
+                      ctx: bentoml.Context = None) -> dict[str, Any]:  # type: ignore[assignment]
+        """Which patches drove the prediction: top-k labels and a rows x cols attention grid in [0, 1]
+        over the crop the model saw. `method`: rollout (default; attention rollout) or grad
+        (gradient-weighted, class-specific); `class_name`: explain this class instead of the top one;
+        `format=png`: the overlay image instead of JSON. `curl -F image=@cat.jpg URL/explain`"""
+        from starlette.responses import Response
+
+        from vit_service.serving.explain_api import explain_upload
+
+        if top_k is None and ctx is not None:
+            top_k = parse_top_k(ctx.request.query_params.getlist(TOP_K_FIELD))
+        try:
+            [name] = _upload_names(ctx, [image])
+            result = await explain_upload(self, name, image.read_bytes(), top_k, method, class_name, format)
+        except RequestError as e:
+            return _error(ctx, e)
+        if isinstance(result, bytes):
+            return Response(result, media_type="image/png")  # type: ignore[return-value]
+        return result
 
     @bentoml.api(route="/model_info")
     async def model_info(self) -> dict[str, Any]:
@@ -387,14 +434,15 @@ def _upload_names(ctx: bentoml.Context | None, paths: list[Path]) -> list[str]:
     return [p.name for p in paths]
 
 
-UPLOAD_ROUTES = {"/classify": UploadRoute(IMAGE_FIELD, many=False), "/classify_batch": UploadRoute(IMAGES_FIELD, many=True)}
+UPLOAD_ROUTES = {"/classify": UploadRoute(IMAGE_FIELD, many=False), "/classify_batch": UploadRoute(IMAGES_FIELD, many=True),
+                 "/explain": UploadRoute(IMAGE_FIELD, many=False, options=EXPLAIN_FIELDS)}
 ViTClassifier.add_asgi_middleware(
     UploadMiddleware, max_bytes=SETTINGS.max_body_bytes, routes=UPLOAD_ROUTES, max_files=lambda: SETTINGS.max_images,
     on_reject=lambda reason: metrics.rejected_uploads_total.labels(reason=reason).inc(),
     on_timings=metrics.observe_stages)
 # BentoML's own routes, ours, and the Swagger UI's static files; anything else folds into one label.
 metrics.fold_unknown_paths(
-    known_paths={"/", "/metrics", "/healthz", "/livez", "/readyz", "/docs.json", "/schema.json", "/model_info",
+    known_paths={"/", "/ui", "/docs", "/metrics", "/healthz", "/livez", "/readyz", "/docs.json", "/schema.json", "/model_info",
                  *(api.route for api in ViTClassifier.apis.values()), *(api.route for api in ViTModel.apis.values())},
     known_prefixes=("/static_content/", "/assets/"),
 )

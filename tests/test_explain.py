@@ -1,0 +1,248 @@
+"""Attention rollout and the gradient method on hand-built attention, on a real model, and the
+`vit-explain` CLI run for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from vit_service.explain import (Explainer, attention_rollout, crop_box, explain_batch, gradient_rollout,
+                                 normalize_map, peak_point)
+from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.preprocessing import Preprocessing
+
+G = 4  # 4 x 4 patch grid
+M = G * G
+
+
+def _uniform(B: int = 2, heads: int = 3, prefix: int = 1, layers: int = 3) -> list[torch.Tensor]:
+    N = prefix + M
+    return [torch.full((B, heads, N, N), 1.0 / N) for _ in range(layers)]
+
+
+def _attend_to(patch: int, prefix: int = 1, heads: int = 3, layers: int = 3, rows: str = "cls") -> list[torch.Tensor]:
+    """Every token attends to itself, except `rows` ("cls": the class token; "patches": every
+    patch token) which attend only to patch `patch`."""
+    N = prefix + M
+    a = torch.eye(N).repeat(1, heads, 1, 1)  # (1, h, N, N)
+    selected = [0] if rows == "cls" else list(range(prefix, N))
+    for i in selected:
+        a[:, :, i] = 0.0
+        a[:, :, i, prefix + patch] = 1.0
+    return [a.clone() for _ in range(layers)]
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("pool,prefix", [("token", 1), ("avg", 1), ("avg", 0)])
+def test_uniform_attention_gives_a_uniform_map(fusion: str, pool: str, prefix: int) -> None:
+    rel = attention_rollout(_uniform(prefix=prefix), prefix, pool, fusion)
+    assert rel.shape == (2, M)
+    assert torch.allclose(rel, rel[:, :1].expand_as(rel), atol=1e-6)
+    assert torch.equal(normalize_map(rel), torch.ones_like(rel))
+
+
+@pytest.mark.parametrize("discard", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_class_token_attending_to_one_patch_points_at_it(fusion: str, discard: float) -> None:
+    rel = attention_rollout(_attend_to(patch=6), 1, "token", fusion, discard)
+    grid = normalize_map(rel).view(-1, G, G)[0]
+    assert np.unravel_index(int(grid.argmax()), (G, G)) == (1, 2)  # patch 6 = row 1, col 2
+    assert grid[1, 2] == 1.0 and float(grid.flatten().sort().values[-2]) < 0.5
+
+
+def test_mean_pooled_model_reads_the_patch_rows() -> None:
+    rel = attention_rollout(_attend_to(patch=11, rows="patches"), 1, "avg")
+    assert int(rel[0].argmax()) == 11
+    # ...while the class token's row (unused by an avg-pool head) says nothing about patch 11.
+    rel_cls = attention_rollout(_attend_to(patch=11, rows="patches"), 1, "token")
+    assert int(rel_cls[0].argmax()) != 11 or float(rel_cls[0].max() - rel_cls[0].min()) < 1e-6
+
+
+def test_head_fusions_differ_when_heads_disagree() -> None:
+    N = 1 + M
+    a = torch.eye(N).repeat(1, 2, 1, 1)  # (1, 2, N, N)
+    a[0, :, 0] = 0.0
+    a[0, 0, 0, 1 + 3], a[0, 0, 0, 1 + 7] = 0.8, 0.2  # head 0: the class token looks at patches 3, 7
+    a[0, 1, 0, 1 + 7], a[0, 1, 0, 1 + 9] = 0.3, 0.7  # head 1: at patches 7, 9
+    peaks = {f: int(attention_rollout([a], 1, "token", f).argmax()) for f in ("mean", "max", "min")}
+    assert peaks == {"mean": 3, "max": 3, "min": 7}  # min keeps what every head agrees on
+
+
+def test_gradient_rollout_follows_positive_gradient_times_attention() -> None:
+    attn = _uniform(B=1)
+    grads = [torch.zeros_like(a) for a in attn]
+    grads[-1][0, :, 0, 1 + 9] = 5.0  # only the class token's link to patch 9 raises the logit
+    rel = gradient_rollout(attn, grads, 1, "token")
+    assert int(rel[0].argmax()) == 9
+    negative = [-g for g in grads]  # negative evidence is clamped away: a flat map
+    rel = gradient_rollout(attn, negative, 1, "token")
+    assert torch.allclose(rel, rel[:, :1].expand_as(rel))
+
+
+@pytest.fixture(scope="module")
+def model() -> VisionTransformer:
+    torch.manual_seed(0)
+    m = VisionTransformer(ViTConfig(image_size=32, patch_size=8, num_classes=3, embed_dim=48, depth=2, num_heads=3))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def test_explicit_attention_path_matches_forward(model: VisionTransformer) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    logits, maps = model.forward_with_attention(x)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    assert len(maps) == 2 and maps[0].shape == (2, 3, 17, 17) and maps[0].requires_grad  # in the graph
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad"])
+def test_explain_batch_shapes_and_range(model: VisionTransformer, method: str) -> None:
+    x = torch.randn(2, 3, 32, 48)  # another size: a 4 x 6 grid
+    probs, target, maps = explain_batch(model, x, method)
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
+    assert torch.equal(target, probs.argmax(-1))
+    assert maps.shape == (2, 4, 6) and float(maps.min()) >= 0.0 and float(maps.max()) == 1.0
+    assert all(p.grad is None for p in model.parameters())  # parameters' grads untouched
+
+
+def test_grad_method_is_class_specific(model: VisionTransformer) -> None:
+    x = torch.randn(1, 3, 32, 32)
+    maps = [explain_batch(model, x, "grad", class_index=c)[2] for c in range(3)]
+    assert not torch.allclose(maps[0], maps[1]) and not torch.allclose(maps[1], maps[2])
+    rollouts = [explain_batch(model, x, "rollout", class_index=c)[2] for c in range(2)]
+    assert torch.equal(rollouts[0], rollouts[1])  # rollout is class-agnostic
+
+
+@pytest.mark.parametrize("size,crop_pct,expected", [
+    ((100, 100), 1.0, (0, 0, 100, 100)),
+    ((100, 200), 1.0, (0, 50, 100, 150)),
+    ((300, 150), 1.0, (75, 0, 225, 150)),
+    ((64, 64), 0.5, (16, 16, 48, 48)),
+])
+def test_crop_box_is_the_region_the_model_sees(size: tuple[int, int], crop_pct: float, expected: tuple) -> None:
+    pre = Preprocessing(image_size=32, crop_pct=crop_pct)
+    box = crop_box(pre, *size)
+    assert np.allclose(box, expected, atol=1.0)
+    # And it agrees with the transform itself: a white square drawn exactly on the box fills the crop.
+    img = Image.new("RGB", size, (0, 0, 0))
+    img.paste((255, 255, 255), tuple(round(v) for v in box))
+    assert np.asarray(pre.resize_crop(img))[2:-2, 2:-2].min() > 200
+
+
+def test_peak_point_maps_the_patch_centre_into_the_image() -> None:
+    grid = np.zeros((4, 4), np.float32)
+    grid[3, 0] = 1.0
+    assert peak_point(grid, (10, 20, 50, 60)) == (15.0, 55.0)
+
+
+# --- vit-explain, for real -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.service_fixtures import build_tiny_model
+
+    model, artifact = build_tiny_model()
+    return artifact.save(model, tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, size in (("wide.jpg", (120, 60)), ("tall.png", (40, 80))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / name)
+        paths.append(root / name)
+    return paths
+
+
+def test_cli_writes_overlay_grid_and_json(images: list[Path], tmp_path: Path) -> None:
+    from tests.service_fixtures import save_tiny_model
+
+    home = tmp_path / "bentoml_home"
+    save_tiny_model(home)  # as vit-classifier, then named by its tag as in the README
+    out = tmp_path / "out"
+    r = run_cli("vit-explain", *map(str, images), "--model", "vit-classifier:latest", "--out", str(out),
+                env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"})
+    assert r.returncode == 0, r.stderr
+    for path in images:
+        overlay = Image.open(out / f"{path.stem}.png")
+        w, h = Image.open(path).size
+        assert abs(overlay.width / overlay.height - w / h) < 0.02  # the upload's aspect ratio
+        record = json.loads((out / f"{path.stem}.json").read_text())
+        grid = np.load(out / f"{path.stem}.npy")
+        assert grid.shape == (4, 4) == tuple(record["grid_shape"]) and 0.0 <= grid.min() and grid.max() == 1.0
+        assert np.allclose(np.array(record["grid"]), grid, atol=1e-4)
+        assert record["method"] == "rollout" and record["predictions"][0]["label"] == record["explained_class"]
+        assert f"{path}: {record['predictions'][0]['label']}" in r.stdout
+
+
+def test_cli_grad_explains_a_chosen_class(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
+    from vit_service.explain_cli import main  # in-process (an exported folder): the subprocess path is covered above
+
+    assert main([str(images[0]), "--model", str(artifact_dir), "--method", "grad", "--class", "star",
+                 "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "wide.json").read_text())
+    assert record["explained_class"] == "star" and record["method"] == "grad"
+
+
+def test_cli_error_is_one_line_naming_the_file(artifact_dir: Path, tmp_path: Path) -> None:
+    r = run_cli("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("vit-explain: error:") and "nope.jpg" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem", ["text", "class", "model"])
+def test_cli_errors_name_the_problem(artifact_dir: Path, images: list[Path], tmp_path: Path, problem: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from vit_service.explain_cli import main
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    args = {"text": [str(text), "--model", str(artifact_dir)],
+            "class": [str(images[0]), "--model", str(artifact_dir), "--class", "giraffe"],
+            "model": [str(images[0]), "--model", str(tmp_path)]}[problem]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    named = {"text": "notes.txt: not a recognised image format", "class": "giraffe", "model": str(tmp_path)}[problem]
+    assert err.startswith("vit-explain: error:") and named in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_explainer_from_tiny_artifact_uses_its_preprocessing(artifact_dir: Path) -> None:
+    from vit_service.artifact import load_model
+
+    explainer = Explainer(*load_model(artifact_dir))
+    ex = explainer.explain_image(Image.new("RGB", (64, 32), (200, 10, 10)), "grad")
+    assert ex.grid.shape == (4, 4) and ex.crop_box == (16.0, 0.0, 48.0, 32.0)
+    assert explainer.class_index("square") == 1
+    with pytest.raises(ValueError, match="giraffe"):
+        explainer.class_index("giraffe")
+
+
+def test_vit_explain_imports_no_training_stack() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, vit_service.explain_cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'training'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    from vit_service.explain_cli import main
+
+    image = demo_data / "val" / "circle" / "00000.jpg"
+    assert main([str(image), "--model", str(trained_run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "00000.json").read_text())
+    assert record["grid_shape"] == [8, 8] and len(record["predictions"]) == 5  # the demo model: 64 px, patch 8

@@ -1,0 +1,140 @@
+"""POST /explain on a real `bentoml serve`: JSON grid equal to the explainer run directly, the
+overlay PNG at the upload's aspect ratio, 4xx JSON for mistakes, real curl as in the README,
+BentoML's client, /classify alongside, and the API docs' own title and version."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import vit_service
+from service_fixtures import CLASS_NAMES
+from vit_service.artifact import load_model
+from vit_service.explain import Explainer
+from vit_service.preprocessing import decode_image
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_server) -> str:
+    return tiny_model_server[0]
+
+
+@pytest.fixture(scope="module")
+def explainer(tiny_model_server) -> Explainer:
+    home = tiny_model_server[1]
+    folder = next(p for p in (home / "models" / "vit-classifier").iterdir() if p.is_dir())
+    return Explainer(*load_model(folder))
+
+
+@pytest.fixture(scope="module")
+def jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(3)
+    path = tmp_path_factory.mktemp("img") / "wide.jpg"
+    Image.fromarray(rng.integers(0, 255, (50, 110, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def post(url: str, path: Path, **form: str) -> httpx.Response:
+    return httpx.post(f"{url}/explain", files={"image": (path.name, path.read_bytes(), "image/jpeg")},
+                      data=form, timeout=60)
+
+
+@pytest.mark.parametrize("method,class_name", [("rollout", None), ("grad", None), ("grad", "square")])
+def test_explain_json_matches_the_explainer(url: str, explainer: Explainer, jpeg: Path, method: str,
+                                            class_name: str | None) -> None:
+    form = {"method": method, **({"class_name": class_name} if class_name else {})}
+    r = post(url, jpeg, **form)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    image = decode_image(jpeg.read_bytes(), draft_size=explainer.preprocessing.resize_size)
+    want = explainer.explain_image(image, method, explainer.class_index(class_name))
+    assert body["method"] == method and body["grid_shape"] == [4, 4]
+    assert body["explained_class"] == (class_name or CLASS_NAMES[int(np.argmax(want.probs))])
+    assert np.allclose(body["grid"], want.grid, atol=1e-3)
+    assert [p["label"] for p in body["predictions"]][0] == CLASS_NAMES[int(np.argmax(want.probs))]
+    assert body["image_size"] == [110, 50] and body["crop_box"] == pytest.approx([30, 0, 80, 50], abs=1)
+
+
+def test_explain_png_is_the_overlay_at_the_upload_aspect(url: str, jpeg: Path) -> None:
+    r = post(url, jpeg, format="png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    overlay = Image.open(io.BytesIO(r.content))
+    assert overlay.format == "PNG" and abs(overlay.width / overlay.height - 110 / 50) < 0.03
+
+
+@pytest.mark.parametrize("case,status,message", [
+    ("text", 400, "not a recognised image format"),
+    ("method", 400, "'method' must be one of rollout, grad"),
+    ("class", 400, "unknown 'class_name' 'giraffe'"),
+    ("format", 400, "'format' must be one of json, png"),
+    ("field", 400, "unexpected form field(s) 'colour'"),
+    ("top_k", 400, "top_k must be between 1 and 4"),
+    ("get", 405, "Method Not Allowed"),
+])
+def test_explain_mistakes_are_4xx_json(url: str, jpeg: Path, tmp_path: Path, case: str, status: int, message: str) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    r = {"text": lambda: post(url, text),
+         "method": lambda: post(url, jpeg, method="lrp"),
+         "class": lambda: post(url, jpeg, class_name="giraffe"),
+         "format": lambda: post(url, jpeg, format="gif"),
+         "field": lambda: post(url, jpeg, colour="red"),
+         "top_k": lambda: post(url, jpeg, top_k="9"),
+         "get": lambda: httpx.get(f"{url}/explain")}[case]()
+    assert r.status_code == status and message in r.json()["error"]
+
+
+def test_readme_curl_commands(url: str, jpeg: Path, tmp_path: Path) -> None:
+    out = subprocess.run(["curl", "-s", "-F", f"image=@{jpeg}", f"{url}/explain"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["grid_shape"] == [4, 4]
+    png = tmp_path / "overlay.png"
+    subprocess.run(["curl", "-s", "-F", f"image=@{jpeg}", "-F", "format=png", "-o", str(png), f"{url}/explain"], check=True)
+    assert Image.open(png).format == "PNG"
+
+
+def test_bentoml_client_and_classify_alongside(url: str, jpeg: Path) -> None:
+    with bentoml.SyncHTTPClient(url) as client:
+        body = client.explain(image=jpeg, method="grad")
+    assert body["method"] == "grad" and len(body["grid"]) == 4
+    # /explain and /classify at once: both answer (the map is made outside the batch queue).
+    with ThreadPoolExecutor(8) as pool:
+        jobs = [pool.submit(post, url, jpeg) for _ in range(2)]
+        jobs += [pool.submit(httpx.post, f"{url}/classify", files={"image": jpeg.read_bytes()}, timeout=60)
+                 for _ in range(6)]
+        assert [j.result().status_code for j in jobs] == [200] * 8
+
+
+def test_docs_are_ours_and_local(url: str) -> None:
+    spec = httpx.get(f"{url}/docs.json").json()
+    assert spec["info"]["title"] == "vit-service" and spec["info"]["version"] == vit_service.__version__
+    assert "/explain" in spec["paths"] and "BentoML" not in json.dumps(spec["info"])
+    for path in ("/", "/ui", "/docs"):
+        page = httpx.get(url + path)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "googletagmanager" not in page.text and "https://" not in page.text and "http://" not in page.text
+
+
+@pytest.mark.slow  # a second server (two processes); the default run covers the in-process mode
+def test_explain_in_split_mode(tmp_path_factory: pytest.TempPathFactory, jpeg: Path) -> None:
+    from service_fixtures import bentoml_server, save_tiny_model
+
+    home = tmp_path_factory.mktemp("bentoml_home_split")
+    save_tiny_model(home)
+    log = tmp_path_factory.mktemp("split") / "serve.log"
+    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32", "VIT_MODE": "split"}) as url:
+        assert httpx.get(f"{url}/model_info").json()["serving"]["mode"] == "split"
+        body = post(url, jpeg, method="grad").json()
+        assert body["method"] == "grad" and body["grid_shape"] == [4, 4]
+        png = post(url, jpeg, format="png")
+        assert png.headers["content-type"] == "image/png"
+        assert post(url, jpeg, class_name="giraffe").status_code == 400
+    assert "Traceback" not in log.read_text()

@@ -1,0 +1,75 @@
+"""Training curves after `vit-train fit` and the evaluation report after `vit-train validate`,
+through the real CLI; the report's tables and plots on hand-made results with many classes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import demo_config, run_cli
+from training.report import most_confused_classes, write_report
+
+
+def _one(paths: list[Path]) -> Path:
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_fit_writes_training_curves_beside_the_logs(trained_run: Path) -> None:
+    curves = _one(list(trained_run.rglob("training_curves.png")))
+    # Beside the logs: the first logger's folder (CSV), whatever the run layout.
+    assert (curves.parent / "metrics.csv").is_file()
+    with Image.open(curves) as img:
+        assert img.width > 300 and img.height > 300
+
+
+def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Path) -> None:
+    config = demo_config(trained_run, demo_data)
+    r = run_cli("vit-train", "validate", "--config", str(config),
+                "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = _one(list(trained_run.rglob("report-validate")))
+    assert f"evaluation report: {report / 'README.md'}" in r.stdout
+    for name in ("confusion_matrix.png", "reliability.png", "worst_misclassified.png"):
+        with Image.open(report / name) as img:
+            assert img.width > 200
+    with open(report / "per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == sorted(p.name for p in (demo_data / "val").iterdir())
+    assert sum(int(r["support"]) for r in rows) == len(list((demo_data / "val").rglob("*.jpg")))
+    summary = json.loads((report / "summary.json").read_text())
+    # The report's accuracy is the one the module logs (same images, same model).
+    metrics = _one(list(report.parent.glob("metrics.csv")))
+    logged = [row for row in csv.DictReader(open(metrics)) if row.get("val/acc1")]
+    assert abs(summary["accuracy"] - float(logged[-1]["val/acc1"])) < 1e-6
+    assert 0.0 <= summary["ece"] <= 1.0
+    markdown = (report / "README.md").read_text()
+    assert "| class | precision | recall | F1 | support |" in markdown and "ECE" in markdown
+
+
+def test_report_tables_and_most_confused_subset(tmp_path: Path) -> None:
+    K = 60
+    names = [f"class{i:02d}" for i in range(K)]
+    confusion = np.diag(np.full(K, 10))
+    confusion[3, 7] = 6  # the pairs that matter, among 60 classes
+    confusion[7, 3] = 2
+    confusion[40, 41] = 4
+    results = {"confusion": torch.tensor(confusion),
+               "precision": torch.rand(K), "recall": torch.rand(K), "f1": torch.rand(K), "ece": torch.tensor(0.1)}
+    worst = [(0.9, 3, 7, np.zeros((16, 16, 3), np.uint8))]
+    out = write_report(tmp_path / "r", results, names, worst, np.random.rand(100), np.random.rand(100) > 0.5,
+                       max_matrix_classes=20)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["confusion_matrix_classes"]) == 20
+    assert {"class03", "class07", "class40", "class41"} <= set(summary["confusion_matrix_classes"])
+    with open(out / "confused_pairs.csv") as f:
+        pairs = list(csv.DictReader(f))
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("class03", "class07", "6"), ("class40", "class41", "4"), ("class07", "class03", "2")]
+    assert list(most_confused_classes(confusion, 3)) == [3, 7, 40]  # ties keep class order

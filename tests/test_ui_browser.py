@@ -1,0 +1,117 @@
+"""The web page (/ and /ui) and the API docs (/docs) in a real headless Chromium, against a real
+`bentoml serve`: upload a JPEG and see the labels, toggle the attention map, upload a text file
+and see the error; and nothing is ever fetched from anywhere but the service.
+
+Needs Debian's chromium (`apt-get install -y chromium`; `.ci/run` installs it) and the
+`playwright` package, which drives that binary: no browser download.
+Run alone: `.venv/bin/pytest tests/test_ui_browser.py -q` (VIT_UI_SCREENSHOT=docs/ui.png also
+saves the page's screenshot there).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="needs Debian's chromium: apt-get install -y chromium (.ci/run does)")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_server) -> str:
+    return tiny_model_server[0]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, url):
+    """A fresh page that records every URL it requests."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.requested = []
+    page.on("request", lambda request: page.requested.append(request.url))
+    yield page
+    context.close()
+
+
+def assert_only_local(requested: list[str], url: str) -> None:
+    outside = [u for u in requested if not u.startswith((url + "/", "blob:", "data:")) and u != url]
+    assert requested and not outside, outside
+
+
+def _jpeg(path: Path) -> Path:
+    from training.demo_data import draw_image
+
+    draw_image("triangle", np.random.default_rng(7)).save(path, quality=90)
+    return path
+
+
+def test_page_classifies_explains_and_reports_errors(page, url, tmp_path: Path) -> None:
+    jpeg, text = _jpeg(tmp_path / "triangle.jpg"), tmp_path / "notes.txt"
+    text.write_text("this is not an image")
+    expected = httpx.post(f"{url}/classify", files={"image": jpeg.read_bytes()}).json()["predictions"]
+
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('4 classes')")
+    assert "vit-classifier" in page.text_content("#model")
+    assert page.text_content("#classes") == "Classes: circle, square, triangle, star"
+
+    page.set_input_files("#file", str(jpeg))
+    page.wait_for_selector("#labels li >> nth=3")
+    labels = page.locator("#labels .label").all_text_contents()
+    assert labels == [p["label"] for p in expected]
+    assert page.is_visible("#preview") and not page.is_visible("#overlay")
+
+    page.wait_for_selector("#toggle:enabled")
+    page.check("#toggle")
+    page.wait_for_selector("#overlay", state="visible")
+    size = page.evaluate("[document.getElementById('overlay').naturalWidth, document.getElementById('overlay').naturalHeight]")
+    assert size[0] > 0 and size[1] > 0 and not page.is_visible("#preview")
+    shot = Path(os.environ.get("VIT_UI_SCREENSHOT") or tmp_path / "ui.png")
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 5000
+    page.uncheck("#toggle")
+    assert page.is_visible("#preview") and not page.is_visible("#overlay")
+
+    page.set_input_files("#file", str(text))
+    page.wait_for_selector("#error", state="visible")
+    assert "notes.txt: not a recognised image format" in page.text_content("#error")
+    assert page.locator("#labels li").count() == 0
+    assert page.is_visible("body")
+    assert_only_local(page.requested, url)
+    assert any(u.endswith("/explain") for u in page.requested) and any(u.endswith("/classify") for u in page.requested)
+
+
+def test_ui_path_serves_the_same_page(page, url) -> None:
+    page.goto(url + "/ui")
+    page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+    assert page.title() == "vit-service"
+    assert_only_local(page.requested, url)
+
+
+def test_api_docs_are_local_and_ours(page, url) -> None:
+    page.goto(url + "/docs")
+    page.wait_for_selector(".information-container .title")
+    title = page.text_content(".information-container .title")
+    assert "vit-service" in title and "0.1.0" in title
+    page.wait_for_selector("text=/explain")
+    assert "Google" not in page.content()
+    assert_only_local(page.requested, url)

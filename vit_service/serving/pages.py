@@ -1,0 +1,98 @@
+"""The service's own pages: the web page at `/` and `/ui`, the API docs at `/docs` and `/docs.json`.
+
+BentoML's stock index is a Swagger page that loads Google Tag Manager and badges from outside:
+a leak on a private network and a broken look offline. Here `/` serves our page, and `/docs` is
+Swagger UI from the assets BentoML ships (served locally under /static_content), with Google Tag
+Manager and the online spec validator left out, reading `/docs.json`, which is BentoML's spec
+with our title, description and version. Nothing on any of them is fetched from outside.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+import vit_service
+
+logger = logging.getLogger(__name__)
+UI_FILE = Path(__file__).parent / "ui" / "index.html"
+TITLE = "vit-service"
+DESCRIPTION = (
+    "Vision Transformer image classification. POST an image as multipart form field `image` to "
+    "/classify (top-k labels), /classify_batch (field `images`, repeated) or /explain (top-k "
+    "labels and an attention map; `format=png` for the overlay image). GET /model_info describes "
+    "the model. Errors are JSON `{\"error\": ...}` with a 4xx status. A web page is at /ui."
+)
+# Same-origin only, so the browser itself refuses anything from outside (a second guard beside
+# the pages holding no external URL). Swagger UI needs inline styles and its bundled scripts.
+CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
+       "script-src 'self' 'unsafe-inline'; connect-src 'self'")
+
+SWAGGER_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>vit-service API</title>
+  <link rel="stylesheet" href="./static_content/swagger-ui.css">
+  <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png">
+</head>
+<body>
+  <p style="font-family: sans-serif; margin: 8px 20px"><a href="./ui">Web page</a> &middot;
+     <a href="./docs.json">OpenAPI spec (JSON)</a></p>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({
+      url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true,
+      validatorUrl: null,  // the default asks validator.swagger.io for a badge
+      presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
+    });
+  </script>
+</body>
+</html>
+"""
+
+
+@functools.cache
+def _ui_html() -> str:
+    return UI_FILE.read_text(encoding="utf-8")
+
+
+async def ui_page(request: Request) -> Response:
+    return HTMLResponse(_ui_html(), headers={"content-security-policy": CSP, "cache-control": "no-cache"})
+
+
+async def docs_page(request: Request) -> Response:
+    return HTMLResponse(SWAGGER_PAGE, headers={"content-security-policy": CSP})
+
+
+def openapi_spec() -> dict[str, Any]:
+    from vit_service.serving.service import ViTClassifier  # here: service.py imports this module
+
+    spec = ViTClassifier.openapi_spec.asdict()
+    # Our own info, not BentoML's (version "None", BentoML's team as the contact).
+    spec["info"] = {"title": TITLE, "description": DESCRIPTION, "version": vit_service.__version__}
+    spec.pop("servers", None)
+    return spec
+
+
+async def docs_json(request: Request) -> Response:
+    try:
+        return JSONResponse(openapi_spec())
+    except Exception:
+        logger.exception("GET /docs.json failed")
+        return JSONResponse({"error": "failed to build the OpenAPI spec; see the server log"}, status_code=500)
+
+
+ROUTES = [
+    Route("/", ui_page, methods=["GET"]),
+    Route("/ui", ui_page, methods=["GET"]),
+    Route("/docs", docs_page, methods=["GET"]),
+    Route("/docs.json", docs_json, methods=["GET"]),
+]
