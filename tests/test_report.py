@@ -29,12 +29,13 @@ def test_fit_writes_training_curves_beside_the_logs(trained_run: Path) -> None:
         assert img.width > 300 and img.height > 300
 
 
-def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Path) -> None:
-    config = demo_config(trained_run, demo_data)
+def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    # Its own run folder: the shared training run's folder stays as fit left it.
+    config = demo_config(tmp_path, demo_data)
     r = run_cli("vit-train", "validate", "--config", str(config),
                 "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"))
     assert r.returncode == 0, r.stderr[-3000:]
-    report = _one(list(trained_run.rglob("report-validate")))
+    report = _one(list(tmp_path.rglob("report-validate")))
     assert f"evaluation report: {report / 'README.md'}" in r.stdout
     for name in ("confusion_matrix.png", "reliability.png", "worst_misclassified.png"):
         with Image.open(report / name) as img:
