@@ -36,6 +36,7 @@ class TimeBudget(Callback):
         self._start: float | None = None
         self._base_lrs: list[float] = []
         self._resume_used_s = 0.0
+        self.train_s: float | None = None  # training time when the budget stopped the run
 
     def progress(self) -> float:
         """Share of the budget used, in [0, 1]."""
@@ -68,6 +69,7 @@ class TimeBudget(Callback):
                            batch_idx: int) -> None:
         if self.progress() >= 1.0 and not trainer.should_stop:
             trainer.should_stop = True
+            self.train_s = time.monotonic() - self._start
             # Validate now, even if the config validates only every N epochs to save budget:
             # Lightning validates a stopping epoch when that epoch is a validation epoch.
             trainer.check_val_every_n_epoch = 1
@@ -75,7 +77,8 @@ class TimeBudget(Callback):
                   f" epochs ({trainer.global_step} steps)", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"used_s": (time.monotonic() - self._start) if self._start is not None else 0.0}
+        used = (time.monotonic() - self._start) if self._start is not None else 0.0
+        return {"used_s": self.train_s if self.train_s is not None else used, "train_s": self.train_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A resumed run continues the same budget instead of starting a new one.
