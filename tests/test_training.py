@@ -185,6 +185,7 @@ def test_ddp_two_cpu_processes(demo_data: Path, tmp_path: Path) -> None:
         "--trainer.limit_val_batches", "2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("version_*")) == ["version_0"]  # one run folder for both ranks
     ckpt = torch.load(tmp_path / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert "optimizer: AdamW, global batch 16" in result.stdout  # LR scaled by the 2-process batch
