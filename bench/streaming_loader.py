@@ -6,7 +6,7 @@
 Extracts the archive (once), writes shards of the train split with `vit-data optimize`'s code
 (once, timed), then times configs/cifar10.yaml's train DataLoader (decode + the training
 transform, batch 256, `--workers` loader processes) over the folder and over the shards, in
-alternating repeats, and prints a Markdown table.
+alternating repeats, and prints a Markdown table; then the datasets alone in one process.
 """
 
 from __future__ import annotations
@@ -14,21 +14,39 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import subprocess
 import tarfile
 import time
 from pathlib import Path
 
 from data_loading import load_config, loader_rate  # bench/ is sys.path[0] when run as a script
+from litdata import StreamingDataset
 
 from training.data import ImageFolderDataModule
-from training.shards import optimize_folder
+from training.folder_dataset import ImageFolderDataset
+from training.shards import ShardDataset, optimize_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def du_bytes(path: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())  # allocated, as du
+
+
+def _items_per_s(dataset: object, shuffled: bool, n: int = 3000) -> float:
+    if shuffled:  # a map-style dataset read in a random order, as a shuffling sampler does
+        order = random.Random(0).sample(range(len(dataset)), n)
+        start = time.perf_counter()
+        for i in order:
+            dataset[i]
+    else:  # an iterable (streaming) dataset that shuffles itself
+        it = iter(dataset)
+        next(it)
+        start = time.perf_counter()
+        for _ in range(n):
+            next(it)
+    return n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -61,6 +79,11 @@ def main() -> None:
             dm.setup("fit")
             rates[name].append(loader_rate(dm.train_dataloader(), args.batches))
 
+    # The same decode without the loader (one process, no training transform): where the time goes.
+    per_item = {"folder": _items_per_s(ImageFolderDataset(str(folder)), shuffled=True),
+                "shards": _items_per_s(ShardDataset(str(shards), None, shuffle=True), shuffled=False),
+                "shards, not decoded": _items_per_s(StreamingDataset(str(shards), shuffle=True), shuffled=False)}
+
     n_files = sum(1 for _ in folder.rglob("*.jpg"))
     sizes = {"folder": du_bytes(folder), "shards": du_bytes(shards)}
     n_chunks = len(list(shards.glob("chunk-*.bin")))
@@ -75,6 +98,9 @@ def main() -> None:
         files = n_files if name == "folder" else f"{n_chunks} chunks"
         print(f"| {name} | {runs[len(runs) // 2]:.0f} | {', '.join(f'{r:.0f}' for r in rates[name])} "
               f"| {sizes[name] / 2**20:.1f} MiB | {files} |")
+    print("\n| dataset alone, 1 process | items/s |\n|---|---:|")
+    for name, rate in per_item.items():
+        print(f"| {name} | {rate:.0f} |")
     du = subprocess.run(["du", "-sh", str(folder), str(shards)], capture_output=True, text=True).stdout
     print("\n" + du.strip())
 
