@@ -75,8 +75,8 @@ class ViTCLI(LightningCLI):
             # DDP processes that Lightning starts (LOCAL_RANK > 0) inherit rank 0's choice: by
             # the time they look, rank 0 may have made the folder, and they would pick the next.
             inherited = os.environ.get(RUN_VERSION_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
-            version = inherited or f"{RUN_PREFIX}{self._run_version(root, config)}"
-            os.environ[RUN_VERSION_ENV] = version
+            version = int(inherited) if inherited else self._run_version(root, config)  # -> version_N
+            os.environ[RUN_VERSION_ENV] = str(version)
             kwargs["logger"] = [ResumableCSVLogger(save_dir=root, name="", version=version),
                                 TensorBoardLogger(save_dir=root, name="", version=version)]
         return super().instantiate_trainer(**kwargs)
