@@ -15,8 +15,10 @@ if [ ! -d "$DATA/train" ]; then
 fi
 
 step "Training a tiny ViT (configs/demo.yaml)"
+train_start=$SECONDS
 vit-train fit --config configs/demo.yaml --trainer.default_root_dir "$RUNS" \
   --data.train_dir "$DATA/train" --data.val_dir "$DATA/val"
+train_s=$((SECONDS - train_start))
 run=$(ls -d "$RUNS"/version_* | sort -V | sed -n '$p')  # this run: the newest version_N
 
 step "Exporting the best checkpoint of $run to the BentoML model store"
@@ -40,3 +42,4 @@ step "curl -F image=@$image http://127.0.0.1:$PORT/classify"
 curl -sS -F "image=@$image" "http://127.0.0.1:$PORT/classify"
 echo
 echo "(true class: $(basename "$(dirname "$image")"); server log: $log; stopping the server)"
+echo "demo took $((SECONDS / 60)) min $((SECONDS % 60)) s in all, training $((train_s / 60)) min $((train_s % 60)) s"

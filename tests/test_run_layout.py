@@ -5,6 +5,7 @@ vit-train predict writes one row per image. All through the real CLIs."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,9 @@ def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     config = demo_config(tmp_path_factory.mktemp("config"), demo_data)
     roots = {name: tmp_path_factory.mktemp(name) / "out" for name in ("a", "b")}
     outputs = {}
-    for name, epochs in (("a", "2"), ("b", "1")):
+    for name, epochs, extra in (("a", "2", []), ("b", "1", ["--progress.every_n_steps", "1"])):
         result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.default_root_dir",
-                         str(roots[name]), "--trainer.max_epochs", epochs, *BEST_IS_FIRST, cwd=cwd)
+                         str(roots[name]), "--trainer.max_epochs", epochs, *BEST_IS_FIRST, *extra, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = result.stdout
     return {"cwd": cwd, "config": config, "roots": roots, "stdout": outputs}
@@ -48,6 +49,7 @@ def test_two_runs_write_only_under_their_own_root(runs: dict) -> None:
         assert Path(state["dirpath"]) == run / "checkpoints"
         # stdout is not a terminal here: one progress line per epoch
         assert f"epoch {epochs}/{epochs}  step" in runs["stdout"][name]
+    assert "] step 1  train/loss " in runs["stdout"]["b"] and "] step 1 " not in runs["stdout"]["a"]
 
 
 def test_resume_last_continues_the_latest_run_in_its_folder(runs: dict) -> None:
@@ -109,3 +111,15 @@ def test_predict_writes_one_row_per_image_and_names_unreadable_files(runs: dict,
         scores = [float(row[f"score_{k}"]) for k in (1, 2, 3)]
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-5
     assert list(runs["cwd"].iterdir()) == []
+
+    jsonl = run_cli("vit-train", "predict", "--config", str(runs["config"]), "--trainer.default_root_dir",
+                    str(root), "--data.predict_dir", str(images), "--ckpt_path", "last",
+                    "--predict_writer.format", "jsonl", cwd=runs["cwd"])
+    assert jsonl.returncode == 0, jsonl.stderr[-3000:]
+    records = [json.loads(line) for line in (root / "version_2/predictions.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in records] == sorted([str(images / "broken.jpg"), *rows])
+    for record in records:
+        if record["path"].endswith("broken.jpg"):
+            assert record["error"] and "predictions" not in record
+        else:
+            assert len(record["predictions"]) == 5 and record["predictions"][0]["label"] in class_names

@@ -4,7 +4,6 @@ class checks as folders), 2-process DDP (gloo) coverage, and mid-epoch resume wi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -165,3 +164,16 @@ def test_run_killed_mid_epoch_resumes_without_repeating_or_dropping_samples(shar
     done_before_checkpoint = first.seen[: 6 * BATCH]
     assert len(resumed.seen) == 12 * BATCH  # the rest of the epoch, not a whole new one
     assert sorted(done_before_checkpoint + resumed.seen) == list(range(72))  # no repeats, no gaps
+
+
+def test_vit_train_fits_on_shards(shards: Path, demo_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import demo_config
+
+    config = demo_config(tmp_path, demo_data)
+    result = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
+                     "--data.val_dir", str(shards / "val"), "--trainer.max_epochs", "1",
+                     "--trainer.limit_train_batches", "3", "--data.batch_size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = torch.load(tmp_path / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 3
+    assert last["hyper_parameters"]["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())

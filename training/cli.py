@@ -9,6 +9,7 @@ continues the newest run that has a last.ckpt, in its own folder.
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from typing import Any
 
@@ -29,6 +30,7 @@ from training.report import EvaluationReport, TrainingCurves
 from vit_service.formats.checkpoints import CheckpointError
 
 DEFAULT_ROOT_DIR = "runs"
+RUN_VERSION_ENV = "VIT_TRAIN_RUN_VERSION"
 
 
 class ViTCLI(LightningCLI):
@@ -74,7 +76,11 @@ class ViTCLI(LightningCLI):
         trainer_config = config["trainer"]
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR
-            version = f"{RUN_PREFIX}{self._run_version(root, config)}"
+            # DDP processes that Lightning starts (LOCAL_RANK > 0) inherit rank 0's choice: by
+            # the time they look, rank 0 may have made the folder, and they would pick the next.
+            inherited = os.environ.get(RUN_VERSION_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
+            version = int(inherited) if inherited else self._run_version(root, config)  # -> version_N
+            os.environ[RUN_VERSION_ENV] = str(version)
             kwargs["logger"] = [ResumableCSVLogger(save_dir=root, name="", version=version),
                                 TensorBoardLogger(save_dir=root, name="", version=version)]
         return super().instantiate_trainer(**kwargs)
