@@ -22,7 +22,9 @@ from vit_service.artifact import load_model
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    """The CSV metrics of a run folder (version_N), or of the newest run under a default_root_dir."""
+    files = [run_dir / "metrics.csv"] if (run_dir / "metrics.csv").exists() else \
+        sorted(run_dir.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[1]))
     assert files, f"no metrics.csv under {run_dir}"
     with files[-1].open() as f:
         return list(csv.DictReader(f))

@@ -46,7 +46,8 @@ def test_ddp_two_cpu_processes_sync_metrics(demo_data: Path, tmp_path: Path) -> 
         env={"PYTHONPATH": str(REPO)},  # both ranks import the probe from tests/
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt_path = tmp_path / "checkpoints/last.ckpt"
+    assert sorted(p.name for p in tmp_path.glob("version_*")) == ["version_0"]  # one run folder for both ranks
+    ckpt_path = tmp_path / "version_0/checkpoints/last.ckpt"
     assert torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"] == 3
     assert "optimizer: AdamW, global batch 16" in result.stdout  # 8 per process x 2 processes
 
