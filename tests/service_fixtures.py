@@ -15,8 +15,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -163,6 +165,20 @@ def reference(store):
 
 def classify(client: httpx.Client, data: bytes, name: str = "x.jpg", ctype: str = "image/jpeg", **form) -> httpx.Response:
     return client.post("/classify", files={"image": (name, data, ctype)}, data=form)
+
+
+def classify_all_at_once(url: str, images: list[bytes]) -> list[httpx.Response]:
+    """POSTs every image to /classify from its own client, all released together by a barrier,
+    so the requests really are concurrent (what adaptive batching needs)."""
+    barrier = threading.Barrier(len(images))
+
+    def one(data: bytes) -> httpx.Response:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            barrier.wait()
+            return classify(c, data)
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        return list(pool.map(one, images))
 
 
 def check_predictions(preds: list[dict], k: int) -> None:

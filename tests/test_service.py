@@ -14,9 +14,6 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,7 +25,7 @@ import torch
 import yaml
 from PIL import Image
 
-from service_fixtures import (BIN, CLASS_NAMES, REPO, assert_matches, bentoml_server, check_predictions, classify, encode,
+from service_fixtures import (BIN, CLASS_NAMES, REPO, assert_matches, bentoml_server, check_predictions, classify, classify_all_at_once, encode,
                               picture, png_header_only, read_http_response, unusual_images, batch_histogram, poll)
 from service_fixtures import reference, store  # noqa: F401  (session fixtures, shared by tests/test_service*.py)
 from vit_service.preprocessing import decode_image
@@ -278,15 +275,7 @@ def test_concurrent_requests_share_forward_passes(client, url, reference):
     images = [encode(picture(100 + i), "JPEG") for i in range(32)]
     expected = [int(np.argmax(reference(d))) for d in images]
     batches0, requests0, singles0 = batch_histogram(client)
-    barrier = threading.Barrier(len(images))
-
-    def one(i: int) -> httpx.Response:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            barrier.wait()
-            return classify(c, images[i])
-
-    with ThreadPoolExecutor(len(images)) as pool:
-        responses = list(pool.map(one, range(len(images))))
+    responses = classify_all_at_once(url, images)
     assert [r.status_code for r in responses] == [200] * len(images), [r.text for r in responses if r.status_code != 200]
     assert [r.json()["predictions"][0]["index"] for r in responses] == expected
     batches1, requests1, singles1 = batch_histogram(client)

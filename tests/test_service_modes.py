@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service_fixtures import (BIN, REPO, assert_matches, batch_histogram, bentoml_server, check_predictions, classify,
+from service_fixtures import (BIN, REPO, assert_matches, batch_histogram, bentoml_server, check_predictions, classify, classify_all_at_once,
                               encode, picture, poll)
 from service_fixtures import reference, store  # noqa: F401  (session fixtures)
 from vit_service.serving.local_server import free_port
@@ -63,15 +63,7 @@ def test_split_mode_batches_concurrent_requests(split_server, reference):
     expected = [int(np.argmax(reference(d))) for d in images]
     with httpx.Client(base_url=url, timeout=60) as c:
         batches0, images0, _ = batch_histogram(c)
-    barrier = threading.Barrier(len(images))
-
-    def one(i: int) -> httpx.Response:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            barrier.wait()
-            return classify(c, images[i])
-
-    with ThreadPoolExecutor(len(images)) as pool:
-        responses = list(pool.map(one, range(len(images))))
+    responses = classify_all_at_once(url, images)
     assert [r.status_code for r in responses] == [200] * len(images)
     assert [r.json()["predictions"][0]["index"] for r in responses] == expected
     with httpx.Client(base_url=url, timeout=60) as c:
