@@ -1,6 +1,6 @@
 """Makes the README's pictures, docs/ui.png and docs/overlay.png, from a trained demo checkpoint.
 
-    python scripts/docs_images.py --ckpt runs/demo/checkpoints/last.ckpt --image data/demo/val/triangle/00003.jpg
+    python scripts/docs_images.py --ckpt runs/demo/version_0/checkpoints/last.ckpt --image data/demo/val/triangle/00003.jpg
 
 Exports the checkpoint into a temporary BentoML store, serves it on a free loopback port, opens the
 web page in headless Chromium, uploads the image, turns the heatmap on and takes a screenshot;
