@@ -72,7 +72,8 @@ class ViTCLI(LightningCLI):
         # The loggers are made here, not in the configs, because their folder depends on the run:
         # both write into <default_root_dir>/version_N, and ModelCheckpoint (no dirpath) puts
         # checkpoints/ beside them. Loggers given in a config or on the command line are kept.
-        config = self.config_init[self.subcommand]
+        # run=False (objects built from Python, no subcommand): the config is not nested.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or DEFAULT_ROOT_DIR

@@ -109,9 +109,6 @@ def train_demo_model(workdir: Path, train_per_class: int, val_per_class: int, ep
     cfg = yaml.safe_load((repo / "configs/demo.yaml").read_text())
     run = workdir / "run"
     cfg["trainer"].update(max_epochs=epochs, default_root_dir=str(run), enable_progress_bar=False)
-    for logger in cfg["trainer"]["logger"]:
-        logger["init_args"]["save_dir"] = str(run)
-    cfg["checkpoint"].update(dirpath=str(run / "checkpoints"))
     cfg["data"].update(train_dir=str(data / "train"), val_dir=str(data / "val"), num_workers=0)
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -119,7 +116,7 @@ def train_demo_model(workdir: Path, train_per_class: int, val_per_class: int, ep
     result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"vit-train fit failed:\n{result.stderr[-4000:]}")
-    return data, run / "checkpoints" / "last.ckpt"
+    return data, run / "version_0" / "checkpoints" / "last.ckpt"  # the first run under default_root_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,19 @@ def warm_up(predictor: Any, tag: Any) -> None:
     logger.info("model %s ready on %s in %.1f s", tag, predictor.describe(), seconds)
 
 
+def make_explainer(predictor: Any, model_path: str) -> Any:
+    """The /explain engine. Attention maps need the torch model (its attention and gradients), so
+    when onnxruntime serves /classify (VIT_BACKEND) the torch model is loaded beside it."""
+    from vit_service.artifact import load_model
+    from vit_service.explain import Explainer
+
+    model = getattr(predictor, "model", None)
+    if model is None:
+        model, _ = load_model(model_path)
+        return Explainer(model, predictor.artifact, "cpu")  # onnxruntime runs on CPU-only hosts
+    return Explainer(model, predictor.artifact, predictor.device)
+
+
 def describe_model(predictor: Any, tag: Any) -> dict[str, Any]:
     """What the front needs to prepare inputs and label outputs, and what /model_info shows."""
     artifact = predictor.artifact
@@ -130,11 +143,9 @@ class ViTModel:
         label_metrics_with_model(self.bento_model.tag)
         self.predictor = load_predictor(self.bento_model.path)
         warm_up(self.predictor, self.bento_model.tag)
-        from vit_service.explain import Explainer
-
         # /explain runs here, one at a time in its own thread: never in the batch queue, and
         # never more than one core's worth of work taken from /classify's forward passes.
-        self.explainer = Explainer(self.predictor.model, self.predictor.artifact, self.predictor.device)
+        self.explainer = make_explainer(self.predictor, self.bento_model.path)
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.ready = True
 
@@ -200,10 +211,8 @@ class ViTClassifier:
             return
         predictor = load_predictor(self.bento_model.path)
         self._preprocessing = predictor.preprocessing
-        from vit_service.explain import Explainer
-
         # /explain in-process: its own single thread, beside (never inside) the batcher.
-        self.explainer = Explainer(predictor.model, predictor.artifact, predictor.device)
+        self.explainer = make_explainer(predictor, self.bento_model.path)
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=SETTINGS.max_batch_size if SETTINGS.batching else 1,
