@@ -14,6 +14,7 @@ from litdata import StreamingDataLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.folder_dataset import DatasetError, ImageFolderDataset, find_classes
+from training.memory_data import BatchAugment, DecodedImages
 from training.predict import PredictFolderDataset
 from training.shards import ShardDataset, check_same_classes, is_shard_dir, shard_class_names
 from vit_service.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -45,6 +46,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         re_prob: float = 0.25,
         pin_memory: bool = True,
+        in_memory: bool = False,
         seed: int = 42,
     ) -> None:
         """
@@ -61,6 +63,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers: data-loading processes; default all available cores.
             scale, ratio, hflip, color_jitter, auto_augment, re_prob: timm's training transform
                 (RandomResizedCrop, RandAugment string such as "rand-m9-mstd0.5-inc1", random erasing).
+            in_memory: decode the training images once into memory (uint8, image_size px square)
+                and crop/flip/normalise/erase whole batches on the training device
+                (training/memory_data.py): for datasets that fit in RAM, such as CIFAR-10
+                (150 MB), where the per-image pipeline costs more than the training step. Folders
+                only; no color_jitter or auto_augment.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -97,9 +104,11 @@ class ImageFolderDataModule(L.LightningDataModule):
                                        "--data.val_fraction works on folders only)")
                 train = ShardDataset(hp.train_dir, self.train_transform(), shuffle=True, seed=hp.seed)
             else:
+                if hp.in_memory and (hp.color_jitter or hp.auto_augment):
+                    raise DatasetError("--data.in_memory augments whole batches (crop, flip, erasing): set "
+                                       "--data.color_jitter null and --data.auto_augment null, or in_memory false")
                 train = ImageFolderDataset(hp.train_dir, self.train_transform(), self.class_names)
             if hp.val_dir:
-                self.datasets["train"] = train
                 # Scanning with train's class list also checks that val's classes agree.
                 self.datasets["val"] = self._eval_dataset(hp.val_dir)
             else:
@@ -108,8 +117,18 @@ class ImageFolderDataModule(L.LightningDataModule):
                 n_val = max(1, int(len(order) * hp.val_fraction))
                 if n_val >= len(order):
                     raise DatasetError(f"{hp.train_dir}: too few images to hold out a validation split")
-                self.datasets["train"] = Subset(train, order[n_val:])
+                train = Subset(train, order[n_val:])
                 self.datasets["val"] = Subset(val_full, order[:n_val])
+            if hp.in_memory:
+                if isinstance(train, ShardDataset):
+                    raise DatasetError(f"{hp.train_dir}: --data.in_memory reads image folders, not shards")
+                folder = train.dataset if isinstance(train, Subset) else train
+                samples = ([folder.samples[i] for i in train.indices] if isinstance(train, Subset)
+                           else folder.samples)
+                train = DecodedImages(samples, hp.image_size, hp.interpolation, root=hp.train_dir)
+                self.batch_augment = BatchAugment(hp.image_size, hp.scale, hp.ratio, hp.hflip, hp.mean,
+                                                  hp.std, hp.re_prob)
+            self.datasets["train"] = train
         if stage == "validate" and "val" not in self.datasets:
             self.setup("fit")
         if stage == "test" and "test" not in self.datasets:
@@ -131,11 +150,21 @@ class ImageFolderDataModule(L.LightningDataModule):
                 self.datasets[split], batch_size=self.hparams.batch_size, num_workers=self.num_workers,
                 pin_memory=self.hparams.pin_memory and torch.cuda.is_available(), drop_last=shuffle,
             )
+        if isinstance(self.datasets[split], DecodedImages):
+            # Indexing a tensor in memory: worker processes would only add copying between them.
+            return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+                              num_workers=0, drop_last=shuffle)
         return DataLoader(
             self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
             num_workers=self.num_workers, pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0, drop_last=shuffle,  # Mixup needs even, full batches
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and isinstance(self.datasets.get("train"), DecodedImages):
+            images, labels = batch  # (B, 3, S, S) uint8 on the training device
+            batch = [self.batch_augment.to(images.device)(images), labels]
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -1,0 +1,136 @@
+"""`--data.in_memory`: training images decoded once into memory and augmented a batch at a time.
+
+The batch augmentation is checked against hand-computed results (an identity crop returns the
+normalised image pixel for pixel; a half-size output of the whole image is 2x2 average pooling;
+a flip is a flip), the decoded store against the eval decode of each file, and the option end to
+end in a real `vit-train fit` whose model inputs are recorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import demo_config
+from tests.training_probe import TrainingProbe
+from training import memory_data
+from training.cli import run_cli
+from training.folder_dataset import DatasetError, SkippedImageWarning, scan_image_folder
+from training.memory_data import BatchAugment, DecodedImages
+from vit_service.preprocessing import Preprocessing, open_image
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def _images(b: int = 4, side: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (b, 3, side, side), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
+
+
+def test_identity_crop_returns_the_normalised_image() -> None:
+    # scale (1, 1) and ratio (1, 1): the box is the whole image; aligned sampling hits pixel centres.
+    x = _images()
+    out = BatchAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, mean=MEAN, std=STD)(x)
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _normalised(x), atol=1e-4, rtol=0)
+
+
+def test_whole_image_at_half_size_is_2x2_average_pooling() -> None:
+    x = _images()
+    out = BatchAugment(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, mean=MEAN, std=STD)(x)
+    torch.testing.assert_close(out, _normalised(F.avg_pool2d(x.float(), 2)), atol=1e-4, rtol=0)
+
+
+def test_flip_probability_one_mirrors_every_image() -> None:
+    x = _images()
+    out = BatchAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, mean=MEAN, std=STD)(x)
+    torch.testing.assert_close(out, _normalised(x.flip(-1)), atol=1e-4, rtol=0)
+
+
+def test_crop_boxes_follow_scale_and_ratio_and_stay_inside() -> None:
+    torch.manual_seed(0)
+    aug = BatchAugment(32, scale=(0.25, 0.5), ratio=(0.75, 4 / 3), hflip=0.0, mean=MEAN, std=STD)
+    boxes = aug.crop_boxes(4000, 40, 30, torch.device("cpu"))  # H 40, W 30
+    index, x1, y1, x2, y2 = boxes.unbind(1)
+    assert torch.equal(index, torch.arange(4000, dtype=boxes.dtype))
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= 30 + 1e-4).all() and (y2 <= 40 + 1e-4).all()
+    w, h = x2 - x1, y2 - y1
+    share = w * h / (40 * 30)
+    assert share.min() >= 0.25 - 1e-4 and share.max() <= 0.5 + 1e-4
+    aspect = w / h
+    assert aspect.min() >= 0.75 - 1e-4 and aspect.max() <= 4 / 3 + 1e-4
+    # Log-uniform aspect: as many boxes wider than square as taller (within sampling noise).
+    assert abs(float((aspect > 1).float().mean()) - 0.5) < 0.05
+    # Positions spread over the free room, not pinned to a corner.
+    where = x1 / (30 - w).clamp(min=1e-6)  # 0: left edge, 1: right edge of the free room
+    assert float(where.min()) < 0.05 and float(where.max()) > 0.95
+
+
+def test_random_erasing_runs_on_the_batch() -> None:
+    torch.manual_seed(0)
+    x = _images(b=16)
+    plain = BatchAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, mean=MEAN, std=STD)(x)
+    erased = BatchAugment(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, mean=MEAN, std=STD, re_prob=1.0)(x)
+    changed = (erased != plain).flatten(1).any(1)
+    assert changed.all()  # every image got a rectangle of noise
+    assert ((erased != plain).flatten(1).float().mean(1) < 0.5).all()  # a rectangle, not the whole image
+
+
+def test_decoded_images_match_the_eval_decode_and_drop_bad_files(demo_data: Path, tmp_path: Path) -> None:
+    samples = scan_image_folder(demo_data / "train")[:10]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.warns(SkippedImageWarning, match="bad.jpg"):
+        ds = DecodedImages([*samples[:5], (str(bad), 3), *samples[5:]], size=32, root="demo")
+    assert len(ds) == 10 and ds.num_skipped == 1 and ds.skipped_files == [str(bad)]
+    resize = Preprocessing(32, crop_pct=1.0, interpolation="bicubic")
+    for i, (path, label) in enumerate(samples):
+        image, got_label = ds[i]
+        assert got_label == label
+        assert torch.equal(image, resize.to_uint8(open_image(path)))
+
+
+def test_decoded_images_refuse_what_memory_cannot_hold(demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory_data, "MEMORY_SHARE_LIMIT", 1e-12)
+    with pytest.raises(DatasetError, match=r"need .* GiB in memory.*--data.in_memory false"):
+        DecodedImages(scan_image_folder(demo_data / "train"), size=32, root=str(demo_data / "train"))
+
+
+def test_fit_in_memory_trains_on_batch_augmented_images(demo_data: Path, tmp_path: Path) -> None:
+    config = demo_config(tmp_path, demo_data, callbacks=[{"class_path": "tests.training_probe.TrainingProbe"}],
+                         num_sanity_val_steps=0, limit_val_batches=1, max_epochs=1, limit_train_batches=2)
+    cli = run_cli(["fit", "--config", str(config), "--data.batch_size", "8", "--data.in_memory", "true",
+                   "--data.color_jitter", "null", "--data.auto_augment", "null", "--data.re_prob", "0",
+                   "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0"])
+    probe = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingProbe))
+    dm = cli.datamodule
+    assert isinstance(dm.datasets["train"], DecodedImages) and len(dm.datasets["train"]) == 72
+    assert dm.train_dataloader().num_workers == 0
+    seen = probe.model_inputs[0]  # what the model saw: float, normalised, at image_size
+    size = dm.hparams.image_size
+    assert seen.shape == (8, 3, size, size) and seen.dtype == torch.float32
+    # Normalised with the data's mean/std: pixel values map into [(0 - mean) / std, (1 - mean) / std].
+    lo = min((0 - m) / s for m, s in zip(dm.hparams.mean, dm.hparams.std))
+    hi = max((1 - m) / s for m, s in zip(dm.hparams.mean, dm.hparams.std))
+    assert lo - 1e-4 <= float(seen.min()) and float(seen.max()) <= hi + 1e-4
+    assert float(seen.std()) > 0.1
+    assert cli.trainer.global_step == 2
+
+
+def test_in_memory_refuses_per_image_augmentations(demo_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import run_cli as run_console
+
+    config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=1)
+    result = run_console("vit-train", "fit", "--config", str(config), "--data.in_memory", "true",
+                         "--data.auto_augment", "rand-m9-mstd0.5-inc1")
+    assert result.returncode != 0
+    assert "--data.in_memory augments whole batches" in result.stderr
+    assert "Traceback" not in result.stderr
