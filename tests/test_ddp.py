@@ -1,5 +1,6 @@
 """Lightning DDP with 2 CPU processes (gloo) through the real `vit-train`: the LR scales with the
-global batch, and both ranks end validation with the same metrics, those of the full val set."""
+global batch, both ranks end validation with the same metrics, those of the full val set, and a
+wall-clock budget gives every rank the same LR schedule and the same last step."""
 
 from __future__ import annotations
 
@@ -63,3 +64,26 @@ def test_ddp_two_cpu_processes_sync_metrics(demo_data: Path, tmp_path: Path) -> 
         # Each rank validated half of the 24 images; synced, both report the full-set value.
         assert rank0[key] == pytest.approx(value, abs=1e-5), key
         assert rank1[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_ddp_time_budget_one_schedule_for_all_ranks(demo_data: Path, tmp_path: Path) -> None:
+    # Rank 1's clock runs half the budget ahead: on its own it would use other LRs than rank 0
+    # and stop first, leaving rank 0 waiting in the gradient all-reduce.
+    callbacks = [
+        {"class_path": "tests.training_probe.SkewedTimeBudget", "init_args": {"minutes": 0.05, "skew_s": 1.5}},
+        {"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(tmp_path)}},
+    ]
+    config = demo_config(tmp_path, demo_data, callbacks=callbacks, max_epochs=1000, check_val_every_n_epoch=1000)
+    result = run_cli(
+        "vit-train", "fit", "--config", str(config), "--trainer.strategy", "ddp",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.batch_size", "8",
+        env={"PYTHONPATH": str(REPO)}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "time budget spent after" in result.stdout
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = torch.load(tmp_path / "version_0/checkpoints/last.ckpt", map_location="cpu",
+                       weights_only=False)["global_step"]
+    assert steps > 3  # the schedule had room to move: warmup, then the cosine
+    assert [len(r["step_lrs"]) for r in ranks] == [steps, steps]  # the same last step
+    assert ranks[1]["step_lrs"] == ranks[0]["step_lrs"]  # exactly the same LR at every step

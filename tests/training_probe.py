@@ -10,11 +10,14 @@ saw to `out_dir/rank<N>.json` at the end of every validation.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+
+from training.callbacks import TimeBudget
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:
@@ -92,3 +95,19 @@ class TrainingProbe(L.Callback):
             path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
             path.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
                                         "val_metrics": self.val_metrics, "step_lrs": self.step_lrs}))
+
+
+class SkewedTimeBudget(TimeBudget):
+    """A TimeBudget whose clock runs `skew_s` ahead on rank 1, as no two machines' clocks (or two
+    processes' start times) agree exactly; the ranks must still follow one schedule."""
+
+    def __init__(self, minutes: float, skew_s: float, **kwargs: Any) -> None:
+        super().__init__(minutes, **kwargs)
+        self.skew_s = skew_s
+        self._rank = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._rank = trainer.global_rank
+
+    def clock(self) -> float:
+        return time.monotonic() + (self.skew_s if self._rank == 1 else 0.0)

@@ -5,6 +5,11 @@ before the cosine decay ends (a high LR at the end costs several points), on a f
 budget is left unused. `TimeBudget` maps elapsed training time to the schedule instead:
 linear warmup, then cosine to `min_lr_ratio`, reaching it exactly when the budget is spent;
 training then stops and one validation runs, so the checkpoint's val/acc1 is the final score.
+
+Under DDP every rank must use the same LR and stop at the same step (a rank that stops first
+leaves the others waiting in an all-reduce forever), but their clocks start a few milliseconds
+apart: rank 0's progress is broadcast to all ranks at every step, as Lightning's own `Timer`
+callback broadcasts its stop decision.
 """
 
 from __future__ import annotations
@@ -36,13 +41,22 @@ class TimeBudget(Callback):
         self._start: float | None = None
         self._base_lrs: list[float] = []
         self._resume_used_s = 0.0
+        self._progress = 0.0  # rank 0's share of the budget at the start of the current step
         self.train_s: float | None = None  # training time when the budget stopped the run
 
-    def progress(self) -> float:
-        """Share of the budget used, in [0, 1]."""
+    def clock(self) -> float:
+        return time.monotonic()
+
+    def elapsed_share(self) -> float:
+        """This process's share of the budget used, in [0, 1]."""
         if self._start is None:
             return 0.0
-        return min(1.0, (time.monotonic() - self._start) / self.budget_s)
+        return min(1.0, (self.clock() - self._start) / self.budget_s)
+
+    def progress(self) -> float:
+        """Share of the budget used at the start of the current step, in [0, 1]: rank 0's
+        clock, the same on every rank."""
+        return self._progress
 
     def lr_factor(self, progress: float) -> float:
         if progress < self.warmup_fraction:
@@ -54,22 +68,25 @@ class TimeBudget(Callback):
         # Peak LRs as the module configured them (after batch-size scaling); its own per-step
         # scheduler keeps stepping, but this callback sets the LR before every optimizer step.
         self._base_lrs = [g.get("initial_lr", g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
-        self._start = time.monotonic() - self._resume_used_s
+        self._start = self.clock() - self._resume_used_s
+        self._progress = trainer.strategy.broadcast(self.elapsed_share())
         print(f"time budget: {self.budget_s / 60:g} min of training, warmup {self.warmup_fraction:.0%}, "
               f"cosine to {self.min_lr_ratio:g} x peak", flush=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        factor = self.lr_factor(self.progress())
+        self._progress = trainer.strategy.broadcast(self.elapsed_share())
+        factor = self.lr_factor(self._progress)
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         for group, base in zip(groups, self._base_lrs):
             group["lr"] = base * factor
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.progress() >= 1.0 and not trainer.should_stop:
+        spent = trainer.strategy.broadcast(self.elapsed_share() >= 1.0)
+        if spent and not trainer.should_stop:
             trainer.should_stop = True
-            self.train_s = time.monotonic() - self._start
+            self.train_s = self.clock() - self._start
             # Validate now, even if the config validates only every N epochs to save budget:
             # Lightning validates a stopping epoch when that epoch is a validation epoch.
             trainer.check_val_every_n_epoch = 1
@@ -77,7 +94,7 @@ class TimeBudget(Callback):
                   f" epochs ({trainer.global_step} steps)", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
-        used = (time.monotonic() - self._start) if self._start is not None else 0.0
+        used = (self.clock() - self._start) if self._start is not None else 0.0
         return {"used_s": self.train_s if self.train_s is not None else used, "train_s": self.train_s}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
