@@ -7,7 +7,7 @@ ViT's training step at low resolution, and its worker competes with the step for
 uint8 tensor; the loader only indexes it (no workers), and the random resized crop, flip,
 normalisation and random erasing run on the whole batch after it reaches the device, in a few
 tensor ops, as fast GPU data pipelines do. Validation and test keep the folder pipeline, which
-decodes exactly as the service does.
+decodes exactly as the service does. Under DDP each process holds its own copy.
 
 Deliberately not timm's per-image transform: timm has no batched random resized crop. The crop is
 `torchvision.ops.roi_align` (bilinear, averaging over each output pixel's footprint when it
