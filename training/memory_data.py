@@ -16,6 +16,7 @@ shrinks), one box per image, drawn from timm's scale/ratio distribution; random 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,8 @@ class BatchAugment(torch.nn.Module):
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float], hflip: float,
                  mean: tuple[float, float, float], std: tuple[float, float, float], re_prob: float = 0.0) -> None:
         super().__init__()
-        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.re_prob = re_prob
@@ -92,8 +94,7 @@ class BatchAugment(torch.nn.Module):
         `scale`, log aspect ratio uniform in `ratio` (timm's RandomResizedCrop distribution, with
         boxes clipped to the image instead of timm's redraws), position uniform."""
         area = torch.empty(batch, device=device).uniform_(*self.scale) * height * width
-        log_ratio = torch.empty(batch, device=device).uniform_(*torch.tensor(self.ratio).log().tolist())
-        aspect = log_ratio.exp()
+        aspect = torch.empty(batch, device=device).uniform_(*self.log_ratio).exp()
         w = (area * aspect).sqrt().clamp(max=width)
         h = (area / aspect).sqrt().clamp(max=height)
         x1 = torch.rand(batch, device=device) * (width - w)

@@ -186,17 +186,18 @@ def _from_lightning(state: StateDict, desc: str, prefer_ema: bool) -> tuple[Stat
     return picked, f"{desc} [{prefix}*]", "lightning"
 
 
+def rename_key(key: str, rules: list[tuple[str, str]]) -> str:
+    """`key` renamed by the first (regex, replacement) rule that matches it; unchanged if none does."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
 def _from_torchvision(state: StateDict) -> StateDict:
     """Renames torchvision keys to timm's; unknown keys (e.g. heads.pre_logits) keep their names."""
-    out = {}
-    for k, v in state.items():
-        for pattern, repl in _TORCHVISION_RULES:
-            new, n = re.subn(pattern, repl, k)
-            if n:
-                k = new
-                break
-        out[k] = v
-    return out
+    return {rename_key(k, _TORCHVISION_RULES): v for k, v in state.items()}
 
 
 def _check_patch_embed(state: StateDict, target: StateDict) -> None:

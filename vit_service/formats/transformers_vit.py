@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vit_service.artifact import ModelArtifact
-from vit_service.formats.checkpoints import CheckpointError, load_weights
+from vit_service.formats.checkpoints import CheckpointError, load_weights, rename_key
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
 
@@ -91,12 +91,7 @@ def state_dict_from_transformers(hf_state: dict[str, torch.Tensor]) -> dict[str,
         if m:
             qkv.setdefault((m[1], m[3]), {})[m[2]] = value
             continue
-        for pattern, repl in _HF_TO_TIMM:
-            new, n = re.subn(pattern, repl, k)
-            if n:
-                k = new
-                break
-        out[k] = value
+        out[rename_key(k, _HF_TO_TIMM)] = value
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise TransformersFormatError(f"layer {layer}: incomplete attention {kind} ({sorted(parts)})")
