@@ -542,7 +542,7 @@ def test_in_process_classify_images(services, reference):
 
 
 def test_in_process_errors_carry_status(services):
-    from vit_service.serving.http_api import RequestError
+    from vit_service.serving.uploads import RequestError
 
     front, _ = services
     ok = ("a.jpg", encode(picture(82), "JPEG"))
@@ -626,7 +626,7 @@ def test_bentoml_build_packs_the_service_and_model(store, tmp_path):
     name, version = bento_tag.split(":")
     bento = env_home / "bentos" / name / version
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    assert "vit_service/serving/service.py" in sources and "vit_service/serving/http_api.py" in sources
+    assert "vit_service/serving/service.py" in sources and "vit_service/serving/uploads.py" in sources
     assert not any(s.startswith(("training/", "tests/", "configs/")) for s in sources), sources
     # BentoML 1.4 records the model (resolved from vit-classifier:latest) in bento.yaml and copies
     # it from the model store on `bentoml containerize` / `export`.

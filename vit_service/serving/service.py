@@ -1,7 +1,7 @@
 """BentoML service: `bentoml serve vit_service.serving.service:ViTClassifier` (or `bentoml serve .`).
 
 `ViTClassifier` is the HTTP front: typed `@bentoml.api` routes /classify, /classify_batch and
-/model_info; uploads are checked by UploadMiddleware (http_api.py) first, decoded and resized to
+/model_info; uploads are checked by UploadMiddleware (uploads.py) first, decoded and resized to
 uint8 in a thread pool, classified, and answered as top-k JSON. Where the model runs depends on
 VIT_MODE:
     inprocess  (auto on CPU-only hosts) in the front process, behind an in-process adaptive
@@ -51,11 +51,11 @@ import httpx
 import numpy as np
 from bentoml.validators import DType
 
-from vit_service.serving.explain_api import EXPLAIN_FIELDS
+from vit_service.serving.explain_answer import EXPLAIN_FIELDS
 from vit_service.preprocessing import InvalidImageError, Preprocessing, decode_image
 from vit_service.serving import metrics
 from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
-from vit_service.serving.http_api import (ENTERED, IMAGE_FIELD, IMAGES_FIELD, RETURNED, TIMINGS_SCOPE_KEY, TOP_K_FIELD,
+from vit_service.serving.uploads import (ENTERED, IMAGE_FIELD, IMAGES_FIELD, RETURNED, TIMINGS_SCOPE_KEY, TOP_K_FIELD,
                                           UPLOAD_SCOPE_KEY, RequestError, UploadMiddleware, UploadRoute, app,
                                           parse_top_k)
 from vit_service.serving.settings import Settings
@@ -258,7 +258,7 @@ class ViTClassifier:
         `format=png`: the overlay image instead of JSON. `curl -F image=@cat.jpg URL/explain`"""
         from starlette.responses import Response
 
-        from vit_service.serving.explain_api import explain_upload
+        from vit_service.serving.explain_answer import explain_upload
 
         if top_k is None and ctx is not None:
             top_k = parse_top_k(ctx.request.query_params.getlist(TOP_K_FIELD))

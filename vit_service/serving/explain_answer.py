@@ -20,7 +20,7 @@ from PIL import Image
 from vit_service.explain import METHODS, crop_box
 from vit_service.inference import top_k_predictions
 from vit_service.preprocessing import InvalidImageError, decode_image
-from vit_service.serving.http_api import RequestError
+from vit_service.serving.uploads import RequestError
 
 logger = logging.getLogger("bentoml.vit_service")
 METHOD_FIELD, CLASS_FIELD, FORMAT_FIELD = "method", "class_name", "format"
