@@ -12,25 +12,7 @@ VIT_MODE:
 Everything about the model (architecture, class names, preprocessing) comes from the exported
 artifact named by VIT_MODEL_TAG.
 
-Settings, environment variables read at start-up (settings.py; defaults in brackets, "host" ones
-derived from the host's cores and device):
-    VIT_MODEL_TAG [vit-classifier:latest]   model in the BentoML model store
-    VIT_MODE [auto]                         auto | inprocess | split (see above)
-    VIT_DEVICE [auto]                       auto (CUDA when available) | cpu | cuda | cuda:N
-    VIT_PRECISION [auto]                    auto (bf16, or fp16 on older GPUs; on CPU bf16 only if measured faster at warm-up) | fp32 | bf16 | fp16
-    VIT_COMPILE [0]                         1 (torch.compile default mode) or a mode, e.g. max-autotune
-    VIT_BATCHING [1]                        0: no batching, one forward pass per request
-    VIT_MAX_BATCH_SIZE [host: 16 CPU, 64 GPU]  most images in one forward pass
-    VIT_MAX_LATENCY_MS [2000]               longest wait in the batch queue, else 503
-    VIT_MAX_IMAGES_PER_REQUEST [32]         /classify_batch limit, else 413
-    VIT_MAX_BODY_BYTES [33554432]           request body limit (32 MiB), else 413
-    VIT_MAX_IMAGE_PIXELS [40000000]         larger images are refused (decompression bombs), 400
-    VIT_JPEG_DRAFT [1]                      decode large JPEGs at reduced scale (DCT scaling)
-    VIT_TIMEOUT [30]                        seconds per request, else 504
-    VIT_MAX_CONCURRENCY [64]                requests in flight on the front, beyond that 429
-    VIT_WORKERS [host: 1 CPU, cores-1 GPU]  front worker processes
-    VIT_DECODE_THREADS [host: cores CPU, 2 GPU]  decoding threads per front worker
-    VIT_TORCH_THREADS [torch's: one per core]  intra-op threads of the in-process model
+Settings: environment variables read at start-up, declared and documented in settings.py.
 """
 
 from __future__ import annotations
@@ -85,8 +67,7 @@ def load_predictor(model_path: str) -> Any:
         import torch
 
         torch.set_num_threads(SETTINGS.torch_threads)
-    # VIT_BACKEND=auto|torch|onnxruntime (see vit_service/backend.py)
-    return load_backend(model_path, backend=os.environ.get("VIT_BACKEND", "").strip() or "auto",
+    return load_backend(model_path, backend=SETTINGS.backend,
                         device=SETTINGS.device, precision=SETTINGS.precision,
                         compile_mode=SETTINGS.compile_mode, threads=SETTINGS.torch_threads)
 
