@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
