@@ -18,31 +18,35 @@ LAYOUT = REPO / "docs" / "layout.md"
 TREE_LINE = re.compile(r"^(?P<indent> *)(?P<path>\S+)(?: {2,}(?P<what>\S.*))?$")
 
 
-def layout_paths(text: str) -> list[str]:
-    """Repository-relative paths the first code block of docs/layout.md names, in order.
-
-    A folder line ("formats/") is the parent of the more-indented lines below it."""
+def layout_paths(text: str) -> tuple[list[str], list[str]]:
+    """Repository-relative paths the first code block of docs/layout.md names, in order, and the
+    tree lines that are malformed. A folder line ("formats/") is the parent of the more-indented
+    lines below it; a line indented deeper than its place allows is read under the nearest folder
+    above it (and reported), so one bad line does not hide the rest."""
     block = re.search(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
     assert block, f"{LAYOUT.relative_to(REPO)}: no ``` code block holding the tree"
     paths: list[str] = []
+    malformed: list[str] = []
     parents: list[tuple[int, str]] = []  # (indent, folder path with trailing "/")
     for number, line in enumerate(block.group(1).splitlines(), 1):
         if not line.strip():
             continue
         m = TREE_LINE.match(line)
-        assert m, f"docs/layout.md tree line {number} is not 'PATH  description': {line!r}"
+        if not m:
+            malformed.append(f"tree line {number} is not 'PATH  description': {line!r}")
+            continue
         indent = len(m.group("indent"))
-        assert indent % 2 == 0, f"docs/layout.md tree line {number}: odd indentation: {line!r}"
         while parents and parents[-1][0] >= indent:
             parents.pop()
-        assert indent == (parents[-1][0] + 2 if parents else 0), (
-            f"docs/layout.md tree line {number}: indented {indent} spaces, but its folder line is "
-            f"{parents[-1][0] if parents else 'absent'}: {line!r}")
+        expected = parents[-1][0] + 2 if parents else 0
+        if indent != expected:
+            malformed.append(f"tree line {number} is indented {indent} spaces, {expected} under its folder "
+                             f"({parents[-1][1] if parents else 'top level'}): {line!r}")
         path = (parents[-1][1] if parents else "") + m.group("path")
         paths.append(path)
         if path.endswith("/"):
             parents.append((indent, path))
-    return paths
+    return paths, malformed
 
 
 def modules_that_must_be_named() -> set[str]:
@@ -55,12 +59,14 @@ def modules_that_must_be_named() -> set[str]:
 
 
 def test_layout_names_exactly_the_files_that_exist():
-    named = layout_paths(LAYOUT.read_text())
+    named, malformed = layout_paths(LAYOUT.read_text())
     stale = [p for p in named if not (REPO / p).exists()
              or (p.endswith("/") and not (REPO / p).is_dir())]
     unnamed = sorted(modules_that_must_be_named() - set(named))
     twice = sorted({p for p in named if named.count(p) > 1})
     problems = []
+    if malformed:
+        problems.append("malformed tree lines in docs/layout.md:\n  " + "\n  ".join(malformed))
     if stale:
         problems.append("named in docs/layout.md but not in the repository (remove or fix):\n  "
                         + "\n  ".join(stale))
@@ -123,7 +129,7 @@ def broken_links(doc: Path) -> list[str]:
 
 
 def test_relative_links_lead_to_files_and_headings():
-    broken = [b for doc in doc_files() for b in broken_links(doc)]
+    broken = list(dict.fromkeys(b for doc in doc_files() for b in broken_links(doc)))  # each once
     assert not broken, "broken links:\n  " + "\n  ".join(broken)
 
 
@@ -134,7 +140,7 @@ def test_the_checks_see_links_and_tree_lines():
     targets = LINK.findall(prose(readme))
     assert "docs/layout.md" in targets and "docs/serving.md" in targets, targets
     assert "two-commands" in heading_anchors(readme)
-    assert "vit_service/serving/ui/index.html" in layout_paths(LAYOUT.read_text())
-    assert "training/callbacks/time_budget.py" in layout_paths(LAYOUT.read_text())
+    named, _ = layout_paths(LAYOUT.read_text())
+    assert "vit_service/serving/ui/index.html" in named and "training/callbacks/time_budget.py" in named
     assert "vit_service/serving/service.py" in modules_that_must_be_named()
     assert "scripts/demo.sh" in modules_that_must_be_named()
