@@ -184,13 +184,18 @@ def save_transformers_folder(model: VisionTransformer, artifact: ModelArtifact,
                              directory: str | os.PathLike[str]) -> Path:
     """Writes `model` as a ViTForImageClassification folder (config, weights, image processor)."""
     cfg = model.config
+    # transformers' ViT classifies the class token's final state (after the last norm): each
+    # condition below names the one thing of ours that it has no setting for.
     unsupported = [why for bad, why in (
-        (cfg.global_pool != "token" or not cfg.class_token, "average pooling / no class token"),
-        (cfg.init_values is not None, "layer scale"),
-        (cfg.num_classes == 0, "a headless model"),
+        (not cfg.class_token, "a model without a class token"),
+        (cfg.class_token and cfg.global_pool == "avg",
+         "average pooling of the patch tokens (global_pool 'avg', then fc_norm): it classifies the class token"),
+        (cfg.init_values is not None, f"layer scale (init_values {cfg.init_values})"),
+        (cfg.num_classes == 0, "a headless model (num_classes 0)"),
     ) if bad]
     if unsupported:
-        raise TransformersFormatError(f"transformers' ViTForImageClassification cannot express {', '.join(unsupported)}")
+        raise TransformersFormatError(f"transformers' ViTForImageClassification cannot express "
+                                      f"{'; '.join(unsupported)}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     id2label = {str(i): name for i, name in enumerate(artifact.class_names)}
