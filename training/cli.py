@@ -91,13 +91,13 @@ class ViTCLI(LightningCLI):
             os.environ[RUN_VERSION_ENV] = str(version)
             if not inherited and not Path(root, f"{RUN_PREFIX}{version}").exists():
                 _NEW_RUN_DIRS.append(Path(root, f"{RUN_PREFIX}{version}"))  # removed if the command fails
+            kwargs["logger"] = [ResumableCSVLogger(save_dir=root, name="", version=version),
+                                TensorBoardLogger(save_dir=root, name="", version=version)]
         if self.subcommand in ("validate", "test", "predict"):
             # Restoring a checkpoint from another run folder makes ModelCheckpoint warn that its
             # best-score bookkeeping "won't be reloaded": it only matters to a fit that keeps
             # saving, and these commands save nothing, so the warning is noise here.
             warnings.filterwarnings("ignore", message=r"The dirpath has changed from", category=UserWarning)
-            kwargs["logger"] = [ResumableCSVLogger(save_dir=root, name="", version=version),
-                                TensorBoardLogger(save_dir=root, name="", version=version)]
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -150,10 +150,12 @@ class ViTCLI(LightningCLI):
             raise RunError(f"{run} has already trained {done} epoch(s) (max_epochs {requested}): nothing to resume; "
                            f"{extend}; or start a new run without --ckpt_path")
         if requested != planned and not typed:
-            raise RunError(f"{run} was planned for {planned} epochs ({done} done) but max_epochs is {requested} "
-                           f"here (from the config): resuming would re-plan its LR schedule for {requested} epochs. "
-                           f"Add --trainer.max_epochs {planned} to resume as planned, or --trainer.max_epochs "
-                           f"{requested} to re-plan on purpose")
+            state = "finished" if done >= planned else f"{done} done"
+            as_planned = f"--trainer.max_epochs {planned} to resume as planned, or " if done < planned else ""
+            raise RunError(f"{run} was planned for {planned} epochs ({state}) but max_epochs is {requested} "
+                           f"here (from the config): resuming would silently re-plan its LR schedule for "
+                           f"{requested} epochs. Add {as_planned}--trainer.max_epochs {requested} to re-plan on "
+                           f"purpose, or start a new run without --ckpt_path")
         if requested != planned:
             print(f"note: re-planning the LR schedule of {run} from {planned} to {requested} epochs ({done} done): "
                   f"warmup and cosine decay are recomputed over {requested} epochs, so the LR jumps from the "
@@ -174,7 +176,8 @@ def _completed_epochs(ckpt: str) -> int | None:
     """Epochs fully trained when `ckpt` was saved (Lightning's fit-loop progress)."""
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+        # "processed": the epoch end ran; last.ckpt is saved there, before "completed" counts it
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except Exception:  # an older or foreign checkpoint: no plan check, Lightning resumes as before
         return None
 

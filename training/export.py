@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import torch
 
 from training.module import build_model_config
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir:
         print(f"model folder: {Path(args.dir) / 'model.safetensors'}, vit_artifact.json", file=sys.stderr)
     if onnx_file:
-        places = [Path(bento_model.path) / ONNX_FILE] + ([Path(args.dir) / ONNX_FILE] if args.dir else [])
+        stored = Path(bentoml.models.get(bento_model.tag).path)  # bento_model.path was its staging folder
+        places = [stored / ONNX_FILE] + ([Path(args.dir) / ONNX_FILE] if args.dir else [])
         print(f"onnx: {', '.join(map(str, places))}", file=sys.stderr)
     if earlier:
         # A BentoML tag is a new version by design (the store never overwrites); say it rather
@@ -134,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _earlier_exports(name: str, artifact: ModelArtifact) -> list[str]:
     """Tags of `name` in the store exported from the same checkpoint file (path and mtime) and weights."""
-    import bentoml
-
     keys = ("source_checkpoint", "source_checkpoint_mtime", "weights")
     wanted = [artifact.metadata.get(k) for k in keys]
     if None in wanted:  # --from sources: no file identity recorded

@@ -16,7 +16,7 @@ import time
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 SHOWN_METRICS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5")
@@ -41,7 +41,7 @@ class ProgressLog(Callback):
         # dumped at the end; our lines say the same thing readably.
         if self._enabled() and not sys.stderr.isatty():
             for callback in trainer.callbacks:
-                if isinstance(callback, TQDMProgressBar):
+                if isinstance(callback, ProgressBar):  # TQDMProgressBar or RichProgressBar
                     callback.disable()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

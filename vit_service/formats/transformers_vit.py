@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vit_service.artifact import ModelArtifact
+from vit_service.artifact import ModelArtifact, save_safetensors
 from vit_service.formats.checkpoints import CheckpointError, load_weights, rename_key
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
@@ -222,7 +222,7 @@ def save_transformers_folder(model: VisionTransformer, artifact: ModelArtifact,
         processor.update(image_processor_type="ConvNextImageProcessor",
                          size={"shortest_edge": p.image_size}, crop_pct=p.crop_pct)
     state = state_dict_to_transformers(model.state_dict(), cfg.depth)
-    save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(state, d / WEIGHTS_FILE)
     (d / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
     (d / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2))
     return d
