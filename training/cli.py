@@ -9,6 +9,7 @@ continues the newest run that has a last.ckpt, in its own folder.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 import sys
@@ -38,6 +39,18 @@ from vit_service.formats.checkpoints import CheckpointError
 DEFAULT_ROOT_DIR = "runs"
 RUN_VERSION_ENV = "VIT_TRAIN_RUN_VERSION"
 _NEW_RUN_DIRS: list[Path] = []  # run folders this command made (none existed before)
+
+
+class _NoAdvertisement(logging.Filter):
+    """Lightning logs "💡 Tip: ... try installing litlogger ..." (a hosted service) at every start
+    without a LitLogger: an advertisement, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_NoAdvertisement())  # the loggers rank_zero_info writes to
 
 
 class ViTCLI(LightningCLI):
