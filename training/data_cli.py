@@ -67,8 +67,9 @@ def _positive_int(text: str) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    print(f"writing the demo dataset to {args.out} (seed {args.seed}):", flush=True)
     summary = generate_demo_dataset(args.out, seed=args.seed, train_per_class=args.train_per_class,
-                                    val_per_class=args.val_per_class)
+                                    val_per_class=args.val_per_class, progress=lambda line: print(line, flush=True))
     seconds = time.perf_counter() - start
     classes = list(summary["train"])
     print(f"wrote the demo dataset to {args.out} in {seconds:.1f} s (seed {args.seed})")

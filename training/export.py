@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import torch
 
 from training.module import build_model_config
@@ -18,10 +19,13 @@ from vit_service.artifact import ModelArtifact
 from vit_service.formats.checkpoints import CheckpointError, load_weights
 from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
 from vit_service.formats.pretrained import load_pretrained
-from vit_service.formats.transformers_vit import save_transformers_folder
+from vit_service.formats.transformers_vit import TransformersFormatError, save_transformers_folder
 from vit_service.model import VisionTransformer
 from vit_service.preprocessing import Preprocessing
 from vit_service.serving.store import save_to_bentoml
+
+
+HF_DIR_SKIPPED = 3  # exit code: everything was exported except the refused --hf-dir folder
 
 
 class ExportError(ValueError):
@@ -52,6 +56,7 @@ def artifact_from_checkpoint(ckpt_path: str | Path, ema: bool = False) -> tuple[
     dm_hp = ckpt.get("datamodule_hyper_parameters") or {}
     metadata = {
         "source_checkpoint": str(ckpt_path.resolve()),
+        "source_checkpoint_mtime": ckpt_path.stat().st_mtime,  # with the path: "the same file" for re-exports
         "weights": "ema" if ema else "raw",
         "val_acc1": info.get("val_acc1"),
         "val_acc5": info.get("val_acc5"),
@@ -91,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"best checkpoint of {args.run} by {best.monitor} ({best.mode}): {best.path.name} "
                       f"({best.monitor} {best.score:.4f})", file=sys.stderr)
             model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
-        if args.hf_dir:  # first: a model transformers cannot express fails before anything is saved
-            save_transformers_folder(model, artifact, args.hf_dir)
         onnx_file = _export_onnx_first(model) if args.onnx else None
         copy_onnx = (lambda folder: shutil.copy(onnx_file, folder / ONNX_FILE)) if onnx_file else None
+        earlier = _earlier_exports(args.name, artifact)
         bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_onnx)
         if args.dir:
             artifact.save(model, args.dir)
@@ -105,9 +109,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     acc = artifact.metadata.get("val_acc1")
     print(f"exported {args.ckpt or args.from_source} ({artifact.config.num_classes} classes"
-          + (f", val top-1 {acc:.4f}" if acc is not None else "") + ")", file=sys.stderr)
+          + (f", val top-1 {acc:.4f}" if acc is not None else "") + f") as {bento_model.tag}", file=sys.stderr)
+    if args.dir:
+        print(f"model folder: {Path(args.dir) / 'model.safetensors'}, vit_artifact.json", file=sys.stderr)
+    if onnx_file:
+        stored = Path(bentoml.models.get(bento_model.tag).path)  # bento_model.path was its staging folder
+        places = [stored / ONNX_FILE] + ([Path(args.dir) / ONNX_FILE] if args.dir else [])
+        print(f"onnx: {', '.join(map(str, places))}", file=sys.stderr)
+    if earlier:
+        # A BentoML tag is a new version by design (the store never overwrites); say it rather
+        # than reuse, so an export always holds what this code writes today.
+        print(f"note: the same weights were exported before as {', '.join(earlier)}; each vit-export makes "
+              f"a new tag (remove one with: bentoml models delete {earlier[0]})", file=sys.stderr)
+    code = 0
+    if args.hf_dir:  # last: a model transformers cannot express loses none of the outputs above
+        try:
+            save_transformers_folder(model, artifact, args.hf_dir)
+            print(f"transformers folder: {args.hf_dir}", file=sys.stderr)
+        except TransformersFormatError as e:
+            print(f"vit-export: skipped --hf-dir {args.hf_dir}: {e}; everything else was written "
+                  f"(exit {HF_DIR_SKIPPED})", file=sys.stderr)
+            code = HF_DIR_SKIPPED
     print(bento_model.tag)
-    return 0
+    return code
+
+
+def _earlier_exports(name: str, artifact: ModelArtifact) -> list[str]:
+    """Tags of `name` in the store exported from the same checkpoint file (path and mtime) and weights."""
+    keys = ("source_checkpoint", "source_checkpoint_mtime", "weights")
+    wanted = [artifact.metadata.get(k) for k in keys]
+    if None in wanted:  # --from sources: no file identity recorded
+        return []
+    try:
+        models = bentoml.models.list(name)
+    except Exception:  # an empty or missing store: nothing exported before
+        return []
+    same = [m for m in models if [m.info.metadata.get(k) for k in keys] == wanted]
+    return [str(m.tag) for m in sorted(same, key=lambda m: m.info.creation_time, reverse=True)]
 
 
 def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,7 +154,9 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
                         "(vit_small_patch16_224.augreg_in21k_ft_in1k, from the Hugging Face cache), a "
                         "transformers ViT folder, an exported model folder, or a weight file with --arch")
     p.add_argument("--arch", help="timm architecture of a bare --from weight file (e.g. vit_base_patch16_224)")
-    p.add_argument("--hf-dir", metavar="OUT", help="also write a transformers ViTForImageClassification folder")
+    p.add_argument("--hf-dir", metavar="OUT", help="also write a transformers ViTForImageClassification folder "
+                                                   "(written last; a model transformers cannot express, e.g. "
+                                                   "average pooling, is skipped with a message and exit code 3)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch) into the model")
 
 

@@ -85,6 +85,9 @@ class ViTClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = VisionTransformer(build_model_config(preset, num_classes, image_size, model_overrides, init_from))
+        if not compile:  # Lightning's model summary counts FLOPs on this input (else "Total FLOPs: 0")
+            size = self.model.config.image_size
+            self.example_input_array = torch.zeros(1, 3, size, size)
         if init_from:
             report = load_weights(self.model, init_weights_source(init_from), prefer_ema=init_prefer_ema)
             print(f"init_from: {report}")

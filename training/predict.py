@@ -127,6 +127,7 @@ class PredictionFileWriter(BasePredictionWriter):
             return
         self._file.close()
         self._file = None
-        print(f"predictions: {self.rows} images -> {self.path}")
+        by = f" (checkpoint {trainer.ckpt_path}, also in config.yaml)" if trainer.ckpt_path else ""
+        print(f"predictions: {self.rows} images -> {self.path}{by}")
         if self.unreadable:
             print(f"{len(self.unreadable)} unreadable file(s) (rows with an error): " + ", ".join(self.unreadable))

@@ -79,6 +79,29 @@ def best_checkpoint(run_dir: str | os.PathLike[str]) -> BestCheckpoint:
     return max(candidates, key=lambda c: sign * c.score)
 
 
+def best_checkpoint_under(root: str | os.PathLike[str]) -> tuple[BestCheckpoint, int]:
+    """The best checkpoint of all runs under root (each run's best, compared by the metric they
+    monitored), and how many runs were compared: what `--ckpt_path best` evaluates. The runs of one
+    root are one experiment (same data), so their scores compare; runs monitoring different
+    metrics do not, and are an error."""
+    bests: list[BestCheckpoint] = []
+    for version in run_versions(root):
+        run = Path(root) / f"{RUN_PREFIX}{version}"
+        if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("*.ckpt")):
+            try:
+                bests.append(best_checkpoint(run))
+            except RunError:
+                continue  # e.g. only a last.ckpt without a monitored metric
+    if not bests:
+        raise RunError(f"{root}: no run with a best checkpoint for --ckpt_path best (train one with vit-train fit)")
+    kinds = {(b.monitor, b.mode) for b in bests}
+    if len(kinds) > 1:
+        raise RunError(f"{root}: its runs monitored different metrics ({sorted(kinds)}), so 'best' is ambiguous; "
+                       "give a checkpoint path with --ckpt_path")
+    sign = 1.0 if bests[0].mode == "max" else -1.0
+    return max(bests, key=lambda b: sign * b.score), len(bests)
+
+
 def _checkpoint_state(path: Path) -> tuple[tuple[int, int, float], dict[str, dict]]:
     try:  # mmap: only the metadata is read, not every tensor
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)

@@ -29,6 +29,16 @@ class ArtifactError(ValueError):
     """A model directory is missing files or holds an inconsistent manifest."""
 
 
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """safetensors' save_file, with the permissions of any other file written here: it creates the
+    file 0600 (a private temporary file, renamed), so the weights were unreadable to others while
+    vit_artifact.json beside them followed the umask (0644)."""
+    save_file(state, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
 @dataclass
 class ModelArtifact:
     config: ViTConfig
@@ -61,7 +71,7 @@ class ModelArtifact:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(state, directory / WEIGHTS_FILE)
         (directory / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=str))
         return directory
 

@@ -2,8 +2,8 @@
 
     vit-explain IMAGE... --model TAG|DIR|CKPT [--method rollout|grad] [--class LABEL] --out DIR
 
-Per image, OUT/<name>.png (the image, the heatmap over the crop the model saw, the predicted label
-and score) and OUT/<name>.json (the patch grid, rows x cols floats in [0, 1], and the top-k
+Per image, OUT/<name>.png (the image, the heatmap over the crop the model saw, the explained label
+and score: the top class, or --class) and OUT/<name>.json (the patch grid, rows x cols floats in [0, 1], and the top-k
 predictions), plus OUT/<name>.npy (the grid as a float32 array).
 """
 
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             "grid": np.round(ex.grid, 5).tolist(), "crop_box": [round(v, 2) for v in ex.crop_box],
         }
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-        print(f"{path}: {predictions[0]['label']} {predictions[0]['score']:.3f} -> {out / stem}.png")
+        # The class the map explains (the top one unless --class), as in the PNG's caption; the
+        # top prediction is named too when it is another class.
+        top = predictions[0]
+        also = f" (top: {top['label']} {top['score']:.3f})" if top["label"] != explained else ""
+        print(f"{path}: {explained} {float(ex.probs[ex.class_index]):.3f}{also} -> {out / stem}.png")
     return 0
 
 
