@@ -58,8 +58,12 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path: Path) -> None:
     found = dict(numbers(data))
     bad = {k: v for k, v in found.items() if not math.isfinite(v)}
     assert not bad, f"non-finite numbers: {bad}"
-    rates = {k: v for k, v in found.items() if k.endswith(("img_per_s", "img_per_core_s"))}
-    assert len(rates) >= 8 and all(v > 0 for v in rates.values()), rates
+    # measured without a time window, so above zero however loaded the machine is
+    rates = {k: v for k, v in found.items() if k.endswith(("img_per_s", "img_per_core_s")) and ".served[" not in k}
+    assert len(rates) >= 7 and all(v > 0 for v in rates.values()), rates
+    # a served level counts the answers inside its window (none is possible on a loaded machine),
+    # but each answered at least one request
+    assert all(r["p50_ms"] and r["p50_ms"] > 0 and r["img_per_s"] >= 0 for r in data["serving"]["served"])
     # a number the JSON promises is never left as null (NaN and inf are written as null)
     nulls = [k for k in KEYS["decode"] if data["decode"][k] is None] + \
             [f"throughput.{r['impl']}.{r['mode']}" for r in data["throughput"] if r["img_per_s"] is None]
