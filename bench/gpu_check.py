@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,10 @@ from vit_service.model import ViTConfig, VisionTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("parity", "throughput", "serving", "decode")
+
+
+class TimeLimit(BaseException):
+    """SIGTERM (gpu_check.sh's `timeout`): record the section cut short, keep the rest, stop."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,9 +164,18 @@ def run_serving(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if args.dry_run:  # one torch thread: on a loaded CI machine 2 OpenMP threads wait on each other
         cmd += ["--threads", "1"]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:  # the time limit or Ctrl-C: let serve_load stop its servers (SIGTERM), then go
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     if proc.returncode != 0:
-        raise RuntimeError(f"serve_load.py exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        raise RuntimeError(f"serve_load.py exited with {proc.returncode}:\n{output[-4000:]}")
     result = json.loads(out.read_text())
     keep = ("setup", "clients", "img_per_s", "p50_ms", "p95_ms", "p99_ms", "errors", "precision")
     return {"command": " ".join(cmd[1:]), "preset": args.serve_preset,
@@ -245,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     print(results["host_line"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
+    def on_term(signum: int, frame: Any) -> None:
+        raise TimeLimit()
+
+    signal.signal(signal.SIGTERM, on_term)
+
     def save() -> None:
         results["elapsed_s"] = time.perf_counter() - start
         args.out.write_text(json.dumps(finite(results), indent=2))
@@ -270,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # one broken section must not hide the others' figures
                 results["errors"][name] = f"{type(e).__name__}: {e}"
                 print(f"  {name} FAILED: {type(e).__name__}: {e}", flush=True)
+            except TimeLimit:
+                results["errors"][name] = "stopped at the time limit (SIGTERM); the sections before it are complete"
+                results["section_s"][name] = time.perf_counter() - t0
+                save()
+                print(f"  {name}: stopped at the time limit; wrote {args.out}", flush=True)
+                return 124
             results["section_s"][name] = time.perf_counter() - t0
             save()
     print("\n" + "\n".join(table(results)))
