@@ -71,3 +71,28 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path: Path) -> None:
 
     table = out.with_suffix(".md").read_text()
     assert "DRY RUN" in table and "| ours | compile | bf16 |" in table and "| split | 1 |" in table
+
+
+def test_time_limit_keeps_the_finished_sections(tmp_path: Path) -> None:
+    """SIGTERM (what gpu_check.sh's `timeout` sends) during a section: the sections before it stay
+    in the JSON, the cut one is named, the exit status is 124, and no server is left behind."""
+    out = tmp_path / "gpu_check.json"
+    env = {k: v for k, v in os.environ.items() if k != "VIT_CIFAR10_DIR"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--sections",
+                             "parity,serving", "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, serve_load_json = [], None
+    for line in proc.stdout:  # wait for the serving section to start (its serve_load command line)
+        lines.append(line)
+        if line.startswith("$ ") and "serve_load.py" in line:
+            serve_load_json = line.split("--json ")[1].split()[0]  # unique to this run's serve_load
+            break
+    assert serve_load_json, "".join(lines)
+    proc.terminate()
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 124, "".join(lines) + rest
+    data = json.loads(out.read_text())
+    assert data["parity"]["fp32_ok"] is True
+    assert "serving" not in data and "time limit" in data["errors"]["serving"]
+    leftover = subprocess.run(["pgrep", "-f", serve_load_json], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", f"serve_load.py still running: {leftover.stdout}"
