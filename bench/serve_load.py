@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -85,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw-seconds", type=float, default=None, help="seconds per raw batch size (default: --duration / 2)")
     p.add_argument("--setups", default="raw,batched,unbatched,naive",
                    help="comma-separated subset of raw,batched,unbatched,naive,split,litserve")
+    p.add_argument("--raw-int8", action="store_true",
+                   help="also run the raw loop on onnxruntime dynamic int8 (what vit-export --int8 writes): "
+                        "the int8 ceiling beside the peers, until the service serves int8 here")
     p.add_argument("--pin", action="store_true",
                    help="servers and the raw loop on one core with one torch thread, the load client on another")
     p.add_argument("--precision", default="auto",
@@ -259,22 +263,47 @@ def decode_rate_per_core(images: list[tuple[str, bytes]], image_size: int, resiz
     return {"images": n, "cpu_s": cpu, "img_per_cpu_s": n / cpu, "ms_per_img": 1000 * cpu / n}
 
 
-def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Namespace) -> list[dict[str, Any]]:
+def int8_model_dir(model_dir: Path, out: Path) -> Path:
+    """A copy of the model folder whose model.onnx is onnxruntime's dynamic int8 quantization of the
+    fp32 graph (int8 weights per tensor, activations quantized per batch: what `vit-export --int8`
+    writes), so `OnnxPredictor` runs int8 in the raw loop."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from vit_service.artifact import load_model
+    from vit_service.formats.onnx_export import ONNX_FILE, export_onnx
+
+    shutil.copytree(model_dir, out)
+    model, _ = load_model(model_dir)
+    fp32 = export_onnx(model, out / "fp32")
+    quantize_dynamic(str(fp32), str(out / ONNX_FILE), weight_type=QuantType.QInt8)
+    return out
+
+
+def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Namespace,
+            int8: bool = False) -> list[dict[str, Any]]:
     """Decode, preprocess and forward in this process, one batch after another, per batch size.
-    Decoding uses the server's settings (JPEG draft mode on, default pixel limit)."""
+    Decoding uses the server's settings (JPEG draft mode on, default pixel limit). `int8`: the
+    model folder holds the int8 graph as model.onnx (int8_model_dir), run by onnxruntime."""
     from vit_service.inference import Predictor
+    from vit_service.onnx_backend import OnnxPredictor
     from vit_service.preprocessing import decode_image
 
-    predictor = Predictor.from_directory(model_dir, device=args.device, precision=args.precision)
+    if int8:
+        predictor: Any = OnnxPredictor(model_dir, threads=args.threads)
+        precision = "int8"
+    else:
+        predictor = Predictor.from_directory(model_dir, device=args.device, precision=args.precision)
+        pre = predictor.preprocessing
+        rate = decode_rate_per_core(images, pre.image_size, pre.resize_size, args.raw_seconds)
+        if rate:
+            print(f"  decode + resize + crop of a 500x375 JPEG: {rate['ms_per_img']:.2f} ms of CPU, "
+                  f"{rate['img_per_cpu_s']:.0f} img/s per core")
+            args.decode_rate = rate
     pre = predictor.preprocessing
-    rate = decode_rate_per_core(images, pre.image_size, pre.resize_size, args.raw_seconds)
-    if rate:
-        print(f"  decode + resize + crop of a 500x375 JPEG: {rate['ms_per_img']:.2f} ms of CPU, "
-              f"{rate['img_per_cpu_s']:.0f} img/s per core")
-        args.decode_rate = rate
     predictor.warmup(max(args.raw_batch_sizes))
-    args.raw_precision = predictor.precision
-    print(f"  raw precision: {predictor.precision}")
+    if not int8:
+        precision = args.raw_precision = predictor.precision
+    print(f"  raw precision: {precision}")
     results, cursor = [], 0
     for b in args.raw_batch_sizes:
         times: list[float] = []
@@ -287,9 +316,9 @@ def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Nam
             predictor.predict_proba(pixels)  # (B, 3, S, S) uint8 -> (B, K); returns on the CPU, so synced
             times.append(time.perf_counter() - start)
         times = times[1:]  # the first call at a new batch size pays for allocations
-        row = {"batch_size": b, "batches": len(times), "img_per_s": b * len(times) / sum(times),
+        row = {"batch_size": b, "precision": precision, "batches": len(times), "img_per_s": b * len(times) / sum(times),
                **percentiles_ms(times)}
-        print(f"  raw batch {b:>3}: {row['img_per_s']:7.1f} img/s, p50 {row['p50_ms']:.1f} ms per batch")
+        print(f"  raw {precision} batch {b:>3}: {row['img_per_s']:7.1f} img/s, p50 {row['p50_ms']:.1f} ms per batch")
         results.append(row)
     return results
 
@@ -516,7 +545,7 @@ def target_lines(raw: list[dict[str, Any]], served: list[dict[str, Any]], raw_pr
 
 
 def report(machine: dict[str, Any], raw: list[dict[str, Any]], served: list[dict[str, Any]],
-           args: argparse.Namespace, n_images: int) -> list[str]:
+           args: argparse.Namespace, n_images: int, raw_int8: list[dict[str, Any]] | None = None) -> list[str]:
     pin = (f"pinned: servers and the raw loop on core {sorted(args.server_cores)[0]} with 1 torch thread, "
            f"the load client on core {sorted(args.client_cores)[0]}" if args.pin else "not pinned")
     lines = [machine.get("host_line", ""),
@@ -531,9 +560,12 @@ def report(machine: dict[str, Any], raw: list[dict[str, Any]], served: list[dict
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     best = max(raw, key=lambda r: r["img_per_s"]) if raw else None
     raw1 = next((r for r in raw if r["batch_size"] == 1), None)
-    for r, label in ((best, "(a) raw, best batch"), (raw1, "(a) raw, batch 1")):
+    best8 = max(raw_int8, key=lambda r: r["img_per_s"]) if raw_int8 else None
+    raw8_1 = next((r for r in raw_int8 or [] if r["batch_size"] == 1), None)
+    for r, label in ((best, "(a) raw, best batch"), (raw1, "(a) raw, batch 1"),
+                     (best8, "(a) raw int8 (onnxruntime), best batch"), (raw8_1, "(a) raw int8 (onnxruntime), batch 1")):
         if r is not None:
-            lines.append(f"| {label} ({r['batch_size']}) | {getattr(args, 'raw_precision', '—')} | — | "
+            lines.append(f"| {label} ({r['batch_size']}) | {r.get('precision', '—')} | — | "
                          f"{r['img_per_s']:.1f} | {fmt(r['p50_ms'])} | "
                          f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['batch_size']} | — | 0 |")
     names = SETUP_NAMES
@@ -561,6 +593,17 @@ def report(machine: dict[str, Any], raw: list[dict[str, Any]], served: list[dict
                          + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_mean_ms"].items()))
 
     lines += [""] + target_lines(raw, served, getattr(args, "raw_precision", None))
+    peers16 = [r for r in served if r["setup"] in PEERS and r["clients"] == 16]
+    peers1 = [r for r in served if r["setup"] in PEERS and r["clients"] == 1 and r["p50_ms"]]
+    if best8 and peers16:  # the ceiling an int8 service could reach, against the peers' fp32
+        peer = max(peers16, key=lambda r: r["img_per_s"])
+        lines.append(f"int8 ceiling: raw int8 batch {best8['batch_size']} / best peer {SETUP_NAMES[peer['setup']]} "
+                     f"at 16 clients = {best8['img_per_s'] / peer['img_per_s']:.2f} ({best8['img_per_s']:.1f} / "
+                     f"{peer['img_per_s']:.1f} img/s; an int8 service must keep >= 1.25 of this peer)")
+    if raw8_1 and peers1:
+        peer = min(peers1, key=lambda r: r["p50_ms"])
+        lines.append(f"int8 ceiling: raw int8 batch-1 p50 / best peer {SETUP_NAMES[peer['setup']]} p50 at 1 client = "
+                     f"{raw8_1['p50_ms'] / peer['p50_ms']:.2f} ({raw8_1['p50_ms']:.1f} / {peer['p50_ms']:.1f} ms)")
     by = {(r["setup"], r["clients"]): r for r in served}
     for n in args.clients:
         if n >= 16 and ("batched", n) in by and ("unbatched", n) in by and by["unbatched", n]["img_per_s"]:
@@ -599,25 +642,29 @@ def main(argv: list[str] | None = None) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
 
         raw: list[dict[str, Any]] = []
+        raw_int8: list[dict[str, Any]] = []
         served: list[dict[str, Any]] = []
         if "raw" in args.setups:
             print("(a) raw pipeline in this process")
             machine["load_average_1min"]["raw"] = round(os.getloadavg()[0], 2)
             with pinned(args.server_cores):
                 raw = run_raw(model_dir, images, args)
+                if args.raw_int8:
+                    print("(a) raw pipeline, onnxruntime dynamic int8")
+                    raw_int8 = run_raw(int8_model_dir(model_dir, Path(tmp) / "int8"), images, args, int8=True)
         for setup in args.setups:  # in the order given: rerun in another order to see drift on a shared machine
             if setup != "raw":
                 machine["load_average_1min"][setup] = round(os.getloadavg()[0], 2)
                 served += run_server(setup, tag, model_dir, images, args, log_dir)
         machine["load_average_1min"]["end"] = round(os.getloadavg()[0], 2)
 
-    lines = report(machine, raw, served, args, len(images))
+    lines = report(machine, raw, served, args, len(images), raw_int8)
     print("\n" + "\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         config = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
                   for k, v in vars(args).items() if k != "decode_rate"}
-        args.json.write_text(json.dumps({"machine": machine, "args": config, "model_tag": tag, "raw": raw,
+        args.json.write_text(json.dumps({"machine": machine, "args": config, "model_tag": tag, "raw": raw, "raw_int8": raw_int8,
                                          "served": served, "decode_rate": getattr(args, "decode_rate", None), "report": lines}, indent=2))
         print(f"wrote {args.json}")
 

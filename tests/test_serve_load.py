@@ -83,7 +83,7 @@ def test_pinned_starts_processes_on_the_given_core_and_restores() -> None:
 @TWO_CORES
 def test_pinned_run_with_the_litserve_peer(tmp_path: Path) -> None:
     out = tmp_path / "serve_load.json"
-    proc = run_serve_load("--pin", "--setups", "raw,litserve", "--preset", "vit_demo_patch8_64", "--clients", "1",
+    proc = run_serve_load("--pin", "--raw-int8", "--setups", "raw,litserve", "--preset", "vit_demo_patch8_64", "--clients", "1",
                           "--duration", "1", "--warmup", "0.3", "--raw-batch-sizes", "1", "--raw-seconds", "0.3",
                           "--image-kind", "photo", "--num-images", "2", "--json", str(out))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -91,6 +91,8 @@ def test_pinned_run_with_the_litserve_peer(tmp_path: Path) -> None:
     assert result["args"]["server_cores"] != result["args"]["client_cores"]
     assert result["machine"]["torch_threads"] == 1
     assert result["raw"][0]["batch_size"] == 1 and result["raw"][0]["img_per_s"] > 0
+    assert [(r["precision"], r["batch_size"]) for r in result["raw_int8"]] == [("int8", 1)]
+    assert any(line.startswith("int8 ceiling: raw int8 batch-1 p50 / best peer (f) LitServe") for line in result["report"])
     [row] = result["served"]
     assert row["setup"] == "litserve" and row["errors"] == 0 and row["img_per_s"] > 0 and row["p50_ms"] > 0
     assert row["precision"] == "fp32"
@@ -114,3 +116,20 @@ def test_pin_needs_two_cores() -> None:
     core = min(os.sched_getaffinity(0))
     proc = run_serve_load("--pin", preexec_fn=lambda: os.sched_setaffinity(0, {core}))
     assert proc.returncode == 2 and "--pin needs two usable cores" in proc.stderr
+
+
+def test_raw_int8_model_is_quantized_and_agrees(model_dir: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from vit_service.onnx_backend import OnnxPredictor
+
+    int8_dir = serve_load.int8_model_dir(model_dir, tmp_path / "int8")
+    ops = {node.op_type for node in onnx.load(str(int8_dir / "model.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, sorted(ops)  # int8 matmuls, not fp32 ones
+    int8 = OnnxPredictor(int8_dir, threads=1)
+    fp32 = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    pixels = np.stack([fp32.preprocessing.to_uint8(Image.open(io.BytesIO(jpeg(i))).convert("RGB")).numpy()
+                       for i in range(8)])
+    a, b = int8.predict_proba(pixels), np.asarray(fp32.predict_proba(pixels))
+    assert np.abs(a - b).max() < 0.05  # the same model, quantized: close, not equal
+    assert np.abs(a - b).max() > 0
