@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from vit_service.host import host_line
+
 REPO = Path(__file__).resolve().parents[1]
 TIME_BUDGET = "training.callbacks.TimeBudget"
 
@@ -78,7 +80,7 @@ def main() -> None:
 
     cfg = yaml.safe_load(config.read_text())
     batch = int(cfg["data"]["batch_size"])
-    lines = [f"config {Path(args.config).name}, budget {args.minutes:g} min "
+    lines = [host_line(), f"config {Path(args.config).name}, budget {args.minutes:g} min "
              f"({'LR schedule spans the budget' if time_boxed else 'epoch schedule, hard max_time'}); "
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}; process wall time {wall:.1f} min (start-up and validation included)", ""]

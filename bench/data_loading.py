@@ -23,6 +23,7 @@ import yaml
 
 from training.data import ImageFolderDataModule
 from training.module import build_model_config
+from vit_service.host import host_line
 from vit_service.model import VisionTransformer
 
 
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=30)
     args = p.parse_args()
 
+    print(host_line())
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads")
     print("| config | workers | batch | loader img/s | train-step img/s | end-to-end img/s | loader/step |")

@@ -26,6 +26,7 @@ from litdata import StreamingDataset
 from training.data import ImageFolderDataModule
 from training.folder_dataset import ImageFolderDataset
 from training.shards import ShardDataset, optimize_folder
+from vit_service.host import host_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,7 @@ def main() -> None:
     n_files = sum(1 for _ in folder.rglob("*.jpg"))
     sizes = {"folder": du_bytes(folder), "shards": du_bytes(shards)}
     n_chunks = len(list(shards.glob("chunk-*.bin")))
+    print(host_line())
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
           f"({len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f}; "
           f"{args.workers} loader workers, batch {data['batch_size']}, {args.batches} batches x {args.repeats}")
