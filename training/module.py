@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -19,24 +18,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit_service.formats.checkpoints import load_weights
-from vit_service.formats.pretrained import init_config, init_weights_source
-from vit_service.model import ViTConfig, VisionTransformer
-
-
-def build_model_config(preset: str, num_classes: int, image_size: int | None,
-                       overrides: dict[str, Any] | None, init_from: str | None = None) -> ViTConfig:
-    """The one place a training run's ViTConfig is derived (training and vit-export share it).
-
-    A timm hub name or transformers folder in `init_from` fixes the architecture (so it is not
-    typed twice); `preset` then goes unused.
-    """
-    extra: dict[str, Any] = dict(overrides or {})
-    if image_size is not None:
-        extra["image_size"] = image_size
-    base = init_config(init_from) if init_from else None
-    if base is not None:
-        return replace(base, num_classes=num_classes, **extra)
-    return ViTConfig.from_preset(preset, num_classes=num_classes, **extra)
+from vit_service.formats.pretrained import build_model_config, init_weights_source
+from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
+from vit_service.model import VisionTransformer
 
 
 class ViTClassifier(L.LightningModule):
@@ -188,11 +172,14 @@ class ViTClassifier(L.LightningModule):
         per_device = dm.hparams.batch_size if dm is not None else 1
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    # Training time and the last validation scores travel in the checkpoint, for vit-export.
+    # The architecture, training time and last validation scores travel in the checkpoint.
     def on_fit_start(self) -> None:
         self._fit_started = time.monotonic()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The resolved architecture (as nanoGPT's `model_args`): readers rebuild the model from it,
+        # never from `preset`, which an `init_from` hub model or folder overrides.
+        checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config.to_dict()
         elapsed = time.monotonic() - self._fit_started if self._fit_started else 0.0
         metrics = self.trainer.callback_metrics
         checkpoint["vit_service"] = {
