@@ -4,12 +4,12 @@ Mixup/CutMix, stochastic depth) and top-1/top-5 metrics per split."""
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, Timer
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -88,8 +88,6 @@ class ViTClassifier(L.LightningModule):
         self.train_metrics = _accuracy_metrics(num_classes, "train/")
         self.val_metrics = _accuracy_metrics(num_classes, "val/")
         self.test_metrics = _accuracy_metrics(num_classes, "test/")
-        self._fit_started: float | None = None
-        self._train_time_s = 0.0
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -130,11 +128,17 @@ class ViTClassifier(L.LightningModule):
         scores, indices = probs.topk(min(5, probs.shape[-1]), dim=-1)
         return {"indices": indices, "scores": scores}
 
+    # One training clock: Lightning's Timer (a TimeBudget is one); resumed runs continue its count.
+    def configure_callbacks(self) -> list[Callback]:
+        return [] if self._timer() else [Timer(verbose=False)]
+
+    def _timer(self) -> Timer | None:
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+
     def on_validation_epoch_end(self) -> None:
-        if self._fit_started is not None and not self.trainer.sanity_checking:
-            # Wall-clock minutes since fit started (validation included): accuracy-vs-time plots.
-            minutes = (self._train_time_s + time.monotonic() - self._fit_started) / 60
-            self.log("time/elapsed_min", minutes, rank_zero_only=True)
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            # Wall-clock minutes of training (validation included): accuracy-vs-time plots.
+            self.log("time/elapsed_min", self._timer().time_elapsed() / 60, rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -160,8 +164,10 @@ class ViTClassifier(L.LightningModule):
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
         # LambdaLR rather than timm's schedulers: Lightning steps it per optimizer step natively.
+        # Warmup from 1/(warmup_steps + 1) so the first step already moves.
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio,
+                                                  start=1 / (warmup_steps + 1))
         )
         print(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
               f"{warmup_steps} warmup / {total_steps} total steps")
@@ -173,24 +179,18 @@ class ViTClassifier(L.LightningModule):
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     # The architecture, training time and last validation scores travel in the checkpoint.
-    def on_fit_start(self) -> None:
-        self._fit_started = time.monotonic()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The resolved architecture (as nanoGPT's `model_args`): readers rebuild the model from it,
         # never from `preset`, which an `init_from` hub model or folder overrides.
         checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config.to_dict()
-        elapsed = time.monotonic() - self._fit_started if self._fit_started else 0.0
         metrics = self.trainer.callback_metrics
+        timer = self._timer()
         checkpoint["vit_service"] = {
-            "train_time_s": round(self._train_time_s + elapsed, 1),
+            "train_time_s": round(timer.time_elapsed(), 1) if timer else None,
             "epoch": self.current_epoch,
             "global_step": self.global_step,
             **{k.replace("/", "_"): float(v) for k, v in metrics.items() if k.startswith("val/")},
         }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_time_s = float(checkpoint.get("vit_service", {}).get("train_time_s", 0.0))
 
 
 def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -201,9 +201,11 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to `min_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+def warmup_cosine(t: float, warmup: float, total: float, min_ratio: float, start: float = 0.0) -> float:
+    """LR multiplier at `t` of `total` (steps, or shares of a time budget: any one unit): linear
+    from `start` to 1 over the first `warmup`, then cosine decay to `min_ratio` at `total`."""
+    if t < warmup:
+        return start + (1 - start) * t / warmup
+    span = total - warmup
+    progress = (t - warmup) / span if span > 0 else 1.0
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
