@@ -8,6 +8,7 @@ continues the newest run that has a last.ckpt, in its own folder.
 
 from __future__ import annotations
 
+import logging
 import csv
 import os
 import sys
@@ -28,6 +29,8 @@ from training.progress import ProgressLog
 from training.runs import RUN_PREFIX, RunError, best_checkpoint, latest_resumable_run, next_version
 from training.report import EvaluationReport, TrainingCurves
 from vit_service.formats.checkpoints import CheckpointError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT_DIR = "runs"
 RUN_VERSION_ENV = "VIT_TRAIN_RUN_VERSION"
@@ -93,7 +96,7 @@ class ViTCLI(LightningCLI):
         if self.subcommand == "fit" and ckpt_path == "last":
             resumed = latest_resumable_run(root)
             if resumed is not None:
-                print(f"resuming {root}/{RUN_PREFIX}{resumed}/checkpoints/last.ckpt")
+                log.info(f"resuming {root}/{RUN_PREFIX}{resumed}/checkpoints/last.ckpt")
                 return resumed
         elif self.subcommand != "fit" and ckpt_path in ("last", "best"):
             latest = latest_resumable_run(root)
@@ -102,7 +105,7 @@ class ViTCLI(LightningCLI):
             run = f"{root}/{RUN_PREFIX}{latest}"
             config["ckpt_path"] = (f"{run}/checkpoints/last.ckpt" if ckpt_path == "last"
                                    else str(best_checkpoint(run).path))
-            print(f"--ckpt_path {ckpt_path}: {config['ckpt_path']}")
+            log.info(f"--ckpt_path {ckpt_path}: {config['ckpt_path']}")
         return next_version(root)
 
 

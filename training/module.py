@@ -3,6 +3,7 @@ Mixup/CutMix, stochastic depth) and top-1/top-5 metrics per split."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,6 +22,8 @@ from vit_service.formats.checkpoints import load_weights
 from vit_service.formats.pretrained import build_model_config, init_weights_source
 from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
 from vit_service.model import VisionTransformer
+
+log = logging.getLogger(__name__)
 
 
 class ViTClassifier(L.LightningModule):
@@ -71,7 +74,7 @@ class ViTClassifier(L.LightningModule):
         self.model = VisionTransformer(build_model_config(preset, num_classes, image_size, model_overrides, init_from))
         if init_from:
             report = load_weights(self.model, init_weights_source(init_from), prefer_ema=init_prefer_ema)
-            print(f"init_from: {report}")
+            log.info(f"init_from: {report}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
 
@@ -169,8 +172,8 @@ class ViTClassifier(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio,
                                                   start=1 / (warmup_steps + 1))
         )
-        print(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
-              f"{warmup_steps} warmup / {total_steps} total steps")
+        log.info(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
+                 f"{warmup_steps} warmup / {total_steps} total steps")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _global_batch_size(self) -> int:

@@ -6,6 +6,7 @@ epoch with the key metrics is what a log reader wants.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, Literal
@@ -13,6 +14,8 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 
@@ -53,4 +56,4 @@ class ProgressLog(Callback):
         self._print(trainer, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  step {trainer.global_step}  {shown}")
 
     def _print(self, trainer: L.Trainer, text: str) -> None:
-        print(f"[{time.monotonic() - self._started:7.1f} s] {text}", flush=True)
+        log.info(f"[{time.monotonic() - self._started:7.1f} s] {text}")

@@ -14,6 +14,7 @@ share of the budget is broadcast at every step as well.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Timer
 
 from training.module import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
 class TimeBudget(Timer):
@@ -65,8 +68,8 @@ class TimeBudget(Timer):
         # scheduler keeps stepping, but this callback sets the LR before every optimizer step.
         self._base_lrs = [g.get("initial_lr", g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
         self._progress = self._shared_progress(trainer)
-        print(f"time budget: {self.budget_s / 60:g} min of training, warmup {self.warmup_fraction:.0%}, "
-              f"cosine to {self.min_lr_ratio:g} x peak")
+        log.info(f"time budget: {self.budget_s / 60:g} min of training, warmup {self.warmup_fraction:.0%}, "
+                 f"cosine to {self.min_lr_ratio:g} x peak")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -86,7 +89,7 @@ class TimeBudget(Timer):
             # Lightning validates a stopping epoch when that epoch is a validation epoch.
             trainer.check_val_every_n_epoch = 1
             epochs = trainer.current_epoch + (batch_idx + 1) / max(1, trainer.num_training_batches)
-            print(f"time budget spent after {epochs:.2f} epochs ({trainer.global_step} steps)")
+            log.info(f"time budget spent after {epochs:.2f} epochs ({trainer.global_step} steps)")
 
 
 def training_progress(trainer: L.Trainer) -> float:
