@@ -109,5 +109,5 @@ class SkewedTimeBudget(TimeBudget):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._rank = trainer.global_rank
 
-    def clock(self) -> float:
-        return time.monotonic() + (self.skew_s if self._rank == 1 else 0.0)
+    def time_elapsed(self, stage: str = "train") -> float:
+        return super().time_elapsed(stage) + (self.skew_s if self._rank == 1 else 0.0)

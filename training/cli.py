@@ -36,6 +36,8 @@ from training.runs import RUN_PREFIX, RunError, best_checkpoint_under, latest_re
 from training.report import EvaluationReport, TrainingCurves
 from vit_service.formats.checkpoints import CheckpointError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ROOT_DIR = "runs"
 RUN_VERSION_ENV = "VIT_TRAIN_RUN_VERSION"
 _NEW_RUN_DIRS: list[Path] = []  # run folders this command made (none existed before)
@@ -128,7 +130,7 @@ class ViTCLI(LightningCLI):
             if resumed is not None:
                 run = f"{root}/{RUN_PREFIX}{resumed}"
                 self._check_resume_plan(run, config)
-                print(f"resuming {run}/checkpoints/last.ckpt")
+                log.info(f"resuming {run}/checkpoints/last.ckpt")
                 return resumed
         elif self.subcommand != "fit" and ckpt_path in ("last", "best"):
             if ckpt_path == "last":
@@ -136,11 +138,11 @@ class ViTCLI(LightningCLI):
                 if latest is None:
                     raise RunError(f"{root}: no run with checkpoints for --ckpt_path last")
                 resolved = f"{root}/{RUN_PREFIX}{latest}/checkpoints/last.ckpt"
-                print(f"--ckpt_path last: {resolved} (the newest run's latest state)")
+                log.info(f"--ckpt_path last: {resolved} (the newest run's latest state)")
             else:
                 best, runs = best_checkpoint_under(root)
                 resolved = str(best.path)
-                print(f"--ckpt_path best: {resolved} ({best.monitor} {best.score:.4f}, the best of {runs} "
+                log.info(f"--ckpt_path best: {resolved} ({best.monitor} {best.score:.4f}, the best of {runs} "
                       f"run(s) under {root})")
             config["ckpt_path"] = resolved
             if self.subcommand:  # the saved config.yaml says which file was evaluated, not "best"
@@ -170,9 +172,9 @@ class ViTCLI(LightningCLI):
                            f"{requested} epochs. Add {as_planned}--trainer.max_epochs {requested} to re-plan on "
                            f"purpose, or start a new run without --ckpt_path")
         if requested != planned:
-            print(f"note: re-planning the LR schedule of {run} from {planned} to {requested} epochs ({done} done): "
+            log.info(f"note: re-planning the LR schedule of {run} from {planned} to {requested} epochs ({done} done): "
                   f"warmup and cosine decay are recomputed over {requested} epochs, so the LR jumps from the "
-                  f"old schedule's value to the new one's at epoch {done}", flush=True)
+                  f"old schedule's value to the new one's at epoch {done}")
 
 
 def _planned_max_epochs(run: str) -> int | None:

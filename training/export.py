@@ -8,20 +8,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import bentoml
-import torch
 
-from training.module import build_model_config
-from training.runs import RunError, best_checkpoint
 from vit_service.artifact import ModelArtifact
-from vit_service.formats.checkpoints import CheckpointError, load_weights
+from vit_service.formats.checkpoints import CheckpointError
 from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
-from vit_service.formats.pretrained import load_pretrained
+from vit_service.formats.sources import ModelSourceError, load_model_source
 from vit_service.formats.transformers_vit import TransformersFormatError, save_transformers_folder
 from vit_service.model import VisionTransformer
-from vit_service.preprocessing import Preprocessing
 from vit_service.serving.store import save_to_bentoml
 
 
@@ -30,44 +25,6 @@ HF_DIR_SKIPPED = 3  # exit code: everything was exported except the refused --hf
 
 class ExportError(ValueError):
     pass
-
-
-def artifact_from_checkpoint(ckpt_path: str | Path, ema: bool = False) -> tuple[VisionTransformer, ModelArtifact]:
-    """Rebuilds the trained model and its artifact description from a Lightning checkpoint."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ExportError(f"{ckpt_path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own Lightning file
-    except Exception as e:  # any unpickling failure means "not a checkpoint"; say so, don't trace
-        raise ExportError(f"{ckpt_path}: not a readable checkpoint ({e})") from None
-    hp: dict[str, Any] = dict(ckpt.get("hyper_parameters") or {})
-    missing = [k for k in ("preset", "num_classes", "class_names", "preprocessing") if not hp.get(k)]
-    if missing:
-        raise ExportError(f"{ckpt_path}: not a vit-train checkpoint (hyper-parameters lack {missing})")
-    if ema and "current_model_state" not in ckpt:
-        raise ExportError(f"{ckpt_path}: has no EMA weights (train with the EMAWeightAveraging callback)")
-
-    config = build_model_config(hp["preset"], hp["num_classes"], hp.get("image_size"), hp.get("model_overrides"),
-                                hp.get("init_from"))
-    model = VisionTransformer(config)
-    load_weights(model, ckpt, prefer_ema=ema)
-    info = ckpt.get("vit_service", {})
-    dm_hp = ckpt.get("datamodule_hyper_parameters") or {}
-    metadata = {
-        "source_checkpoint": str(ckpt_path.resolve()),
-        "source_checkpoint_mtime": ckpt_path.stat().st_mtime,  # with the path: "the same file" for re-exports
-        "weights": "ema" if ema else "raw",
-        "val_acc1": info.get("val_acc1"),
-        "val_acc5": info.get("val_acc5"),
-        "epoch": info.get("epoch", ckpt.get("epoch")),
-        "global_step": info.get("global_step", ckpt.get("global_step")),
-        "train_time_s": info.get("train_time_s"),
-        "dataset": {"train_dir": dm_hp.get("train_dir"), "val_dir": dm_hp.get("val_dir")},
-        "training_config": {k: v for k, v in hp.items() if k != "class_names"},
-    }
-    artifact = ModelArtifact(config, list(hp["class_names"]), Preprocessing.from_dict(hp["preprocessing"]), metadata)
-    return model.eval(), artifact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,18 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give one of --ckpt (a vit-train checkpoint), --run (a vit-train run folder: its best "
                 "checkpoint) or --from (a pretrained model)")
     try:
-        if args.from_source:
-            model, artifact = load_pretrained(args.from_source, arch=args.arch)
-            if artifact.config.num_classes == 0:
-                raise ExportError(f"{args.from_source} has no classification head (a backbone): nothing to "
-                                  "serve; fine-tune it with vit-train --model.init_from instead")
-        else:
-            if args.run:
-                best = best_checkpoint(args.run)
-                args.ckpt = str(best.path)
-                print(f"best checkpoint of {args.run} by {best.monitor} ({best.mode}): {best.path.name} "
-                      f"({best.monitor} {best.score:.4f})", file=sys.stderr)
-            model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
+        source = args.ckpt or args.run or args.from_source
+        model, artifact = load_model_source(source, ema=args.ema, arch=args.arch)
+        if artifact.config.num_classes == 0:
+            raise ExportError(f"{source} has no classification head (a backbone): nothing to "
+                              "serve; fine-tune it with vit-train --model.init_from instead")
+        if args.run:
+            best = artifact.metadata["selected_by"]
+            print(f"best checkpoint of {args.run} by {best['monitor']} ({best['mode']}): "
+                  f"{Path(artifact.metadata['source_checkpoint']).name} ({best['monitor']} {best['score']:.4f})",
+                  file=sys.stderr)
         onnx_file = _export_onnx_first(model) if args.onnx else None
         copy_onnx = (lambda folder: shutil.copy(onnx_file, folder / ONNX_FILE)) if onnx_file else None
         earlier = _earlier_exports(args.name, artifact)
@@ -104,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             artifact.save(model, args.dir)
             if copy_onnx:
                 copy_onnx(Path(args.dir))
-    except (ExportError, CheckpointError, OnnxExportError, RunError) as e:
+    except (ExportError, ModelSourceError, CheckpointError, OnnxExportError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
     acc = artifact.metadata.get("val_acc1")
-    print(f"exported {args.ckpt or args.from_source} ({artifact.config.num_classes} classes"
+    shown = artifact.metadata["source_checkpoint"] if args.run else source  # --run: the checkpoint it chose
+    print(f"exported {shown} ({artifact.config.num_classes} classes"
           + (f", val top-1 {acc:.4f}" if acc is not None else "") + f") as {bento_model.tag}", file=sys.stderr)
     if args.dir:
         print(f"model folder: {Path(args.dir) / 'model.safetensors'}, vit_artifact.json", file=sys.stderr)

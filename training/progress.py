@@ -11,6 +11,7 @@ epochs says `epoch 22/29`, and its checkpoint is `best-epoch022-...`.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 
@@ -67,4 +70,4 @@ class ProgressLog(Callback):
         self._print(trainer, f"epoch {trainer.current_epoch}{last}  step {trainer.global_step}  {shown}")
 
     def _print(self, trainer: L.Trainer, text: str) -> None:
-        print(f"[{time.monotonic() - self._started:7.1f} s] {text}", flush=True)
+        log.info(f"[{time.monotonic() - self._started:7.1f} s] {text}")

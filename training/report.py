@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassCalibrationError, MulticlassConfusionMatrix,
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+
+log = logging.getLogger(__name__)
 
 
 def _pyplot():
@@ -110,7 +113,7 @@ class EvaluationReport(Callback):
                          torch.cat(self._confidence).numpy(), torch.cat(self._correct).numpy(),
                          self.max_matrix_classes, self.top_pairs, self.calibration_bins,
                          checkpoint=trainer.ckpt_path)  # the file evaluated (None: the model in memory)
-            print(f"evaluation report: {out / 'README.md'}")
+            log.info(f"evaluation report: {out / 'README.md'}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -317,7 +320,7 @@ class TrainingCurves(Callback):
         path = folder / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_training_curves(path, self.train, self.val)
-        print(f"training curves: {path}")
+        log.info(f"training curves: {path}")
 
 
 def plot_training_curves(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float, float]]) -> None:

@@ -1,6 +1,6 @@
 """`vit-explain`: attention maps for image files, written as overlay PNGs and raw patch grids.
 
-    vit-explain IMAGE... --model TAG|DIR|CKPT [--method rollout|grad] [--class LABEL] --out DIR
+    vit-explain IMAGE... --model RUN|CKPT|DIR|HUB_NAME|TAG [--method rollout|grad] [--class LABEL] --out DIR
 
 Per image, OUT/<name>.png (the image, the heatmap over the crop the model saw, the explained label
 and score: the top class, or --class) and OUT/<name>.json (the patch grid, rows x cols floats in [0, 1], and the top-k
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
     p.add_argument("--model", required=True,
-                   help="exported model folder, vit-train .ckpt, or BentoML tag (e.g. vit-classifier:latest)")
+                   help="a vit-train run folder (its best checkpoint) or .ckpt, an exported or transformers model "
+                        "folder, a timm hub name, or a BentoML tag (e.g. vit-classifier:latest)")
     p.add_argument("--method", choices=METHODS, default="rollout",
                    help="rollout: attention rollout (class-agnostic); grad: gradient-weighted (Chefer et al. 2021)")
     p.add_argument("--class", dest="label", help="explain this class (name or index) instead of the top one")
