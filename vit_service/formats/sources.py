@@ -62,10 +62,10 @@ def load_model_source(source: str | os.PathLike[str], device: str | torch.device
                 model, artifact = load_pretrained(path, arch=arch)
             else:
                 model, artifact = load_checkpoint(path, ema=ema)
+        elif is_hub_name(str(source)):  # before the path test: timm/NAME and hf-hub:OWNER/REPO hold a "/"
+            model, artifact = load_pretrained(str(source))
         elif path.suffix in (".ckpt", ".pt", ".pth", ".safetensors") or os.sep in str(source) or "/" in str(source):
             raise ModelSourceError(f"{source}: no such checkpoint file or model folder")
-        elif is_hub_name(str(source)):
-            model, artifact = load_pretrained(str(source))
         else:
             model, artifact = _from_bentoml_store(str(source))
     except (ArtifactError, CheckpointError) as e:  # HubError is a CheckpointError
