@@ -1,5 +1,7 @@
 """`vit-export`: a training checkpoint, or a pretrained ViT (`--from`), -> a BentoML model holding
-everything serving needs; optionally also a transformers folder (`--hf-dir`) and `model.onnx` (`--onnx`)."""
+everything serving needs; optionally also a transformers folder (`--hf-dir`), `model.onnx` (`--onnx`)
+and an int8 model (`--int8`: model.onnx + model.int8.onnx, measured against fp32 on the run's
+validation images or `--calib DIR`, the figures recorded in vit_artifact.json)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from vit_service.formats.pretrained import load_pretrained
 from vit_service.formats.transformers_vit import save_transformers_folder
 from vit_service.model import VisionTransformer
 from vit_service.preprocessing import Preprocessing
+from vit_service.quantize import MIN_AGREEMENT, QuantizeError, build_int8, evaluation_images
 from vit_service.serving.store import save_to_bentoml
 
 
@@ -93,14 +96,19 @@ def main(argv: list[str] | None = None) -> int:
             model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
         if args.hf_dir:  # first: a model transformers cannot express fails before anything is saved
             save_transformers_folder(model, artifact, args.hf_dir)
-        onnx_file = _export_onnx_first(model) if args.onnx else None
-        copy_onnx = (lambda folder: shutil.copy(onnx_file, folder / ONNX_FILE)) if onnx_file else None
-        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_onnx)
+        onnx_file = _export_onnx_first(model) if args.onnx or args.int8 else None
+        extra = [onnx_file] if onnx_file else []
+        # An exported folder given to --from may carry an int8 record: only a new --int8 makes one.
+        artifact.int8 = _build_int8(model, artifact, onnx_file, args) if onnx_file and args.int8 else None
+        if artifact.int8:  # model.int8.onnx beside model.onnx, its figures in vit_artifact.json
+            extra.append(onnx_file.parent / artifact.int8["file"])
+        copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
+        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
         if args.dir:
             artifact.save(model, args.dir)
-            if copy_onnx:
-                copy_onnx(Path(args.dir))
-    except (ExportError, CheckpointError, OnnxExportError, RunError) as e:
+            if copy_extra:
+                copy_extra(Path(args.dir))
+    except (ExportError, CheckpointError, OnnxExportError, RunError, QuantizeError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
     acc = artifact.metadata.get("val_acc1")
@@ -108,6 +116,25 @@ def main(argv: list[str] | None = None) -> int:
           + (f", val top-1 {acc:.4f}" if acc is not None else "") + ")", file=sys.stderr)
     print(bento_model.tag)
     return 0
+
+
+def _build_int8(model: VisionTransformer, artifact: ModelArtifact, onnx_file: Path,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Quantizes `onnx_file` and measures it on --calib DIR or the training run's validation folder."""
+    directory = args.calib or (artifact.metadata.get("dataset") or {}).get("val_dir")
+    if not directory:
+        raise ExportError("--int8 measures the int8 model against fp32 on real images: give --calib DIR "
+                          "(images, in class folders named like the model's classes for accuracy)")
+    if not args.calib and not Path(directory).is_dir():
+        raise ExportError(f"--int8: the run's validation folder {directory} is not there to measure int8 on; "
+                          "give --calib DIR")
+    images = evaluation_images(directory, artifact.class_names, limit=args.calib_limit or None)
+    record = build_int8(model, artifact, onnx_file, onnx_file.parent, images, str(Path(directory).resolve()),
+                        log=lambda line: print(line, file=sys.stderr))
+    if record["agreement_top1"] < MIN_AGREEMENT:
+        print(f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
+              f"(< {MIN_AGREEMENT:.0%}): recorded, but serving will not use it unless forced", file=sys.stderr)
+    return record
 
 
 def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +145,14 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="timm architecture of a bare --from weight file (e.g. vit_base_patch16_224)")
     p.add_argument("--hf-dir", metavar="OUT", help="also write a transformers ViTForImageClassification folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch) into the model")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 model (model.int8.onnx, onnxruntime dynamic quantization, with "
+                        "model.onnx) and record its top-1 agreement with fp32 and both accuracies, measured on "
+                        "the run's validation images or --calib DIR")
+    p.add_argument("--calib", metavar="DIR", help="images to measure --int8 on (class folders named like the "
+                                                   "model's classes also give accuracies); needed with --from")
+    p.add_argument("--calib-limit", type=int, default=2000, metavar="N",
+                   help="measure --int8 on at most N images, every class in turn (default 2000; 0: all)")
 
 
 def _export_onnx_first(model: VisionTransformer) -> Path:
