@@ -100,7 +100,11 @@ def test_guard_rule() -> None:
 
 
 def test_int8_needs_images_to_measure_on(int8_export: Path, tmp_path: Path) -> None:
-    out = export("--from", str(int8_export), "--int8", home=tmp_path / "bentoml")
+    from service_fixtures import build_tiny_model
+
+    model, artifact = build_tiny_model()  # a model that knows no validation folder
+    artifact.save(model, tmp_path / "tiny")
+    out = export("--from", str(tmp_path / "tiny"), "--int8", home=tmp_path / "bentoml")
     assert out.returncode == 2 and "give --calib DIR" in out.stderr and "Traceback" not in out.stderr
     out = export("--from", str(int8_export), "--int8", "--calib", str(tmp_path / "nowhere"), home=tmp_path / "bentoml")
     assert out.returncode == 2 and f"{tmp_path / 'nowhere'}: image folder not found" in out.stderr
