@@ -49,6 +49,10 @@ class ViTTrainer(Trainer):
 
 
 class ViTCLI(LightningCLI):
+    def __init__(self, *args: Any, trainer_class: Any = None, **kwargs: Any) -> None:
+        # ViTTrainer by default, so `precision: auto` parses however the CLI is built.
+        super().__init__(*args, trainer_class=trainer_class or ViTTrainer, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The class list, and so the head size, and the eval preprocessing come from the data:
         # written once, linked into the model (and from there into the checkpoint and export).
@@ -174,7 +178,6 @@ def run_cli(args: list[str] | None = None) -> ViTCLI:
     return ViTCLI(
         ViTClassifier,
         ImageFolderDataModule,
-        trainer_class=ViTTrainer,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},  # the resolved config is saved beside every run
         auto_configure_optimizers=False,
