@@ -115,3 +115,14 @@ def test_describe_host_reads_this_host():
     fake = describe_host(SAPPHIRE_RAPIDS)
     assert fake["cpu"].startswith("Intel(R) Xeon(R)")
     assert fake["flags"] == ["avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8"]
+
+
+def test_the_budget_can_follow_another_clock_than_the_samples():
+    clock, wall = FakeClock(), FakeClock()
+
+    def call() -> None:  # 0.1 s of CPU, 1 s of wall time (a loaded machine)
+        clock.now += 0.1
+        wall.now += 1.0
+
+    race = faster(call, call, budget_s=3.5, clock=clock, budget_clock=wall)
+    assert race.baseline_s == pytest.approx(0.1) and race.rounds == 1  # wall: 2 s untimed + 2 s

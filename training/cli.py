@@ -15,11 +15,12 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,7 +30,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError
-from training.module import ViTClassifier
+from training.module import ViTClassifier, build_model_config
+from training.precision import AUTO, resolve_auto_precision
 from training.predict import PredictionFileWriter
 from training.progress import ProgressLog
 from training.runs import RUN_PREFIX, RunError, best_checkpoint_under, latest_resumable_run, next_version
@@ -55,7 +57,26 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_NoAdvertisement())  # the loggers rank_zero_info writes to
 
 
+PRECISION_ENV = "VIT_TRAIN_RESOLVED_PRECISION"
+
+
+class ViTTrainer(Trainer):
+    """Lightning's Trainer; its `precision` also accepts "auto", which vit-train resolves (by the
+    host: training/precision.py) before building it, so the Trainer itself never sees "auto"."""
+
+    def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs: Any) -> None:
+        if precision == AUTO:
+            raise ValueError("precision 'auto' is resolved by vit-train (training/cli.py) before the Trainer is "
+                             "built; from Python, pass a Lightning precision (e.g. training.precision."
+                             "resolve_auto_precision(...).precision)")
+        super().__init__(precision=precision, **kwargs)
+
+
 class ViTCLI(LightningCLI):
+    def __init__(self, *args: Any, trainer_class: Any = None, **kwargs: Any) -> None:
+        # ViTTrainer by default, so `precision: auto` parses however the CLI is built.
+        super().__init__(*args, trainer_class=trainer_class or ViTTrainer, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The class list, and so the head size, and the eval preprocessing come from the data:
         # written once, linked into the model (and from there into the checkpoint and export).
@@ -89,6 +110,30 @@ class ViTCLI(LightningCLI):
         parser.add_lightning_class_args(ProgressLog, "progress")
         parser.add_lightning_class_args(PredictionFileWriter, "predict_writer")
         parser.set_defaults({"trainer.default_root_dir": DEFAULT_ROOT_DIR})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config["trainer"].get("precision") == AUTO:
+            config["trainer"]["precision"] = self._resolve_auto_precision(config)
+
+    def _resolve_auto_precision(self, config: Any) -> str:
+        """`trainer.precision: auto` -> a Lightning precision, before the Trainer is built; the
+        saved config.yaml then holds the resolved value. Rank 0 decides (and prints it, once);
+        DDP processes that Lightning starts inherit its choice, so all ranks train alike."""
+        inherited = os.environ.get(PRECISION_ENV)
+        if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+            return inherited
+        model, data = config["model"], config["data"]
+
+        def model_config() -> Any:
+            return build_model_config(model["preset"], model.get("num_classes") or 10, model.get("image_size"),
+                                      model.get("model_overrides"), model.get("init_from"))
+
+        choice = resolve_auto_precision(config["trainer"].get("accelerator"), model_config,
+                                        int(data.get("batch_size") or 32))
+        log.info(choice.line())
+        os.environ[PRECISION_ENV] = choice.precision
+        return choice.precision
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # The loggers are made here, not in the configs, because their folder depends on the run:

@@ -1,5 +1,7 @@
 """`vit-export`: a training checkpoint, or a pretrained ViT (`--from`), -> a BentoML model holding
-everything serving needs; optionally also a transformers folder (`--hf-dir`) and `model.onnx` (`--onnx`)."""
+everything serving needs; optionally also a transformers folder (`--hf-dir`), `model.onnx` (`--onnx`)
+and an int8 model (`--int8`: model.onnx + model.int8.onnx, measured against fp32 on the run's
+validation images or `--calib DIR`, the figures recorded in vit_artifact.json)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import bentoml
 
@@ -17,6 +20,7 @@ from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_o
 from vit_service.formats.sources import ModelSourceError, load_model_source
 from vit_service.formats.transformers_vit import TransformersFormatError, save_transformers_folder
 from vit_service.model import VisionTransformer
+from vit_service.quantize import MIN_AGREEMENT, QuantizeError, build_int8, evaluation_images
 from vit_service.serving.store import save_to_bentoml
 
 
@@ -51,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best checkpoint of {args.run} by {best['monitor']} ({best['mode']}): "
                   f"{Path(artifact.metadata['source_checkpoint']).name} ({best['monitor']} {best['score']:.4f})",
                   file=sys.stderr)
-        onnx_file = _export_onnx_first(model) if args.onnx else None
-        copy_onnx = (lambda folder: shutil.copy(onnx_file, folder / ONNX_FILE)) if onnx_file else None
+        onnx_file = _export_onnx_first(model) if args.onnx or args.int8 else None
+        extra = [onnx_file] if onnx_file else []
+        # An exported folder given to --from may carry an int8 record: only a new --int8 makes one.
+        artifact.int8 = _build_int8(model, artifact, onnx_file, args) if onnx_file and args.int8 else None
+        if artifact.int8:  # model.int8.onnx beside model.onnx, its figures in vit_artifact.json
+            extra.append(onnx_file.parent / artifact.int8["file"])
+        copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
         earlier = _earlier_exports(args.name, artifact)
-        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_onnx)
+        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
         if args.dir:
             artifact.save(model, args.dir)
-            if copy_onnx:
-                copy_onnx(Path(args.dir))
-    except (ExportError, ModelSourceError, CheckpointError, OnnxExportError) as e:
+            if copy_extra:
+                copy_extra(Path(args.dir))
+    except (ExportError, ModelSourceError, CheckpointError, OnnxExportError, QuantizeError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
     acc = artifact.metadata.get("val_acc1")
@@ -104,6 +113,25 @@ def _earlier_exports(name: str, artifact: ModelArtifact) -> list[str]:
     return [str(m.tag) for m in sorted(same, key=lambda m: m.info.creation_time, reverse=True)]
 
 
+def _build_int8(model: VisionTransformer, artifact: ModelArtifact, onnx_file: Path,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Quantizes `onnx_file` and measures it on --calib DIR or the training run's validation folder."""
+    directory = args.calib or (artifact.metadata.get("dataset") or {}).get("val_dir")
+    if not directory:
+        raise ExportError("--int8 measures the int8 model against fp32 on real images: give --calib DIR "
+                          "(images, in class folders named like the model's classes for accuracy)")
+    if not args.calib and not Path(directory).is_dir():
+        raise ExportError(f"--int8: the run's validation folder {directory} is not there to measure int8 on; "
+                          "give --calib DIR")
+    images = evaluation_images(directory, artifact.class_names, limit=args.calib_limit or None)
+    record = build_int8(model, artifact, onnx_file, onnx_file.parent, images, str(Path(directory).resolve()),
+                        log=lambda line: print(line, file=sys.stderr))
+    if record["agreement_top1"] < MIN_AGREEMENT:
+        print(f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
+              f"(< {MIN_AGREEMENT:.0%}): recorded, but serving will not use it unless forced", file=sys.stderr)
+    return record
+
+
 def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_source", metavar="NAME_OR_DIR",
                    help="export a pretrained ViT instead of a checkpoint: a timm name "
@@ -114,6 +142,14 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
                                                    "(written last; a model transformers cannot express, e.g. "
                                                    "average pooling, is skipped with a message and exit code 3)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch) into the model")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 model (model.int8.onnx, onnxruntime dynamic quantization, with "
+                        "model.onnx) and record its top-1 agreement with fp32 and both accuracies, measured on "
+                        "the run's validation images or --calib DIR")
+    p.add_argument("--calib", metavar="DIR", help="images to measure --int8 on (class folders named like the "
+                                                   "model's classes also give accuracies); needed with --from")
+    p.add_argument("--calib-limit", type=int, default=2000, metavar="N",
+                   help="measure --int8 on at most N images, every class in turn (default 2000; 0: all)")
 
 
 def _export_onnx_first(model: VisionTransformer) -> Path:

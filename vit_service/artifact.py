@@ -2,8 +2,12 @@
 
 A model directory (a BentoML model store entry, or any folder) holds
     model.safetensors   the VisionTransformer state dict (timm parameter names)
-    vit_artifact.json   {"format_version", "model_config", "class_names", "preprocessing", "metadata"}
-so the service never re-declares the architecture, the labels or the preprocessing.
+    vit_artifact.json   {"format_version", "model_config", "class_names", "preprocessing", "metadata",
+                         "int8" (only with vit-export --int8)}
+so the service never re-declares the architecture, the labels or the preprocessing. "int8" records
+the int8 model beside it (model.int8.onnx, vit_service/quantize.py) and how it was measured against
+fp32: {"file", "method", "weights", "images", "labelled", "agreement_top1", "fp32_top1",
+"int8_top1", "max_prob_diff", "measured_on", ...}; serving reads the agreement as its guard.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ModelArtifact:
     class_names: list[str]
     preprocessing: Preprocessing
     metadata: dict[str, Any] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None  # the int8 model's record (vit-export --int8), or None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.config.num_classes:
@@ -64,6 +69,7 @@ class ModelArtifact:
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing.to_dict(),
             "metadata": self.metadata,
+            **({"int8": self.int8} if self.int8 else {}),
         }
 
     def save(self, model: VisionTransformer, directory: str | os.PathLike[str]) -> Path:
@@ -90,9 +96,20 @@ class ModelArtifact:
                 class_names=list(d["class_names"]),
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
                 metadata=d.get("metadata", {}),
+                int8=_int8_record(d.get("int8"), manifest),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{manifest}: malformed manifest ({e})") from None
+
+
+def _int8_record(record: Any, manifest: Path) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise ArtifactError(f"{manifest}: malformed int8 record (expected an object with a \"file\")")
+    if not (manifest.parent / record["file"]).is_file():
+        raise ArtifactError(f"{manifest}: records an int8 model {record['file']} that is not in {manifest.parent}")
+    return record
 
 
 def is_artifact_dir(path: str | os.PathLike[str]) -> bool:
