@@ -199,6 +199,9 @@ def test_extending_a_run_says_so_and_epochs_are_numbered_from_0_everywhere(train
     result = _fit_last(config, root, "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "note: re-planning the LR schedule of" in result.stdout and "from 2 to 3 epochs (2 done)" in result.stdout
+    assert "exists and is not empty" not in result.stderr  # resuming writes into its own folder by design
+    saved = yaml.safe_load((root / "version_0/config.yaml").read_text())
+    assert saved["ckpt_path"] == f"{root}/version_0/checkpoints/last.ckpt"
     # One numbering: the progress line of the third epoch, the checkpoint's epoch, metrics.csv.
     assert re.search(r"\] epoch 2/2  step \d+ ", result.stdout), result.stdout[-2000:]
     assert "epoch 3/3" not in result.stdout

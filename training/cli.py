@@ -176,6 +176,11 @@ class ViTCLI(LightningCLI):
                 run = f"{root}/{RUN_PREFIX}{resumed}"
                 self._check_resume_plan(run, config)
                 log.info(f"resuming {run}/checkpoints/last.ckpt")
+                if self.subcommand:  # config.yaml names the file resumed, not "last"
+                    self.config[self.subcommand]["ckpt_path"] = f"{run}/checkpoints/last.ckpt"
+                # Resuming writes into the run's own checkpoints/ by design: Lightning's warning
+                # that the folder "exists and is not empty" is about a new run overwriting an old one.
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
                 return resumed
         elif self.subcommand != "fit" and ckpt_path in ("last", "best"):
             if ckpt_path == "last":
