@@ -1,13 +1,15 @@
-"""A worker that restarts beside a serving sibling warms up before it takes a connection.
+"""Only one worker at a time answers "warming up": the others warm up before they take a connection.
 
 BentoML runs a service's workers under one arbiter (circus), all accepting on one listening
 socket, and starts a new worker when one dies. A worker takes connections once its service's
 `__init__` has returned (BentoML creates the instance in the ASGI lifespan, before uvicorn
-serves the socket). So the front decides where to warm up:
-    no sibling serving (first start, or the only worker died): in the background, answering 503
-        (and /readyz 503) meanwhile, so clients and orchestrators learn the state at once;
-    a sibling is serving (this worker replaces a dead one): inside `__init__`, so the kernel hands
-        every connection to the warm siblings until this one is ready, and nobody sees a 503.
+serves the socket). So the front decides where to warm up (`warm_in_background`):
+    worker 1 while no sibling serves (the first start, or the only worker died): in the
+        background, answering 503 (and /readyz 503) meanwhile, so clients and orchestrators
+        learn the state at once instead of waiting on a silent socket;
+    any other worker, or a replacement beside a serving sibling: inside `__init__`, so the kernel
+        hands every connection to the warm workers until this one is ready. Once /readyz has
+        answered 200, no request meets a cold worker, at start-up or after a crash.
 Each warm worker leaves a marker file named after its pid in a folder its siblings share (named
 after their parent, the arbiter); a marker whose process is gone, or has another parent, is stale.
 """
@@ -52,3 +54,16 @@ def sibling_serving() -> bool:
         with contextlib.suppress(OSError):
             marker.unlink()  # a dead worker's
     return False
+
+
+def worker_index() -> int:
+    """This worker's index among its service's workers (1, 2, ...; a replacement takes the dead
+    worker's); 1 outside a BentoML worker."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index or 1
+
+
+def warm_in_background() -> bool:
+    """Whether this worker should take connections while it warms up (and answer 503)."""
+    return worker_index() <= 1 and not sibling_serving()
