@@ -127,8 +127,8 @@ def config_from_timm(tm: nn.Module, name: str) -> ViTConfig:
     from timm.models.vision_transformer import Block, VisionTransformer as TimmViT
 
     def refuse(what: str) -> HubError:
-        return HubError(f"{name}: {what} is not supported by this project's ViT (see the README's "
-                        "table of timm variants); pick a plain ViT, e.g. vit_small_patch16_224.augreg_in21k_ft_in1k")
+        return HubError(f"{name}: {what} is not supported by this project's ViT (see the table of timm "
+                        "ViTs in docs/pretrained.md); pick a plain ViT, e.g. vit_small_patch16_224.augreg_in21k_ft_in1k")
 
     if type(tm) is not TimmViT:
         hint = " (distilled DeiT: a distillation token and second head)" if "Distilled" in type(tm).__name__ else ""

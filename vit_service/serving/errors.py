@@ -1,15 +1,18 @@
 """One error shape: every non-2xx answer of the service is `{"error": "<what was wrong>"}` JSON.
 
-Our own routes and middlewares answer that way already, and so do BentoML's 429 (max_concurrency)
-and 504 (timeout). What does not: Starlette's plain-text `Not Found` (unknown path) and `Method
-Not Allowed`, BentoML's plain-text 503 from /readyz and /livez, the list-shaped
-`[{"error": ...}]` of `BadInput`, `{"detail": ...}` bodies, and the plain-text 500 of an
-exception nobody caught. `ErrorShapeMiddleware` rewrites those bodies on their way out, keeping
-the status and every other header; a body already in our shape passes untouched.
+The client's mistakes are one exception, `RequestError`, raised by every route and the upload
+middleware; `error_response` is the one place that turns it into a response (auth.py answers its
+401 the same way).
 
-Registered with `Service.add_asgi_middleware` before the other middlewares of ours, so it sits
-outside them (BentoML puts user middlewares inside its timeout and concurrency limits, whose
-answers are JSON already) and sees every answer from the routes and from our own checks.
+Everything else is caught on its way out by `ErrorShapeMiddleware`. BentoML's 429
+(max_concurrency) and 504 (timeout) are JSON already; what is not: Starlette's plain-text `Not
+Found` (unknown path) and `Method Not Allowed`, BentoML's plain-text 503 from /readyz and /livez,
+the list-shaped `[{"error": ...}]` of `BadInput`, `{"error": ..., "detail": [...]}` from a typed
+route's validation, and the plain-text 500 of an exception nobody caught. The middleware rewrites
+those bodies, keeping the status and every other header; a body already in our shape passes
+untouched. Registered with `Service.add_asgi_middleware` before the other middlewares of ours, so
+it sits outside them (BentoML puts user middlewares inside its timeout and concurrency limits)
+and sees every answer from the routes and from our own checks.
 """
 
 from __future__ import annotations
@@ -19,11 +22,31 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("bentoml.vit_service.errors")
 MAX_MESSAGE_CHARS = 300  # a plain-text body longer than this is not a message: the status says it
 MAX_PATH_CHARS = 100  # an unknown path is echoed back, cut to this length
+
+
+class RequestError(Exception):
+    """Something wrong with the client's request, answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str, reason: str = "bad_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason  # a short fixed label for the rejected-uploads metric
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+OVERLOADED = "the model is overloaded; retry shortly"
+NOT_READY = "the model is still warming up; retry shortly"
+TIMED_OUT = "the model did not answer in time"
 
 
 def error_body(message: str) -> bytes:
