@@ -16,6 +16,7 @@ import pytest
 
 from service_fixtures import encode, picture
 from vit_service.serving.auth import AuthConfig
+from vit_service.serving.settings import Settings
 
 # Three keys: two from VIT_API_KEY, one from VIT_API_KEY_FILE (see conftest.keyed_model_server).
 from conftest import API_KEYS  # noqa: E402
@@ -139,10 +140,15 @@ def test_without_keys_the_api_is_open(tiny_model_server):
 
 # ------------------------------------------------------------------ reading the keys
 
+def auth_config(env: dict[str, str]) -> AuthConfig:
+    """As the service reads it: settings.py reads the variables, auth.py parses them."""
+    return AuthConfig.from_settings(Settings.from_env({"VIT_DEVICE": "cpu", **env}))
+
+
 def test_keys_from_the_variable_and_the_file(tmp_path: Path):
     keys = tmp_path / "keys"
     keys.write_text("# rotated monthly\nfile-key-1\n\n  file-key-2  \n")
-    config = AuthConfig.from_env({"VIT_API_KEY": "env-a, env-b", "VIT_API_KEY_FILE": str(keys)})
+    config = auth_config({"VIT_API_KEY": "env-a, env-b", "VIT_API_KEY_FILE": str(keys)})
     assert config.enabled and len(config.digests) == 4 and not config.protect_metrics
     for key in ("env-a", "env-b", "file-key-1", "file-key-2"):
         assert config.check(f"Bearer {key}") is None
@@ -155,13 +161,13 @@ def test_keys_from_the_variable_and_the_file(tmp_path: Path):
 
 
 def test_auth_is_off_by_default_and_open_paths():
-    config = AuthConfig.from_env({})
+    config = auth_config({})
     assert not config.enabled
-    keyed = AuthConfig.from_env({"VIT_API_KEY": "k1"})
+    keyed = auth_config({"VIT_API_KEY": "k1"})
     assert [p for p in ("/livez", "/readyz", "/healthz", "/metrics", "/", "/ui", "/docs") if not keyed.is_open(p)] == []
     assert [p for p in ("/classify", "/classify_batch", "/explain", "/model_info", "/docs.json", "/schema.json", "/x")
             if keyed.is_open(p)] == []
-    assert not AuthConfig.from_env({"VIT_API_KEY": "k1", "VIT_PROTECT_METRICS": "1"}).is_open("/metrics")
+    assert not auth_config({"VIT_API_KEY": "k1", "VIT_PROTECT_METRICS": "1"}).is_open("/metrics")
 
 
 @pytest.mark.parametrize("env,message", [
@@ -172,16 +178,16 @@ def test_auth_is_off_by_default_and_open_paths():
 ])
 def test_bad_key_settings_are_start_up_errors(env, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        AuthConfig.from_env(env)
+        auth_config(env)
 
 
 def test_empty_key_file_is_an_error_not_an_open_api(tmp_path: Path):
     empty = tmp_path / "keys"
     empty.write_text("# nothing yet\n\n")
     with pytest.raises(ValueError, match="holds no key"):
-        AuthConfig.from_env({"VIT_API_KEY_FILE": str(empty)})
+        auth_config({"VIT_API_KEY_FILE": str(empty)})
     bad = tmp_path / "bad"
     bad.write_text("good-key\nsecret with space\n")
     with pytest.raises(ValueError) as e:
-        AuthConfig.from_env({"VIT_API_KEY_FILE": str(bad)})
+        auth_config({"VIT_API_KEY_FILE": str(bad)})
     assert "line 2" in str(e.value) and "secret" not in str(e.value)

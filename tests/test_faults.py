@@ -2,9 +2,9 @@
 pid found through the process tree (psutil), SIGKILL, every answer around it recorded.
 
 With two front workers the other one answers: at least 95% of requests answer 200 and /readyz stays
-200; the replacement warms up before it takes a connection (tests/README.md: the warm-up gate
-`VIT_TEST_WARMUP_GATE` holds its warm-up, so a replacement that took connections while warming
-would be seen answering 503). With one worker, /readyz answers 503 until the new worker is warm
+200; the replacement warms up before it takes a connection (tests/gated_service.py holds its
+warm-up until a file exists, so a replacement that took connections while warming would be seen
+answering 503). With one worker, /readyz answers 503 until the new worker is warm
 (the gate decides when), then 200. The default-suite runs take ~25 s of load; the full minute
 around the kill, with real warm-up timing, is the slow test.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service_fixtures import bentoml_server, encode, picture, poll
+from service_fixtures import REPO, bentoml_server, encode, picture, poll
 from service_fixtures import store  # noqa: F401  (session fixture)
 from vit_service.serving.local_server import server_processes
 
@@ -98,13 +98,16 @@ def ready_lines(log: Path) -> int:
 
 
 def server(store, tmp_path: Path, workers: int, gate: Path | None):
+    """The service with `workers` front workers; with `gate`, tests/gated_service.py's copy of it,
+    whose warm-ups wait until the file `gate` exists."""
     home, _ = store
     env = {"VIT_WORKERS": str(workers), "VIT_TORCH_THREADS": "1", "VIT_PRECISION": "fp32",
            "VIT_MAX_LATENCY_MS": "20000"}
-    if gate is not None:
-        gate.touch()  # the first warm-up passes at once; a test removes it to hold the next one
-        env["VIT_TEST_WARMUP_GATE"] = str(gate)
-    return bentoml_server(home, tmp_path / "serve.log", env=env)
+    if gate is None:
+        return bentoml_server(home, tmp_path / "serve.log", env=env)
+    gate.touch()  # the first warm-ups pass at once; a test removes it to hold the next one
+    env.update(WARMUP_GATE=str(gate), PYTHONPATH=str(REPO / "tests"))
+    return bentoml_server(home, tmp_path / "serve.log", env=env, target="gated_service:ViTClassifier")
 
 
 def assert_clean_log(log: Path) -> None:

@@ -581,13 +581,14 @@ def test_serving_imports_no_training_stack():
 
 
 def test_settings_from_env(monkeypatch):
-    from vit_service.serving.settings import Settings, host_cores
+    from vit_service.serving.settings import Settings, available_memory, cpu_workers, host_cores
 
-    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE"):
+    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE", "VIT_MODEL_TAG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VIT_DEVICE", "cpu")  # defaults derived for a CPU-only host
     s = Settings.from_env()
-    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, host_cores(), 16)
+    workers = cpu_workers(host_cores(), available_memory(), 0)  # the rule (test_faults.py tests it)
+    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", workers, host_cores() // workers, 16)
     monkeypatch.setenv("VIT_MODE", "split")
     monkeypatch.setenv("VIT_DECODE_THREADS", "7")
     s = Settings.from_env()

@@ -3,8 +3,8 @@
     VIT_API_KEY=k1                 one key
     VIT_API_KEY=k1,k2              several (e.g. one per client, or old and new while rotating)
     VIT_API_KEY_FILE=/run/keys     one key a line (blank lines and lines starting with # ignored)
-Both may be set; their keys add up. Neither set: authentication is off and the service says so
-in its start-up log. The header is what `bentoml.SyncHTTPClient(url, token=key)` sends, and
+Both may be set; their keys add up (settings.py reads them, with the parsing here). Neither set:
+authentication is off and the service says so in its start-up log. The header is what `bentoml.SyncHTTPClient(url, token=key)` sends, and
 `curl -H "Authorization: Bearer $KEY"`.
 
 Open without a key: the probes `/livez`, `/readyz`, `/healthz` (orchestrators), `/metrics`
@@ -24,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -54,13 +54,31 @@ def _check_key(key: str, where: str) -> str:
     return key
 
 
-def _env_flag(environ: Mapping[str, str], name: str) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+def read_key_list(name: str, raw: str, host: Any = None) -> tuple[bytes, ...]:
+    """VIT_API_KEY: comma-separated keys -> their digests. An empty item is an error naming the
+    variable (a typo must not leave a key out), never the key."""
+    if not raw:
+        return ()
+    given = [k.strip() for k in raw.split(",")]
+    if not all(given):
+        raise ValueError(f"{name}: an empty key in the comma-separated list")
+    return tuple(_digest(_check_key(k, f"{name} key #{i + 1}")) for i, k in enumerate(given))
+
+
+def read_key_file(name: str, raw: str, host: Any = None) -> tuple[bytes, ...]:
+    """VIT_API_KEY_FILE: a file of keys, one a line (blank lines and `#` comments skipped) -> their
+    digests. A file that cannot be read or holds no key is an error (a set variable that yields no
+    key must not leave the API open), naming the file and the line, never the key."""
+    if not raw:
+        return ()
+    try:
+        lines = Path(raw).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name} {raw}: cannot read it ({type(e).__name__}: {e.args[-1]})") from None
+    found = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.strip().startswith("#")]
+    if not found:
+        raise ValueError(f"{name} {raw}: holds no key (one key a line)")
+    return tuple(_digest(_check_key(k, f"{name} {raw} line {n}")) for n, k in found)
 
 
 @dataclass(frozen=True)
@@ -75,30 +93,9 @@ class AuthConfig:
         return bool(self.digests)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> AuthConfig:
-        """Reads VIT_API_KEY, VIT_API_KEY_FILE and VIT_PROTECT_METRICS. A variable that is set but
-        yields no key is an error (a typo must not leave the API open), naming the variable and
-        the line, never the key."""
-        environ = os.environ if environ is None else environ
-        keys: list[str] = []
-        raw = environ.get("VIT_API_KEY")
-        if raw is not None and raw.strip():
-            given = [k.strip() for k in raw.split(",")]
-            if not all(given):
-                raise ValueError("VIT_API_KEY: an empty key in the comma-separated list")
-            keys += [_check_key(k, f"VIT_API_KEY key #{i + 1}") for i, k in enumerate(given)]
-        path = environ.get("VIT_API_KEY_FILE", "").strip()
-        if path:
-            try:
-                lines = Path(path).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"VIT_API_KEY_FILE {path}: cannot read it ({type(e).__name__}: {e.args[-1]})") from None
-            found = [(n, line.strip()) for n, line in enumerate(lines, 1)
-                     if line.strip() and not line.strip().startswith("#")]
-            if not found:
-                raise ValueError(f"VIT_API_KEY_FILE {path}: holds no key (one key a line)")
-            keys += [_check_key(k, f"VIT_API_KEY_FILE {path} line {n}") for n, k in found]
-        return cls(tuple(dict.fromkeys(_digest(k) for k in keys)), _env_flag(environ, "VIT_PROTECT_METRICS"))
+    def from_settings(cls, settings: Any) -> AuthConfig:
+        """From the service's Settings (VIT_API_KEY, VIT_API_KEY_FILE, VIT_PROTECT_METRICS)."""
+        return cls(tuple(dict.fromkeys(settings.api_keys + settings.api_key_file_keys)), settings.protect_metrics)
 
     def is_open(self, path: str) -> bool:
         """Whether `path` is served without a key."""

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from vit_service.preprocessing import Preprocessing
-from vit_service.serving import local_model, metrics
+from vit_service.serving import local_model, metrics, restarts
 from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
 from vit_service.serving.bentoml_compat import keep_one_session
 from vit_service.serving.errors import NOT_READY, OVERLOADED, TIMED_OUT, RequestError
@@ -67,8 +67,9 @@ class ModelHandle(Protocol):
 
 
 class InProcessModel:
-    """The model in this process. Loads at once; warms up in the background, so /readyz answers
-    503 meanwhile (and stays 503, with the reason in the log, if the warm-up fails)."""
+    """The model in this process. Loads at once; worker 1 (when no sibling serves) warms up in the
+    background, so /readyz answers 503 meanwhile (and stays 503, with the reason in the log, if
+    the warm-up fails); any other worker warms up before it takes a connection (restarts.py)."""
 
     def __init__(self, settings: Settings, model_path: str, tag: Any) -> None:
         predictor = local_model.load_predictor(settings, model_path)
@@ -88,8 +89,13 @@ class InProcessModel:
                 return
             self._info = ModelInfo.from_description(local_model.describe_model(predictor, settings, tag))
             self.warm.set()
+            restarts.mark_warm()
 
-        threading.Thread(target=warm, name="warmup", daemon=True).start()
+        if restarts.warm_in_background():  # the one worker that answers 503 (and /readyz 503) meanwhile
+            threading.Thread(target=warm, name="warmup", daemon=True).start()
+        else:  # another worker answers: take no connection before warm
+            logger.info("warming up before accepting connections (worker %d)", restarts.worker_index())
+            warm()
 
     async def describe(self) -> ModelInfo:
         if self._info is None:
