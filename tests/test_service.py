@@ -44,6 +44,7 @@ SERVER_ENV = {
     "VIT_MAX_LATENCY_MS": "20000",  # 2 loaded cores: no 503 from the batcher in these tests
     "VIT_MODE": "inprocess",  # what `auto` picks on a CPU-only host; tests/test_service_modes.py has split mode
     "VIT_DECODE_THREADS": "3",  # not the host default, so its effect is visible
+    "VIT_WORKERS": "1",  # one front: max_concurrency and batching are per worker (two: tests/test_faults.py)
 }
 
 
