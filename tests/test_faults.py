@@ -127,7 +127,12 @@ def test_two_workers_absorb_a_worker_crash(store, tmp_path):
             victim, before = kill_a_worker(url, expected=2)
             new = replacement_of(url, before)
             assert new and victim not in new, "the arbiter did not start a replacement"
-            time.sleep(8)  # the replacement exists and cannot get warm: it must take no connection
+            # Until the replacement has reached its warm-up (held at the gate): it then says it warms
+            # up before accepting connections, or (were it to serve while warming) that it started.
+            poll(lambda: log.read_text(), attempts=2400,
+                 until=lambda text: text.count("warming up before accepting connections") >= 2
+                 or text.count("Service vit_classifier initialized") >= 3)
+            time.sleep(6)  # it cannot get warm: it must take no connection meanwhile
             t_gate = load.now()
             gate.touch()
             assert poll(lambda: ready_lines(log), until=lambda n: n >= 3, attempts=1200) >= 3
