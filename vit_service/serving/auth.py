@@ -4,8 +4,8 @@
     VIT_API_KEY=k1,k2              several (e.g. one per client, or old and new while rotating)
     VIT_API_KEY_FILE=/run/keys     one key a line (blank lines and lines starting with # ignored)
 Both may be set; their keys add up (settings.py reads them, with the parsing here). Neither set:
-authentication is off and the service says so in its start-up log. The header is what `bentoml.SyncHTTPClient(url, token=key)` sends, and
-`curl -H "Authorization: Bearer $KEY"`.
+authentication is off and the service says so in its start-up log. The header is what
+`bentoml.SyncHTTPClient(url, token=key)` sends, and `curl -H "Authorization: Bearer $KEY"`.
 
 Open without a key: the probes `/livez`, `/readyz`, `/healthz` (orchestrators), `/metrics`
 (unless `VIT_PROTECT_METRICS=1`), and the static shells of the web page (`/`, `/ui`) and of the
@@ -16,7 +16,7 @@ and unknown paths, answers 401 `{"error": ...}` with `WWW-Authenticate: Bearer` 
 
 Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured key
 (no early exit, no length leak), and never logged or put in a metric label; failures are counted
-by reason (`missing`, `malformed`, `invalid`) through `on_failure`.
+by reason (`missing`, `malformed`, `invalid`: the keys of MESSAGES) through `on_failure`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ PUBLIC_PAGES = frozenset({"/", "/ui", "/docs"})  # static shells; their data cal
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")  # BentoML's bundled Swagger UI / index assets
 METRICS_PATH = "/metrics"
 REALM = "vit-service"
-FAILURE_REASONS = ("missing", "malformed", "invalid")
 
 
 def _digest(key: str) -> bytes:

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("bentoml.vit_service.errors")
 MAX_MESSAGE_CHARS = 300  # a plain-text body longer than this is not a message: the status says it
-MAX_PATH_CHARS = 100  # an unknown path is echoed back, cut to this length
+MAX_PATH_CHARS = 100  # a path echoed back in a 405 message is cut to this length
 
 
 class RequestError(Exception):

@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response
 
 from vit_service.explain import METHODS
 from vit_service.serving import metrics, pages
-from vit_service.serving.auth import AuthConfig, AuthMiddleware
 from vit_service.serving.asgi_routes import ServiceRoutes
+from vit_service.serving.auth import AuthConfig, AuthMiddleware
 from vit_service.serving.bentoml_compat import (fold_unknown_paths, label_metrics_with_model,
                                                  probe_survives_dropped_connections)
 from vit_service.serving.errors import ErrorShapeMiddleware, RequestError, error_response
