@@ -188,6 +188,42 @@ def test_one_worker_is_unready_until_the_new_worker_is_warm(store, tmp_path):
     assert_clean_log(log)
 
 
+def test_first_start_a_cold_worker_holds_requests_once_another_serves(store, tmp_path):
+    """Two workers, each with its own warm-up gate: worker 2 (warming before it takes a
+    connection) gets warm first while worker 1 (the one taking connections while it warms) is
+    still held. /readyz then says 200, so no request may meet a 503: worker 1 holds them until
+    it is warm."""
+    home, _ = store
+    gates = tmp_path / "gate-{worker}"
+    env = {"VIT_WORKERS": "2", "VIT_TORCH_THREADS": "1", "VIT_PRECISION": "fp32", "VIT_MAX_LATENCY_MS": "20000",
+           "WARMUP_GATE": str(gates), "PYTHONPATH": str(REPO / "tests")}
+    log = tmp_path / "serve.log"
+    with bentoml_server(home, log, env=env, target="gated_service:ViTClassifier", ready_path="/livez") as url:
+        assert httpx.get(f"{url}/readyz", timeout=30).status_code == 503  # nobody warm yet
+        Path(str(gates).format(worker=2)).touch()
+        assert poll(lambda: httpx.get(f"{url}/readyz", timeout=30).status_code, until=lambda s: s == 200,
+                    attempts=2400) == 200
+        load = Load(url, clients=0).start()  # /readyz probes only
+        results: list[int] = []
+
+        def one() -> None:
+            r = httpx.post(f"{url}/classify", files={"image": ("a.png", PNG, "image/png")}, timeout=60)
+            results.append(r.status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]  # new connections, to both workers
+        for t in threads:
+            t.start()
+        time.sleep(3)  # worker 1 is still held: its share of the requests waits
+        Path(str(gates).format(worker=1)).touch()
+        for t in threads:
+            t.join(timeout=90)
+        time.sleep(1)
+        load.finish()
+    assert results == [200] * 12, results
+    assert {s for _, s in load.probes} == {200}, load.probes
+    assert_clean_log(log)
+
+
 def test_split_mode_front_answers_when_a_model_worker_dies(store, tmp_path):
     """Split mode on a CPU: two model-service workers. A model worker killed mid-request is a
     dropped connection to the front, which calls the other worker again (the call is idempotent)

@@ -80,12 +80,15 @@ class InProcessModel:
                                        max_latency_s=settings.max_latency_ms / 1000, on_batch=metrics.batch_size.observe)
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
+        self.failed = False
+        self.wait_s = settings.timeout
 
         def warm() -> None:
             try:
                 local_model.warm_up(predictor, settings, tag)
             except Exception:
                 logger.exception("warm-up of %s failed; the service stays unready", tag)
+                self.failed = True
                 return
             self._info = ModelInfo.from_description(local_model.describe_model(predictor, settings, tag))
             self.warm.set()
@@ -98,12 +101,19 @@ class InProcessModel:
             warm()
 
     async def describe(self) -> ModelInfo:
+        if self._info is None and not self.failed and restarts.sibling_serving():
+            # Another worker already serves, so /readyz said ready: this cold one (worker 1, warming
+            # in the background at the first start) holds the request until it is warm, not a 503.
+            deadline = asyncio.get_running_loop().time() + self.wait_s
+            while self._info is None and not self.failed and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
         if self._info is None:
             raise RequestError(503, NOT_READY, "not_ready")
         return self._info
 
     async def ready(self) -> bool:
-        return self.warm.is_set()
+        # Ready when warm, or while warming if another worker serves (requests here then wait).
+        return self.warm.is_set() or (not self.failed and restarts.sibling_serving())
 
     async def predict(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
         try:

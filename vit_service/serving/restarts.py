@@ -8,10 +8,10 @@ serves the socket). So the front decides where to warm up (`warm_in_background`)
         background, answering 503 (and /readyz 503) meanwhile, so clients and orchestrators
         learn the state at once instead of waiting on a silent socket;
     any other worker, or a replacement beside a serving sibling: inside `__init__`, so the kernel
-        hands every connection to the warm workers until this one is ready. After a crash no
-        request meets a cold worker. At the first start, worker 2 may get warm before worker 1:
-        /readyz then answers 200 from worker 2 while worker 1 still answers 503 to some requests
-        (retryable) until it is warm too (not solved here: worker 1 would have to hold them).
+        hands every connection to the warm workers until this one is ready.
+And at the first start worker 2 may get warm before worker 1: from then on worker 1 answers
+/readyz 200 and holds its requests until it is warm itself (model_handle.InProcessModel), so once
+/readyz has said 200 no request meets a 503 for warming up, at start-up or after a crash.
 Each warm worker leaves a marker file named after its pid in a folder its siblings share (named
 after their parent, the arbiter); a marker whose process is gone, or has another parent, is stale.
 """
