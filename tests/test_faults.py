@@ -138,6 +138,7 @@ def test_two_workers_absorb_a_worker_crash(store, tmp_path):
             assert poll(lambda: ready_lines(log), until=lambda n: n >= 3, attempts=1200) >= 3
             time.sleep(3)  # and some load with both workers serving again
         finally:
+            gate.touch()  # never leave a worker held at the gate (it would outlive the server)
             load.finish()
     window = [s for t, s in load.answers]  # from the moment /readyz first answered 200
     lost = [s for s in window if s != 200]
@@ -178,6 +179,7 @@ def test_one_worker_is_unready_until_the_new_worker_is_warm(store, tmp_path):
             assert back, load.probes
             time.sleep(2)
         finally:
+            gate.touch()  # never leave a worker held at the gate (it would outlive the server)
             load.finish()
     after_kill = [(t, s) for t, s in load.probes if t > t_kill + 0.5]
     first_200 = next(t for t, s in after_kill if s == 200)
@@ -210,11 +212,14 @@ def test_first_start_a_cold_worker_holds_requests_once_another_serves(store, tmp
             r = httpx.post(f"{url}/classify", files={"image": ("a.png", PNG, "image/png")}, timeout=60)
             results.append(r.status_code)
 
-        threads = [threading.Thread(target=one) for _ in range(12)]  # new connections, to both workers
-        for t in threads:
-            t.start()
-        time.sleep(3)  # worker 1 is still held: its share of the requests waits
-        Path(str(gates).format(worker=1)).touch()
+        try:
+            threads = [threading.Thread(target=one) for _ in range(12)]  # new connections, to both workers
+            for t in threads:
+                t.start()
+            time.sleep(3)  # worker 1 is still held: its share of the requests waits
+        finally:  # never leave a worker held at a gate (it would outlive the server)
+            for worker in (1, 2):
+                Path(str(gates).format(worker=worker)).touch()
         for t in threads:
             t.join(timeout=90)
         time.sleep(1)
