@@ -102,3 +102,27 @@ def tiny_model_server(tmp_path_factory: pytest.TempPathFactory):
         yield url, home
     text = log.read_text()
     assert "Traceback" not in text and "status=500" not in text, text[-4000:]
+
+
+# The keys of keyed_model_server: two in VIT_API_KEY, one in VIT_API_KEY_FILE.
+API_KEYS = ("alpha-key-7f3c9e", "beta-key-2b81d4", "gamma-key-file-5a60c1")
+
+
+@pytest.fixture(scope="session")
+def keyed_model_server(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny test model served with API keys on and /metrics protected (tests/test_auth.py,
+    the web page's key prompt); yields (url, server log path)."""
+    from service_fixtures import bentoml_server, save_tiny_model
+
+    home = tmp_path_factory.mktemp("bentoml_home_keyed")
+    save_tiny_model(home)
+    folder = tmp_path_factory.mktemp("keyed_server")
+    key_file = folder / "api_keys"
+    key_file.write_text(f"# one key a line\n{API_KEYS[2]}\n")
+    env = {"VIT_PRECISION": "fp32", "VIT_API_KEY": f"{API_KEYS[0]},{API_KEYS[1]}", "VIT_API_KEY_FILE": str(key_file),
+           "VIT_PROTECT_METRICS": "1"}
+    log = folder / "serve.log"
+    with bentoml_server(home, log, env=env) as url:
+        yield url, log
+    text = log.read_text()
+    assert "Traceback" not in text and "status=500" not in text, text[-4000:]

@@ -3,7 +3,8 @@
 
     WARMUP_GATE=/tmp/go PYTHONPATH=tests bentoml serve gated_service:ViTClassifier
 
-BentoML imports this module in every worker, so each worker's warm-up waits for the file.
+BentoML imports this module in every worker, so each worker's warm-up waits for the file
+(`{worker}` in WARMUP_GATE: one file per worker, e.g. /tmp/go-{worker}; tests/test_faults.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ _warm_up = local_model.warm_up
 
 
 def gated_warm_up(*args: Any, **kwargs: Any) -> None:
-    gate = Path(os.environ["WARMUP_GATE"])
+    from vit_service.serving.restarts import worker_index
+
+    gate = Path(os.environ["WARMUP_GATE"].format(worker=worker_index()))  # "{worker}": one gate per worker
     while not gate.exists():
         time.sleep(0.05)  # pacing the poll; the file decides when warm-up starts
     _warm_up(*args, **kwargs)

@@ -62,3 +62,33 @@ def test_fold_unknown_paths_wraps_the_metrics_middleware_that_reads_the_path() -
     finally:
         RunnerTrafficMetricsMiddleware.__call__ = saved  # type: ignore[method-assign]
     assert seen == ["/classify", bentoml_compat.UNKNOWN_PATH, "/static_content/x.css", "/metrics"]
+
+
+def test_probe_survives_dropped_connections_wraps_what_readyz_awaits() -> None:
+    import aiohttp
+    from _bentoml_impl.client import proxy2
+    from _bentoml_impl.server import app
+
+    assert list(inspect.signature(proxy2.AsyncClient.is_ready).parameters) == ["self", "timeout"]
+    assert ".is_ready(" in inspect.getsource(app.ServiceAppFactory.readyz)  # the server asks its dependencies
+    saved = proxy2.AsyncClient.is_ready
+    answers: list[object] = []
+
+    async def original(self, timeout=None):  # type: ignore[no-untyped-def]
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    proxy2.AsyncClient.is_ready = original  # type: ignore[method-assign]
+    try:
+        bentoml_compat.probe_survives_dropped_connections()
+        client = object.__new__(proxy2.AsyncClient)
+        answers[:] = [aiohttp.ServerDisconnectedError(), True]  # a dead worker's connection, then a live one
+        assert asyncio.run(client.is_ready(5)) is True
+        answers[:] = [aiohttp.ClientOSError(104, "Connection reset by peer")] * bentoml_compat.PROBE_ATTEMPTS
+        assert asyncio.run(client.is_ready(5)) is False  # not ready (503), not an exception (500)
+        answers[:] = [False]
+        assert asyncio.run(client.is_ready(5)) is False
+    finally:
+        proxy2.AsyncClient.is_ready = saved  # type: ignore[method-assign]

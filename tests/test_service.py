@@ -44,6 +44,7 @@ SERVER_ENV = {
     "VIT_MAX_LATENCY_MS": "20000",  # 2 loaded cores: no 503 from the batcher in these tests
     "VIT_MODE": "inprocess",  # what `auto` picks on a CPU-only host; tests/test_service_modes.py has split mode
     "VIT_DECODE_THREADS": "3",  # not the host default, so its effect is visible
+    "VIT_WORKERS": "1",  # one front: max_concurrency and batching are per worker (two: tests/test_faults.py)
 }
 
 
@@ -581,13 +582,16 @@ def test_serving_imports_no_training_stack():
 
 
 def test_settings_from_env(monkeypatch):
-    from vit_service.serving.settings import Settings, host_cores
+    from vit_service.serving.settings import Settings, available_memory, cpu_workers, host_cores
 
-    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE"):
+    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE", "VIT_MODEL_TAG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VIT_DEVICE", "cpu")  # defaults derived for a CPU-only host
     s = Settings.from_env()
-    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, max(1, host_cores() // 4), 16)
+    workers = cpu_workers(host_cores(), available_memory(), 0)  # the rule (test_faults.py tests it)
+    decode = max(1, (host_cores() // workers) // 4)  # settings.py: a worker's share of the cores, a quarter decoding
+    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", workers, decode, 16)
+    assert s.torch_threads == max(1, host_cores() // workers - decode)
     monkeypatch.setenv("VIT_MODE", "split")
     monkeypatch.setenv("VIT_DECODE_THREADS", "7")
     s = Settings.from_env()

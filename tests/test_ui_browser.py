@@ -118,3 +118,40 @@ def test_api_docs_are_local_and_ours(page, url) -> None:
     page.wait_for_selector("text=/explain")
     assert "Google" not in page.content()
     assert_only_local(page.requested, url)
+
+
+def test_page_asks_for_the_api_key_once(browser, keyed_model_server, tmp_path: Path) -> None:
+    """With API keys on (conftest.keyed_model_server), the page's first call gets a 401: it asks for
+    the key, refuses a wrong one, keeps the right one in this tab's sessionStorage and sends it
+    from then on, also after a reload."""
+    from conftest import API_KEYS
+
+    url, _ = keyed_model_server
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    try:
+        page.goto(url + "/")
+        page.wait_for_selector("#keyform", state="visible")
+        assert "needs an API key" in page.text_content("#keymsg")
+        page.fill("#key", "not-the-key")
+        page.click("#keyform button")
+        page.locator("#keymsg", has_text="refused").wait_for()
+        assert page.is_visible("#keyform") and "wrong API key" in page.text_content("#keymsg")
+        page.fill("#key", API_KEYS[0])
+        page.click("#keyform button")
+        page.locator("#model", has_text="4 classes").wait_for(timeout=30_000)
+        assert not page.is_visible("#keyform")
+        assert page.evaluate("sessionStorage.getItem('vit-api-key')") == API_KEYS[0]
+
+        page.set_input_files("#file", str(_jpeg(tmp_path / "triangle.jpg")))
+        page.wait_for_selector("#labels li >> nth=3")
+        page.wait_for_selector("#toggle:enabled")  # /explain answered too, with the key
+
+        page.reload()  # same tab: the key is still there, no second prompt
+        page.locator("#model", has_text="4 classes").wait_for(timeout=30_000)
+        assert not page.is_visible("#keyform")
+    finally:
+        context.close()
+    assert_only_local(requested, url)

@@ -71,3 +71,38 @@ def fold_unknown_paths(known_paths: set[str]) -> None:
 
     folding_call.folds_unknown_paths = True  # type: ignore[attr-defined]
     RunnerTrafficMetricsMiddleware.__call__ = folding_call  # type: ignore[method-assign]
+
+
+PROBE_ATTEMPTS = 3
+
+
+def probe_survives_dropped_connections() -> None:
+    """Makes /readyz answer (200 or 503) when a dependency's worker has just died, instead of 500.
+
+    BentoML's /readyz also asks every dependency's /readyz (its `runner_probe`, on by default)
+    through the dependency client's pooled connections, and `AsyncClient.is_ready` catches only
+    a timeout: a pooled connection to a model-service worker that was just killed (reset, server
+    disconnected) escapes as an exception, and the front's /readyz answers 500. Wrapped here: a
+    dropped connection is asked again (the pool drops it; a new connection reaches a live worker),
+    up to PROBE_ATTEMPTS times, and then counts as not ready (503).
+
+    Relies on: `_bentoml_impl.client.proxy2.AsyncClient.is_ready(self, timeout=None) -> bool`, an
+    async method the server's readyz awaits (through `RemoteProxy.is_ready`), raising aiohttp's
+    `ClientConnectionError` family on a dropped connection."""
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import AsyncClient
+
+    is_ready = AsyncClient.is_ready
+    if getattr(is_ready, "survives_dropped_connections", False):
+        return
+
+    async def patched(self, timeout=None):  # type: ignore[no-untyped-def]
+        for _ in range(PROBE_ATTEMPTS):
+            try:
+                return await is_ready(self, timeout=timeout)
+            except aiohttp.ClientConnectionError:
+                continue
+        return False
+
+    patched.survives_dropped_connections = True  # type: ignore[attr-defined]
+    AsyncClient.is_ready = patched  # type: ignore[method-assign]

@@ -11,11 +11,33 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TARGET = "vit_service.serving.service:ViTClassifier"
+
+
+def server_processes(url: str, service: str | None = None) -> tuple[Any, list[Any]]:
+    """(the `bentoml serve` process listening at `url`, its worker processes): psutil.Process
+    objects, found through the process tree. `service` ("vit_classifier", "vit_model") keeps only
+    that service's workers. For the fault tests and benchmarks, which kill a worker."""
+    import psutil
+
+    port = str(urlparse(url).port)
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "serve" in cmd and "--port" in cmd and cmd[cmd.index("--port") + 1:][:1] == [port]:
+            workers = []
+            for child in proc.children():
+                with contextlib.suppress(psutil.Error):
+                    args = child.cmdline()
+                    if "_bentoml_impl.worker.service" in args and (service is None or service in args):
+                        workers.append(child)
+            return proc, workers
+    raise LookupError(f"no `bentoml serve ... --port {port}` process found")
 
 
 def free_port() -> int:

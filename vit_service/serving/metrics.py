@@ -42,6 +42,12 @@ rejected_uploads_total = bentoml.metrics.Counter(
     labelnames=["reason"],
 )
 
+auth_failures_total = bentoml.metrics.Counter(
+    name="vit_auth_failures",
+    documentation="Requests refused with 401, by reason (missing, malformed, invalid); never key material",
+    labelnames=["reason"],
+)
+
 
 def observe_stages(timings: dict[str, float]) -> None:
     for stage in STAGES:

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from vit_service.preprocessing import Preprocessing
-from vit_service.serving import local_model, metrics
+from vit_service.serving import local_model, metrics, restarts
 from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
 from vit_service.serving.bentoml_compat import keep_one_session
 from vit_service.serving.errors import NOT_READY, OVERLOADED, TIMED_OUT, RequestError
@@ -67,8 +67,9 @@ class ModelHandle(Protocol):
 
 
 class InProcessModel:
-    """The model in this process. Loads at once; warms up in the background, so /readyz answers
-    503 meanwhile (and stays 503, with the reason in the log, if the warm-up fails)."""
+    """The model in this process. Loads at once; worker 1 (when no sibling serves) warms up in the
+    background, so /readyz answers 503 meanwhile (and stays 503, with the reason in the log, if
+    the warm-up fails); any other worker warms up before it takes a connection (restarts.py)."""
 
     def __init__(self, settings: Settings, model_path: str, tag: Any) -> None:
         predictor = local_model.load_predictor(settings, model_path)
@@ -79,25 +80,40 @@ class InProcessModel:
                                        max_latency_s=settings.max_latency_ms / 1000, on_batch=metrics.batch_size.observe)
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
+        self.failed = False
+        self.wait_s = settings.timeout
 
         def warm() -> None:
             try:
                 local_model.warm_up(predictor, settings, tag)
             except Exception:
                 logger.exception("warm-up of %s failed; the service stays unready", tag)
+                self.failed = True
                 return
             self._info = ModelInfo.from_description(local_model.describe_model(predictor, settings, tag))
             self.warm.set()
+            restarts.mark_warm()
 
-        threading.Thread(target=warm, name="warmup", daemon=True).start()
+        if restarts.warm_in_background():  # the one worker that answers 503 (and /readyz 503) meanwhile
+            threading.Thread(target=warm, name="warmup", daemon=True).start()
+        else:  # another worker answers: take no connection before warm
+            logger.info("warming up before accepting connections (worker %d)", restarts.worker_index())
+            warm()
 
     async def describe(self) -> ModelInfo:
+        if self._info is None and not self.failed and restarts.sibling_serving():
+            # Another worker already serves, so /readyz said ready: this cold one (worker 1, warming
+            # in the background at the first start) holds the request until it is warm, not a 503.
+            deadline = asyncio.get_running_loop().time() + self.wait_s
+            while self._info is None and not self.failed and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
         if self._info is None:
             raise RequestError(503, NOT_READY, "not_ready")
         return self._info
 
     async def ready(self) -> bool:
-        return self.warm.is_set()
+        # Ready when warm, or while warming if another worker serves (requests here then wait).
+        return self.warm.is_set() or (not self.failed and restarts.sibling_serving())
 
     async def predict(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
         try:

@@ -23,7 +23,7 @@ from vit_service.serving.settings import current_settings
 SETTINGS = current_settings()
 
 
-@bentoml.service(name="vit_model", traffic={"timeout": SETTINGS.timeout}, workers=1)
+@bentoml.service(name="vit_model", traffic={"timeout": SETTINGS.timeout}, workers=SETTINGS.model_workers)
 class ViTModel:
     """Split mode: the model on its device, behind one adaptive-batching API."""
 

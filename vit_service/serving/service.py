@@ -27,8 +27,10 @@ from starlette.responses import JSONResponse, Response
 from vit_service.explain import METHODS
 from vit_service.serving import metrics, pages
 from vit_service.serving.asgi_routes import ServiceRoutes
-from vit_service.serving.bentoml_compat import fold_unknown_paths, label_metrics_with_model
-from vit_service.serving.errors import RequestError, error_response
+from vit_service.serving.auth import AuthConfig, AuthMiddleware
+from vit_service.serving.bentoml_compat import (fold_unknown_paths, label_metrics_with_model,
+                                                 probe_survives_dropped_connections)
+from vit_service.serving.errors import ErrorShapeMiddleware, RequestError, error_response
 from vit_service.serving.explain_answer import CLASS_FIELD, EXPLAIN_FIELDS, FORMAT_FIELD, FORMATS, METHOD_FIELD, explain_answer
 from vit_service.serving.model_handle import ModelInfo, model_dependency, open_model
 from vit_service.serving.settings import current_settings
@@ -39,6 +41,7 @@ from vit_service.serving.validation import (TOP_K_FIELD, choice, class_index, de
 
 logger = logging.getLogger("bentoml.vit_service")
 SETTINGS = current_settings()
+AUTH = AuthConfig.from_settings(SETTINGS)  # VIT_API_KEY, VIT_API_KEY_FILE, VIT_PROTECT_METRICS (auth.py)
 routes = ServiceRoutes()  # the GET routes below, mounted at "/"
 
 
@@ -56,6 +59,7 @@ class ViTClassifier:
     model_service = model_dependency(SETTINGS)  # split mode: the model service; else None
 
     def __init__(self) -> None:
+        (logger.info if AUTH.enabled else logger.warning)(AUTH.startup_message())
         label_metrics_with_model(self.bento_model.tag)
         # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
         self.decode_pool = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
@@ -231,6 +235,11 @@ class ViTClassifier:
         return [(p.name, p.read_bytes()) for p in paths]
 
 
+# Outermost first: every error answer in one JSON shape, then the API key (a request without one is
+# refused before its body is read), then the upload checks.
+ViTClassifier.add_asgi_middleware(ErrorShapeMiddleware)
+ViTClassifier.add_asgi_middleware(AuthMiddleware, config=AUTH,
+                                  on_failure=lambda reason: metrics.auth_failures_total.labels(reason=reason).inc())
 UPLOAD_ROUTES = {"/classify": UploadRoute("image"), "/classify_batch": UploadRoute("images", many=True),
                  "/explain": UploadRoute("image", options=EXPLAIN_FIELDS)}
 ViTClassifier.add_asgi_middleware(
@@ -238,3 +247,4 @@ ViTClassifier.add_asgi_middleware(
     on_reject=lambda reason: metrics.rejected_uploads_total.labels(reason=reason).inc(),
     on_timings=metrics.observe_stages)
 fold_unknown_paths(routes.paths | {api.route for api in ViTClassifier.apis.values()})  # the rest: one metrics label
+probe_survives_dropped_connections()  # split mode: /readyz while a model worker is replaced

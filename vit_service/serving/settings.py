@@ -4,18 +4,24 @@ the README shows; a test keeps the two equal).
 
 Defaults marked "host" follow the host's CPU cores and device (see bench/README.md, "GPU on paper"):
     CPU only  VIT_MODE=inprocess: the model runs in the front process behind an in-process
-              batcher. 1 worker (a second would hold a second model and fight for the same
-              cores), max batch 16 (the CPU's best raw batch). Threads never oversubscribe the
-              cores: decode threads = max(1, cores // 4), model threads (torch and onnxruntime
-              intra-op) = cores - decode threads; 2 cores: 1 + 1 (was 2 decode + torch's 2).
+              batcher. Two workers where memory allows (`cpu_workers`), else one, the cores split
+              between them; max batch 16 (the CPU's best raw batch). Two, so that a worker that
+              dies (killed, out of memory, a crash in native code) is no outage: the other answers
+              while the arbiter starts a replacement, which warms up before it takes a connection
+              (restarts.py). On 2 cores, 2 workers x 1 thread gave no less throughput at 16 clients
+              than 1 worker x 2 threads (bench/README.md, "Workers and faults"); a lone request runs
+              on one core, though. Split mode on a CPU gives its model service the same two workers.
+              Threads never oversubscribe a worker's share of the cores (cores / workers): decode
+              threads = max(1, share // 4), model threads (torch and onnxruntime intra-op) = share -
+              decode threads, at least 1; 2 cores, 2 workers: 1 + 1 each (was 2 decode + torch's 2).
               Why: decoding is ~2 ms of CPU a photo against ~16 ms for a vit_tiny forward at one
               thread (Server-Timing stages, bench/README.md), so one decode thread per four cores
               keeps up; and OpenMP threads spin-wait, so a forward pass whose thread loses its core
               to a decode thread stalls as a whole (measured on the 2-core EPYC: 1 torch thread
               p50 23.0 ms against 29.0 ms with 2 at one client, quiet; under load 2 threads fell to
               1.1 img/s at batch 1). The price measured there: 58-61 against 74-79 img/s at 16-32
-              clients with the load client on the same 2 cores; set VIT_TORCH_THREADS=2 where
-              throughput matters more than latency on such a small host.
+              clients with one worker and the load client on the same 2 cores; set
+              VIT_TORCH_THREADS=2 where throughput matters more than latency on such a small host.
     CUDA      VIT_MODE=split: a model service owns the GPU, front workers decode. The GPU does
               thousands of images/s and one core decodes ~100-200 photos/s, so every core but one
               (left to the model process) runs a front worker with 2 decode threads; max batch 64.
@@ -27,10 +33,12 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from vit_service.preprocessing import DEFAULT_MAX_PIXELS
+from vit_service.serving.auth import read_key_file, read_key_list
 from vit_service.serving.store import DEFAULT_MODEL_TAG
 
 Mode = Literal["inprocess", "split"]
@@ -41,6 +49,8 @@ MODES = ("auto", "inprocess", "split")
 class Host:
     gpu: bool  # VIT_DEVICE resolves to CUDA here
     cores: int
+    memory: int | None = None  # bytes still available (available_memory); None: unknown
+    model_size: int = 0  # bytes of the model's files in the store (model_bytes)
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,9 @@ class Variable:
     read: Callable[[str, str, Host], Any]  # (name, value or "" when unset, host) -> setting
 
 
-def setting(env: str, default: str, doc: str, read: Callable[[str, str, Host], Any]) -> Any:
+def setting(env: str, default: str, doc: str, read: Callable[[str, str, Host], Any], repr: bool = True) -> Any:
     """A Settings field read from the environment variable `env`."""
-    return field(metadata={"variable": Variable(env, default, doc, read)})
+    return field(metadata={"variable": Variable(env, default, doc, read)}, repr=repr)
 
 
 def text(default: str) -> Callable[[str, str, Host], str]:
@@ -111,6 +121,56 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Memory of one worker before its model: torch, BentoML and the service (RSS 644-743 MiB measured
+# serving vit_tiny, bench/README.md "Workers and faults"), rounded up.
+WORKER_BASE_BYTES = 768 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes this host can still give: MemAvailable, capped by a container's cgroup limit; None
+    if unknown (not Linux)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            available = int(limit) - usage if available is None else min(available, int(limit) - usage)
+        break
+    return available
+
+
+def model_bytes(tag: str) -> int:
+    """Size of the model's files in the BentoML store; 0 if it is not there (the service then
+    stops at start-up with its own clear error)."""
+    try:
+        import bentoml
+
+        return sum(f.stat().st_size for f in Path(bentoml.models.get(tag).path).rglob("*") if f.is_file())
+    except Exception:
+        return 0
+
+
+def cpu_workers(cores: int, available: int | None, model_size: int) -> int:
+    """Model-holding workers on a CPU: 2 with 2+ cores and memory for three workers' worth (two,
+    and one of headroom for the rest of the host), else 1. A worker is budgeted WORKER_BASE_BYTES
+    + 3 x the model's size (weights, a reduced-precision copy, activations)."""
+    per_worker = WORKER_BASE_BYTES + 3 * model_size
+    return 2 if cores >= 2 and available is not None and available >= 3 * per_worker else 1
+
+
+def _cpu_workers(host: Host) -> int:
+    return cpu_workers(host.cores, host.memory, host.model_size)
+
+
 def cuda_wanted(device: str) -> bool:
     """Whether `device` (VIT_DEVICE) resolves to a GPU on this host."""
     if device == "cpu":
@@ -159,13 +219,28 @@ class Settings:
     timeout: int = setting("VIT_TIMEOUT", "30", "seconds per request, else 504", integer(30))
     max_concurrency: int = setting("VIT_MAX_CONCURRENCY", "64", "requests in flight on the front, beyond that 429",
                                    integer(64))
-    workers: int = setting("VIT_WORKERS", "host: 1 on CPU, cores-1 on GPU", "front worker processes",
-                           integer(lambda host: max(1, host.cores - 1) if host.gpu else 1))
-    decode_threads: int = setting("VIT_DECODE_THREADS", "host: max(1, cores // 4) on CPU, 2 on GPU",
+    workers: int = setting("VIT_WORKERS", "host: 2 on CPU where memory allows, else 1 (and 1 in split mode); "
+                           "cores-1 on GPU",
+                           "front worker processes (a second one keeps serving when one dies)",
+                           integer(lambda host: max(1, host.cores - 1) if host.gpu else _cpu_workers(host)))
+    model_workers: int = setting("VIT_MODEL_WORKERS", "host: 1 on GPU, 2 on CPU where memory allows",
+                                 "split mode: model-service processes",
+                                 integer(lambda host: 1 if host.gpu else _cpu_workers(host)))
+    decode_threads: int = setting("VIT_DECODE_THREADS", "host: max(1, (cores / workers) // 4) on CPU, 2 on GPU",
                                   "decoding threads per front worker",
-                                  integer(lambda host: 2 if host.gpu else max(1, host.cores // 4)))
-    torch_threads: int | None = setting("VIT_TORCH_THREADS", "in-process: cores - decode threads; else torch's",
-                                        "intra-op threads of the model (torch and onnxruntime)", read_optional_int)
+                                  integer(lambda host: 2 if host.gpu else host.cores))  # split by from_env
+    torch_threads: int | None = setting("VIT_TORCH_THREADS", "host on CPU: in-process cores / workers - decode "
+                                        "threads, split cores / model processes; else torch's (one per core)",
+                                        "intra-op threads of each model process (torch and onnxruntime)",
+                                        read_optional_int)
+    api_keys: tuple[bytes, ...] = setting("VIT_API_KEY", "unset: the API is open", "API key(s), comma-separated: "
+                                          "requests then need `Authorization: Bearer <key>` (docs/serving.md, "
+                                          "API keys)", read_key_list, repr=False)
+    api_key_file_keys: tuple[bytes, ...] = setting("VIT_API_KEY_FILE", "unset", "a file of API keys, one a line "
+                                                   "(`#` comments), added to `VIT_API_KEY`'s", read_key_file,
+                                                   repr=False)
+    protect_metrics: bool = setting("VIT_PROTECT_METRICS", "`0`", "`1`: `/metrics` needs an API key too",
+                                    flag(False))
     cores: int = field(default=1)  # the host's, not a setting
 
     @classmethod
@@ -173,10 +248,28 @@ class Settings:
         def raw(var: Variable) -> str:
             return environ.get(var.env, "").strip()
 
-        device_var = _variables()["device"]
-        device = device_var.read(device_var.env, raw(device_var), Host(False, 0))
-        host = Host(gpu=cuda_wanted(device), cores=host_cores())
-        return cls(**{name: var.read(var.env, raw(var), host) for name, var in _variables().items()}, cores=host.cores)
+        variables = _variables()
+        device = variables["device"].read(variables["device"].env, raw(variables["device"]), Host(False, 0))
+        gpu = cuda_wanted(device)
+        model_tag = variables["model_tag"].read(variables["model_tag"].env, raw(variables["model_tag"]), Host(gpu, 0))
+        host = Host(gpu=gpu, cores=host_cores(), memory=None if gpu else available_memory(),
+                    model_size=0 if gpu else model_bytes(model_tag))
+        settings = cls(**{name: var.read(var.env, raw(var), host) for name, var in variables.items()}, cores=host.cores)
+        # On a CPU the cores are split between the processes holding a model (and between the
+        # front workers for decoding), unless set: 2 workers x 1 thread on 2 cores, not 2 x 2.
+        if gpu:
+            return settings
+        split: dict[str, Any] = {}
+        if settings.mode == "split" and not raw(variables["workers"]):
+            # split mode on a CPU: one front decoding, the model service holds the two workers
+            settings = replace(settings, workers=1)
+        share = max(1, host.cores // settings.workers)  # each front worker's cores
+        decode = settings.decode_threads if raw(variables["decode_threads"]) else max(1, share // 4)
+        split["decode_threads"] = decode
+        if not raw(variables["torch_threads"]):
+            split["torch_threads"] = (max(1, share - decode) if settings.mode == "inprocess"
+                                      else max(1, host.cores // settings.model_workers))
+        return replace(settings, **split)
 
     @property
     def model_threads(self) -> int | None:
@@ -184,12 +277,18 @@ class Settings:
         threads leave (never oversubscribed), else None (torch's default: one per core)."""
         if self.torch_threads:
             return self.torch_threads
-        return max(1, self.cores - self.decode_threads) if self.mode == "inprocess" else None
+        share = max(1, self.cores // max(1, self.workers))
+        return max(1, share - self.decode_threads) if self.mode == "inprocess" else None
 
     def describe(self) -> dict[str, object]:
         """What /model_info shows under "serving" about the process layout."""
-        return {"mode": self.mode, "workers": self.workers, "decode_threads": self.decode_threads,
-                "torch_threads": self.model_threads, "host_cores": self.cores}
+        return {"mode": self.mode, "workers": self.workers, "model_workers": self.model_workers,
+                "decode_threads": self.decode_threads, "torch_threads": self.model_threads, "host_cores": self.cores,
+                "api_keys": self.api_keys_enabled}
+
+    @property
+    def api_keys_enabled(self) -> bool:
+        return bool(self.api_keys or self.api_key_file_keys)
 
 
 def _variables() -> dict[str, Variable]:
