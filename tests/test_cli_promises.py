@@ -42,6 +42,8 @@ def _recorded(ckpt_path: Path) -> dict[str, float]:
 def test_best_checkpoint_is_the_best_epoch(trained_run: Path) -> None:
     val_acc = _column(_metrics(trained_run), "val/acc1")
     assert len(val_acc) == 2
+    # Precondition: the epochs differ, so keeping the max (not the min, not the last) is visible.
+    assert val_acc[0] != val_acc[1], val_acc
     (best,) = (trained_run / "checkpoints").glob("best-*.ckpt")
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     assert ckpt["vit_service"]["val_acc1"] == pytest.approx(max(val_acc), abs=1e-6)
@@ -91,9 +93,31 @@ def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -
     assert (len(train), len(val)) == (n_files - n_files // 4, n_files // 4)  # 72 images: 54 / 18
     assert not set(train.indices) & set(val.indices)
     assert val.dataset.root == train.dataset.root == str(demo_data / "train")
-    # Held-out images get the eval transform (deterministic), the rest the random train one.
-    torch.testing.assert_close(val[0][0], val[0][0], rtol=0, atol=0)
-    assert not torch.equal(train[0][0], train[0][0])
+    # Held-out images get the eval transform, computed here with PIL and torchvision on the same
+    # file, decoded as serving decodes (JPEG draft scaling to >= 64 px, then resize the shorter
+    # side to 64 bicubic, centre crop 64, normalise); the rest get the random train transform.
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    hp = dm.hparams
+    eval_tf = v2.Compose([v2.Resize(64, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(64),
+                          v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(hp.mean, hp.std)])
+
+    def plain_eval(path: str) -> torch.Tensor:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))
+            return eval_tf(img.convert("RGB"))
+
+    for i in (0, 1, len(val) - 1):
+        path, label = val.dataset.samples[val.indices[i]]
+        expected = plain_eval(path)
+        image, got_label = val[i]
+        assert got_label == label
+        torch.testing.assert_close(image, expected, rtol=0, atol=1e-5)
+    untouched = plain_eval(train.dataset.samples[train.indices[0]][0])
+    first, second = train[0][0], train[0][0]
+    assert not torch.equal(first, second)  # random: two reads differ
+    assert not torch.allclose(first, untouched, atol=1e-3)  # and neither is the plain eval image
     assert sorted(val.indices) != list(range(len(val)))  # a random subset, not the first files
 
 

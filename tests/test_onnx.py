@@ -58,16 +58,31 @@ def test_onnxruntime_matches_torch_on_real_jpegs_at_any_batch_size(exported: Pat
 
 
 def test_missing_exporter_dependency_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
-    from training.export import main
-
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # what an absent package looks like to import
     model, artifact = build_tiny_model()
     with pytest.raises(OnnxExportError, match="pip install"):
         export_onnx(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_exporter_dependency_saves_nothing(tmp_path: Path) -> None:
+    # The real vit-export in a process where `import onnxscript` fails (a stand-in package that
+    # raises ImportError, first on PYTHONPATH): exit 2, one clear line, and nothing saved: no
+    # model in the BentoML store, no --dir folder, no --hf-dir folder.
+    model, artifact = build_tiny_model()
     artifact.save(model, tmp_path / "src")
-    assert main(["--from", str(tmp_path / "src"), "--onnx", "--name", "never-saved"]) == 2
-    err = capsys.readouterr().err
-    assert "onnxscript" in err and "pip install" in err and "Traceback" not in err
+    (tmp_path / "no_onnxscript/onnxscript").mkdir(parents=True)
+    (tmp_path / "no_onnxscript/onnxscript/__init__.py").write_text(
+        "raise ImportError(\"No module named 'onnxscript'\", name='onnxscript')\n")
+    home = tmp_path / "bentoml"
+    r = run_cli("vit-export", "--from", str(tmp_path / "src"), "--onnx", "--name", "never-saved",
+                "--dir", str(tmp_path / "out"), "--hf-dir", str(tmp_path / "hf"), env={"BENTOML_HOME": str(home),
+                                                     "PYTHONPATH": str(tmp_path / "no_onnxscript")})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "onnxscript" in r.stderr and "pip install" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+    saved = [p.relative_to(home) for p in (home / "models").rglob("*") if p.is_file()] if (home / "models").exists() else []
+    assert saved == [], saved
 
 
 def test_vit_backend_auto_times_both_and_serves_with_the_one_it_measured_faster(exported: Path) -> None:

@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"best checkpoint of {args.run} by {best.monitor} ({best.mode}): {best.path.name} "
                       f"({best.monitor} {best.score:.4f})", file=sys.stderr)
             model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
-        if args.hf_dir:  # first: a model transformers cannot express fails before anything is saved
-            save_transformers_folder(model, artifact, args.hf_dir)
+        # Both before anything is saved: a failed ONNX export (into a temporary folder) and a model
+        # transformers cannot express leave no half-made output.
         onnx_file = _export_onnx_first(model) if args.onnx else None
+        if args.hf_dir:
+            save_transformers_folder(model, artifact, args.hf_dir)
         copy_onnx = (lambda folder: shutil.copy(onnx_file, folder / ONNX_FILE)) if onnx_file else None
         bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_onnx)
         if args.dir:
