@@ -79,6 +79,20 @@ def eval_logits(ckpt_path: Path, folder: str = "val", bf16: bool = False) -> tup
     return logits, y
 
 
+def reference_eval_transform(path: str | Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The eval transform with crop_pct 1, computed with PIL and torchvision alone (the oracle for
+    the project's own decode + Preprocessing): JPEG draft decoding to >= size px as training's eval
+    and serving decode, resize the shorter side to `size` (bicubic), centre crop, normalise."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(size),
+                     v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))
+        return tf(img.convert("RGB"))
+
+
 def macro_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
     """Top-k accuracy averaged over classes (the mean of per-class recalls), as the module logs it."""
     hits = (logits.topk(k, dim=-1).indices == y[:, None]).any(-1)

@@ -6,6 +6,7 @@ shared `trained_run` folder."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from tests.conftest import demo_config, run_cli
+from tests.conftest import demo_config, reference_eval_transform, run_cli
 from training.cli import ViTCLI
 from training.data import ImageFolderDataModule
 from training.module import ViTClassifier
@@ -78,6 +79,13 @@ def test_test_needs_and_uses_test_dir(trained_run: Path, demo_data: Path, tmp_pa
     recorded = _recorded(last)
     assert _column(rows, "test/acc1") == [pytest.approx(recorded["val_acc1"], abs=1e-6)]
     assert _column(rows, "test/acc5") == [pytest.approx(recorded["val_acc5"], abs=1e-6)]
+    # `vit-train test` writes report-test/ into its own run folder, over the test images.
+    (report,) = tmp_path.glob("version_*/report-test")
+    assert f"evaluation report: {report / 'README.md'}" in result.stdout
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["images"] == len(list((demo_data / "val").rglob("*.jpg")))
+    assert summary["accuracy"] == pytest.approx(recorded["val_acc1"], abs=1e-6)
+    assert not list(tmp_path.glob("version_*/report-validate"))
 
 
 def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -> None:
@@ -96,17 +104,11 @@ def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -
     # Held-out images get the eval transform, computed here with PIL and torchvision on the same
     # file, decoded as serving decodes (JPEG draft scaling to >= 64 px, then resize the shorter
     # side to 64 bicubic, centre crop 64, normalise); the rest get the random train transform.
-    from PIL import Image
-    from torchvision.transforms import v2
-
     hp = dm.hparams
-    eval_tf = v2.Compose([v2.Resize(64, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(64),
-                          v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(hp.mean, hp.std)])
+    assert (hp.image_size, hp.crop_pct) == (64, 1.0)
 
     def plain_eval(path: str) -> torch.Tensor:
-        with Image.open(path) as img:
-            img.draft("RGB", (64, 64))
-            return eval_tf(img.convert("RGB"))
+        return reference_eval_transform(path, 64, hp.mean, hp.std)
 
     for i in (0, 1, len(val) - 1):
         path, label = val.dataset.samples[val.indices[i]]

@@ -177,3 +177,49 @@ def test_vit_train_fits_on_shards(shards: Path, demo_data: Path, tmp_path: Path)
     last = torch.load(tmp_path / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 3
     assert last["hyper_parameters"]["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())
+
+
+def test_shards_need_a_val_dir_and_in_memory_refuses_them(shards: Path, demo_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import demo_config
+
+    config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=1)
+    no_val = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
+                     "--data.val_dir", "null")
+    assert no_val.returncode == 2, no_val.stderr[-3000:]
+    assert f"vit-train: error: {shards / 'train'}: shards need --data.val_dir" in no_val.stderr
+    assert "Traceback" not in no_val.stderr
+    in_memory = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
+                        "--data.val_dir", str(shards / "val"), "--data.in_memory", "true")
+    assert in_memory.returncode == 2, in_memory.stderr[-3000:]
+    assert f"{shards / 'train'}: --data.in_memory reads image folders, not shards" in in_memory.stderr
+    assert "Traceback" not in in_memory.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # refused before any training
+
+
+def test_vit_train_fit_ckpt_path_last_resumes_mid_epoch_without_repeats(shards: Path, demo_data: Path,
+                                                                        tmp_path: Path) -> None:
+    # Through the real CLI: a run stopped after 4 of an epoch's 9 steps (last.ckpt written at
+    # step 4), then `vit-train fit --ckpt_path last`. The resumed run must see exactly the batches
+    # an uninterrupted epoch sees after its 4th (same shard order, seed 42), not the epoch again.
+    from tests.conftest import REPO, demo_config
+
+    def fit(root: Path, *args: str) -> list[list[int]]:
+        probe = [{"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(root)}}]
+        config = demo_config(root, demo_data, callbacks=probe, max_epochs=1, limit_val_batches=1,
+                             num_sanity_val_steps=0)
+        r = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
+                    "--data.val_dir", str(shards / "val"), "--data.batch_size", "8", "--data.num_workers", "1",
+                    *args, env={"PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((root / "rank0.json").read_text())["batch_labels"]
+
+    reference = fit(tmp_path / "whole")
+    assert len(reference) == 9  # 72 images, batch 8
+    root = tmp_path / "stopped"
+    first = fit(root, "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "4")
+    assert first == reference[:4]
+    assert torch.load(root / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+    resumed = fit(root, "--ckpt_path", "last")
+    assert resumed == reference[4:]  # the rest of the epoch: no repeats, no gaps
+    assert sorted(p.name for p in root.glob("version_*")) == ["version_0"]
+    assert torch.load(root / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 9

@@ -66,7 +66,7 @@ def test_budget_stops_training_and_validates_once(demo_data: Path, tmp_path: Pat
     assert ckpt["vit_service"]["val_acc1"] == pytest.approx(macro_accuracy(logits, y), abs=1e-6)
     assert float(val_rows[0]["val/acc1"]) == pytest.approx(ckpt["vit_service"]["val_acc1"], abs=1e-6)
     assert probe_val["val/acc1"] == pytest.approx(ckpt["vit_service"]["val_acc1"], abs=1e-6)
-    # bf16-mixed really trained under autocast: block 0's output was bf16 at every training step.
+    # bf16-mixed really trained under autocast: block 0's first MLP layer computed in bf16 at every step.
     dtypes = json.loads((tmp_path / "rank0.json").read_text())["block0_dtypes"]
     assert dtypes and set(dtypes) == {"torch.bfloat16"}
 

@@ -32,7 +32,7 @@ class TrainingProbe(L.Callback):
         self.param_groups: dict[str, dict[str, float]] = {}  # parameter name -> {lr, weight_decay}
         self.step_lrs: list[list[float]] = []  # per training batch: each group's LR at its start
         self.optimizer_lrs: list[list[float]] = []  # per optimizer step: each group's LR as it steps
-        self.block0_dtypes: list[str] = []  # dtype of block 0's output per training forward (autocast)
+        self.block0_dtypes: list[str] = []  # dtype of block 0's first MLP layer output per training forward (autocast)
         self.loader_batches: list[torch.Tensor] = []  # images as the loader gave them
         self.model_inputs: list[torch.Tensor] = []  # images as the model saw them in training
         self.loss_calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (logits, targets, loss)
@@ -40,6 +40,7 @@ class TrainingProbe(L.Callback):
         self.grad_norms_before_clip: list[float] = []
         self.grad_norms_at_step: list[float] = []  # what the optimizer stepped with (after clipping)
         self.val_metrics: list[dict[str, float]] = []
+        self.batch_labels: list[list[int]] = []  # per training batch: its (hard) labels, in order
         self._block0_calls = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -53,7 +54,8 @@ class TrainingProbe(L.Callback):
         # A pre-hook: torch's non-reentrant checkpoint stops its recomputation early, before
         # a forward (post) hook would run.
         pl_module.model.blocks[0].register_forward_pre_hook(self._count_block0)
-        pl_module.model.blocks[0].register_forward_hook(self._record_block0_dtype)
+        # A Linear's output: bf16 under bf16 autocast (the fp32 residual stream would hide it).
+        pl_module.model.blocks[0].mlp.fc1.register_forward_hook(self._record_block0_dtype)
 
     def _training(self, module: torch.nn.Module) -> bool:
         return module.training and torch.is_grad_enabled()
@@ -80,6 +82,7 @@ class TrainingProbe(L.Callback):
         self.step_lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
         if len(self.loader_batches) < self.keep_batches:
             self.loader_batches.append(batch[0].detach().clone())
+        self.batch_labels.append(batch[1].tolist())
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -99,11 +102,18 @@ class TrainingProbe(L.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.val_metrics.append(metrics)
+        self._write(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)  # also for a run that stops mid-epoch (max_steps), before any validation
+
+    def _write(self, trainer: L.Trainer) -> None:
         if self.out_dir:
             path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
             path.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
                                         "val_metrics": self.val_metrics, "step_lrs": self.step_lrs,
-                                        "optimizer_lrs": self.optimizer_lrs, "block0_dtypes": self.block0_dtypes}))
+                                        "optimizer_lrs": self.optimizer_lrs, "block0_dtypes": self.block0_dtypes,
+                                        "batch_labels": self.batch_labels}))
 
 
 class SkewedTimeBudget(TimeBudget):
