@@ -21,20 +21,14 @@ import torch
 
 from vit_service.formats.onnx_export import export_onnx
 from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.onnx_backend import make_session
 
 BACKENDS = ("torch fp32", "torch bf16 autocast", "onnxruntime fp32")
 
 
 def _runners(model: VisionTransformer, onnx_path: str, x: torch.Tensor,
              threads: int | None) -> dict[str, Callable[[], Any]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # No busy-waiting between runs: spinning ORT threads would steal the cores torch is timed on.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    session = make_session(onnx_path, threads)  # as the service builds it (no spinning threads)
     x_np = x.numpy()
 
     def torch_run(bf16: bool) -> Callable[[], Any]:

@@ -214,6 +214,14 @@ def read_http_response(sock: socket.socket) -> tuple[str, bytes]:
         body += chunk
     return head.decode().split("\r\n")[0], body
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` carrying all `labels` (0 when none), from /metrics' text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def batch_histogram(client: httpx.Client) -> tuple[float, float, float]:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import vit_service
-from service_fixtures import CLASS_NAMES
+from service_fixtures import CLASS_NAMES, metric_value
 from vit_service.artifact import load_model
 from vit_service.explain import Explainer
 from vit_service.preprocessing import decode_image
@@ -91,6 +91,23 @@ def test_explain_mistakes_are_4xx_json(url: str, jpeg: Path, tmp_path: Path, cas
          "top_k": lambda: post(url, jpeg, top_k="9"),
          "get": lambda: httpx.get(f"{url}/explain")}[case]()
     assert r.status_code == status and message in r.json()["error"]
+
+
+def test_explain_rejections_are_counted_like_classify(url: str, jpeg: Path, tmp_path: Path) -> None:
+    """Each 4xx of /explain carries a reason in vit_rejected_uploads_total, as /classify's do."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    cases = [("bad_image", lambda: post(url, text)), ("bad_top_k", lambda: post(url, jpeg, top_k="9")),
+             ("bad_option", lambda: post(url, jpeg, method="lrp")), ("unknown_field", lambda: post(url, jpeg, colour="red"))]
+    for reason, send in cases:
+        before = httpx.get(f"{url}/metrics").text
+        assert send().status_code == 400
+        after = httpx.get(f"{url}/metrics").text
+        for name, labels in (("vit_rejected_uploads_total", {"reason": reason}),
+                             ("vit_rejected_uploads_total", {}),
+                             *([("vit_images_total", {"endpoint": "explain", "outcome": "rejected"})]
+                               if reason != "unknown_field" else [])):  # refused before the route
+            assert metric_value(after, name, **labels) == metric_value(before, name, **labels) + 1, (reason, name)
 
 
 def test_readme_curl_commands(url: str, jpeg: Path, tmp_path: Path) -> None:

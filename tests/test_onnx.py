@@ -101,6 +101,25 @@ def test_vit_backend_auto_times_both_and_serves_with_the_one_it_measured_faster(
     assert isinstance(load_backend(exported, backend="torch", device="cpu"), Predictor)
 
 
+def test_every_backend_keeps_the_predictor_contract(exported: Path) -> None:
+    """torch, onnxruntime and the faster of the two are ImagePredictors that refuse a wrong batch
+    with the same message (the check is written once, vit_service/predictor.py)."""
+    from vit_service.backend import load_backend
+    from vit_service.predictor import ImagePredictor
+
+    predictors = [Predictor.from_directory(exported, device="cpu", precision="fp32"), OnnxPredictor(exported),
+                  load_backend(exported, backend="auto", device="cpu", precision="fp32")]
+    messages = set()
+    for predictor in predictors:
+        assert isinstance(predictor, ImagePredictor), type(predictor)
+        assert predictor.input_shape == (3, 32, 32)
+        with pytest.raises(ValueError) as e:
+            predictor.predict_proba(np.zeros((2, 3, 16, 16), np.float32))
+        messages.add(str(e.value))
+        assert predictor.predict_proba(np.zeros((0, 3, 32, 32), np.uint8)).shape == (0, 4)
+    assert messages == {"expected a uint8 batch of shape (B, 3, 32, 32), got float32 (2, 3, 16, 16)"}
+
+
 def test_vit_backend_onnxruntime_without_model_onnx_says_how_to_export(tmp_path: Path) -> None:
     from vit_service.backend import load_backend
 

@@ -26,7 +26,8 @@ import yaml
 from PIL import Image
 
 from service_fixtures import (BIN, CLASS_NAMES, REPO, assert_matches, bentoml_server, check_predictions, classify, classify_all_at_once, encode,
-                              picture, png_header_only, read_http_response, unusual_images, batch_histogram, poll)
+                              metric_value, picture, png_header_only, read_http_response, unusual_images, batch_histogram,
+                              poll)
 from service_fixtures import reference, store  # noqa: F401  (session fixtures, shared by tests/test_service*.py)
 from vit_service.preprocessing import decode_image
 
@@ -41,7 +42,7 @@ SERVER_ENV = {
     "VIT_TIMEOUT": str(TIMEOUT_S),
     "VIT_MAX_CONCURRENCY": str(MAX_CONCURRENCY),
     "VIT_MAX_LATENCY_MS": "20000",  # 2 loaded cores: no 503 from the batcher in these tests
-    "VIT_MODE": "inprocess",  # what `auto` picks on this CPU-only host; tests/test_service_split.py has the other
+    "VIT_MODE": "inprocess",  # what `auto` picks on a CPU-only host; tests/test_service_modes.py has split mode
     "VIT_DECODE_THREADS": "3",  # not the host default, so its effect is visible
 }
 
@@ -217,6 +218,8 @@ def test_bentoml_endpoints_keep_working(client):
     assert ui.status_code == 200 and "html" in ui.headers["content-type"]
     spec = client.get("/docs.json").json()
     assert {"/classify", "/classify_batch", "/model_info", "/readyz", "/metrics"} <= set(spec["paths"])
+    # GET /model_info, as the README's curl sends it (POST stays for BentoML's client)
+    assert "requestBody" not in spec["paths"]["/model_info"]["get"] and "post" in spec["paths"]["/model_info"]
     for path, field in (("/classify", "image"), ("/classify_batch", "images")):
         form = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         upload = form["properties"][field]
@@ -224,16 +227,6 @@ def test_bentoml_endpoints_keep_working(client):
         assert upload["format"] == "binary" and field in form["required"], form  # a file-upload field
         assert "top_k" in form["properties"]
     assert "bentoml_service_request" in client.get("/metrics").text
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` carrying all `labels` (0 when none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_stage_metrics_and_server_timing(client, store):
@@ -516,18 +509,20 @@ def services(store):
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.models import ModelStore
 
-    from vit_service.serving import service
+    from vit_service.serving import model_service, service
+    from vit_service.serving.model_handle import InProcessModel
 
     home, _ = store
     BentoMLContainer.model_store.set(ModelStore(home / "models"))
     saved = service.SETTINGS
-    service.SETTINGS = dataclasses.replace(saved, precision="fp32", mode="inprocess")
+    service.SETTINGS = model_service.SETTINGS = dataclasses.replace(saved, precision="fp32", mode="inprocess")
     try:
         front = service.ViTClassifier()
-        assert front._warm.wait(timeout=300), "warm-up did not finish"
-        yield front, service.ViTModel()
+        assert isinstance(front.model, InProcessModel)
+        assert front.model.warm.wait(timeout=300), "warm-up did not finish"
+        yield front, model_service.ViTModel()
     finally:
-        service.SETTINGS = saved
+        service.SETTINGS = model_service.SETTINGS = saved
         BentoMLContainer.model_store.reset()
 
 
@@ -542,7 +537,7 @@ def test_in_process_classify_images(services, reference):
 
 
 def test_in_process_errors_carry_status(services):
-    from vit_service.serving.http_api import RequestError
+    from vit_service.serving.errors import RequestError
 
     front, _ = services
     ok = ("a.jpg", encode(picture(82), "JPEG"))
@@ -626,7 +621,7 @@ def test_bentoml_build_packs_the_service_and_model(store, tmp_path):
     name, version = bento_tag.split(":")
     bento = env_home / "bentos" / name / version
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    assert "vit_service/serving/service.py" in sources and "vit_service/serving/http_api.py" in sources
+    assert "vit_service/serving/service.py" in sources and "vit_service/serving/uploads.py" in sources
     assert not any(s.startswith(("training/", "tests/", "configs/")) for s in sources), sources
     # BentoML 1.4 records the model (resolved from vit-classifier:latest) in bento.yaml and copies
     # it from the model store on `bentoml containerize` / `export`.

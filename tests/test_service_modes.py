@@ -91,13 +91,14 @@ def test_sustained_concurrency_keeps_one_model_connection(split_server):
 
 @pytest.fixture(scope="module")
 def gated_server(store, tmp_path_factory: pytest.TempPathFactory):
-    """Two in-process workers whose warm-up waits for a file (VIT_TEST_WARMUP_GATE), and a 1 ms
+    """Two in-process workers whose warm-up waits for a file (tests/gated_service.py), and a 1 ms
     limit on the batch queue; yielded as soon as the server answers /livez."""
     home, _ = store
     folder = tmp_path_factory.mktemp("gated")
     env = {"VIT_MODE": "inprocess", "VIT_WORKERS": "2", "VIT_DECODE_THREADS": "1", "VIT_MAX_LATENCY_MS": "1",
-           "VIT_TEST_WARMUP_GATE": str(folder / "go")}
-    with bentoml_server(home, folder / "serve.log", env=env, ready_path="/livez") as url:
+           "WARMUP_GATE": str(folder / "go"), "PYTHONPATH": str(REPO / "tests")}
+    with bentoml_server(home, folder / "serve.log", env=env, target="gated_service:ViTClassifier",
+                        ready_path="/livez") as url:
         yield url, folder / "serve.log", folder / "go"
 
 

@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
+expect = pytest.importorskip("playwright.sync_api", reason="the dev extra: pip install -e '.[dev]'").expect
+
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -70,7 +72,8 @@ def test_page_classifies_explains_and_reports_errors(page, url, tmp_path: Path) 
     expected = httpx.post(f"{url}/classify", files={"image": jpeg.read_bytes()}).json()["predictions"]
 
     page.goto(url + "/")
-    page.wait_for_function("document.getElementById('model').textContent.includes('4 classes')")
+    # expect() waits without evaluating a string in the page: the page's CSP forbids eval
+    expect(page.locator("#model")).to_contain_text("4 classes", timeout=60_000)
     assert "vit-classifier" in page.text_content("#model")
     assert page.text_content("#classes") == "Classes: circle, square, triangle, star"
 
@@ -102,7 +105,7 @@ def test_page_classifies_explains_and_reports_errors(page, url, tmp_path: Path) 
 
 def test_ui_path_serves_the_same_page(page, url) -> None:
     page.goto(url + "/ui")
-    page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+    expect(page.locator("#model")).to_contain_text("classes", timeout=60_000)
     assert page.title() == "vit-service"
     assert_only_local(page.requested, url)
 

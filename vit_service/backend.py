@@ -1,5 +1,5 @@
 """The inference backend, VIT_BACKEND=auto|torch|onnxruntime: a torch `Predictor` or an
-onnxruntime `OnnxPredictor`, both with the same interface (predict_proba, warmup, describe).
+onnxruntime `OnnxPredictor`, both `ImagePredictor`s (vit_service/predictor.py).
 
 "auto" serves with torch on GPUs. On a CPU-only host whose model holds `model.onnx` (vit-export
 --onnx) and where onnxruntime is installed, it times both at warm-up, as VIT_PRECISION=auto does
@@ -17,6 +17,7 @@ import numpy as np
 
 from vit_service.formats.onnx_export import ONNX_FILE
 from vit_service.inference import Predictor
+from vit_service.predictor import ImagePredictor, clearly_faster
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 
@@ -32,7 +33,7 @@ def onnxruntime_usable(directory: str | os.PathLike[str]) -> bool:
 
 
 def load_backend(directory: str | os.PathLike[str], backend: str = "auto", device: str = "auto",
-                 precision: str = "auto", compile_mode: str | None = None, threads: int | None = None) -> Any:
+                 precision: str = "auto", compile_mode: str | None = None, threads: int | None = None) -> ImagePredictor:
     """A predictor for the exported model in `directory` on the backend VIT_BACKEND names."""
     if backend not in BACKENDS:
         raise ValueError(f"VIT_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -53,8 +54,8 @@ def load_backend(directory: str | os.PathLike[str], backend: str = "auto", devic
 class FasterOfTwo:
     """Torch and onnxruntime for one model; after `warmup`, serves with the one measured faster."""
 
-    def __init__(self, torch_predictor: Predictor, onnx_predictor: Any) -> None:
-        self.candidates: dict[str, Any] = {"torch": torch_predictor, "onnxruntime": onnx_predictor}
+    def __init__(self, torch_predictor: Predictor, onnx_predictor: ImagePredictor) -> None:
+        self.candidates: dict[str, ImagePredictor] = {"torch": torch_predictor, "onnxruntime": onnx_predictor}
         self.backend = "torch"
         self.backend_timings: dict[str, float] = {}
         self.artifact = torch_predictor.artifact
@@ -62,14 +63,14 @@ class FasterOfTwo:
         self.input_shape = torch_predictor.input_shape
 
     @property
-    def chosen(self) -> Any:
+    def chosen(self) -> ImagePredictor:
         return self.candidates[self.backend]
 
     @property
     def num_classes(self) -> int:
         return len(self.artifact.class_names)
 
-    def predict_proba(self, images: Any) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
         return self.chosen.predict_proba(images)
 
     def warmup(self, max_batch_size: int) -> float:
@@ -86,7 +87,7 @@ class FasterOfTwo:
                 samples[name].append(time.perf_counter() - t0)
         self.backend_timings = {name: round(float(np.median(s)), 4) for name, s in samples.items()}
         t = self.backend_timings
-        self.backend = "onnxruntime" if t["onnxruntime"] < 0.9 * t["torch"] else "torch"
+        self.backend = "onnxruntime" if clearly_faster(t["onnxruntime"], t["torch"]) else "torch"
         self.candidates = {self.backend: self.chosen}  # free the other one
         return time.perf_counter() - start
 

@@ -17,6 +17,7 @@ import torch
 
 from vit_service.artifact import ModelArtifact, load_model
 from vit_service.model import VisionTransformer
+from vit_service.predictor import check_batch, clearly_faster, warm_up
 
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,7 +45,8 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 
 class Predictor:
-    """A VisionTransformer ready to serve: eval mode, on its device, with its artifact."""
+    """A VisionTransformer ready to serve: eval mode, on its device, with its artifact
+    (an `ImagePredictor`, vit_service/predictor.py)."""
 
     def __init__(self, model: VisionTransformer, artifact: ModelArtifact, device: torch.device,
                  precision: str = "auto", compile_mode: str | None = None) -> None:
@@ -87,11 +89,7 @@ class Predictor:
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """(B, 3, S, S) uint8 images -> (B, num_classes) float32 softmax probabilities."""
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(_writable(images))
-        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"expected a uint8 batch of shape (B, {', '.join(map(str, self.input_shape))}), "
-                f"got {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
-            )
+        check_batch(str(x.dtype).removeprefix("torch."), tuple(x.shape), self.input_shape)
         if x.shape[0] == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
         if self.device.type == "cuda":
@@ -109,8 +107,7 @@ class Predictor:
         start = time.perf_counter()
         if self.measure_cpu_bf16:
             self.precision = self._faster_cpu_precision(max_batch_size)
-        for n in sorted({1, 2, max_batch_size}):
-            self.predict_proba(np.zeros((n, *self.input_shape), dtype=np.uint8))
+        warm_up(self.predict_proba, self.input_shape, max_batch_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -135,7 +132,7 @@ class Predictor:
 
 def choose_cpu_precision(seconds: dict[str, float]) -> Precision:
     """bf16 autocast on the CPU only where it was measured at least 10% faster than fp32."""
-    return "bf16" if seconds["bf16"] < 0.9 * seconds["fp32"] else "fp32"
+    return "bf16" if clearly_faster(seconds["bf16"], seconds["fp32"]) else "fp32"
 
 
 def _writable(a: np.ndarray) -> np.ndarray:

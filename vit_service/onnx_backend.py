@@ -8,6 +8,7 @@ network only, so the ONNX file is the plain model other tools expect.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,27 @@ import numpy as np
 
 from vit_service.artifact import ModelArtifact
 from vit_service.formats.onnx_export import ONNX_FILE
+from vit_service.predictor import check_batch, warm_up
+
+
+def make_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    """An onnxruntime CPU session for the ONNX file at `path`, `threads` intra-op threads (None:
+    onnxruntime's default, one per core)."""
+    import onnxruntime as ort  # optional dependency: only hosts that use this backend need it
+
+    options = ort.SessionOptions()
+    # No busy-waiting between runs: the decode threads of the same process (or, in a benchmark,
+    # the other backend being timed) need the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxPredictor:
-    def __init__(self, directory: str | os.PathLike[str], threads: int | None = None) -> None:
-        import onnxruntime as ort  # optional dependency: only hosts that use this backend need it
+    """The `ImagePredictor` (vit_service/predictor.py) on onnxruntime."""
 
+    def __init__(self, directory: str | os.PathLike[str], threads: int | None = None) -> None:
         path = Path(directory) / ONNX_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no ONNX model (export with vit-export --onnx)")
@@ -28,12 +44,7 @@ class OnnxPredictor:
         self.preprocessing = self.artifact.preprocessing
         S = self.preprocessing.image_size
         self.input_shape = (3, S, S)
-        options = ort.SessionOptions()
-        # No busy-waiting between batches: the decode threads of the same process need the cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = make_session(path, threads)
         # mean/std in 0..255 units, shaped to broadcast over (B, 3, S, S)
         self._mean = np.asarray(self.preprocessing.mean, np.float32).reshape(1, 3, 1, 1) * 255.0
         self._std = np.asarray(self.preprocessing.std, np.float32).reshape(1, 3, 1, 1) * 255.0
@@ -46,9 +57,7 @@ class OnnxPredictor:
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) uint8 images -> (B, num_classes) float32 softmax probabilities."""
         x = np.asarray(images)
-        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(f"expected a uint8 batch of shape (B, {', '.join(map(str, self.input_shape))}), "
-                             f"got {x.dtype} {tuple(x.shape)}")
+        check_batch(str(x.dtype), x.shape, self.input_shape)
         if x.shape[0] == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
         pixels = (x.astype(np.float32) - self._mean) / self._std  # (B, 3, S, S)
@@ -58,15 +67,12 @@ class OnnxPredictor:
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def warmup(self, max_batch_size: int) -> float:
-        import time
-
         start = time.perf_counter()
-        for n in sorted({1, 2, max_batch_size}):
-            self.predict_proba(np.zeros((n, *self.input_shape), dtype=np.uint8))
+        warm_up(self.predict_proba, self.input_shape, max_batch_size)
         return time.perf_counter() - start
 
     def describe(self) -> dict[str, Any]:
         return {"device": "cpu", "precision": "fp32", "backend": "onnxruntime"}
 
 
-__all__ = ["OnnxPredictor"]
+__all__ = ["OnnxPredictor", "make_session"]

@@ -52,31 +52,3 @@ def observe_stages(timings: dict[str, float]) -> None:
 def server_timing(timings: dict[str, float]) -> str:
     """`read;dur=0.12, parse;dur=0.30, ...` in milliseconds, stages in pipeline order."""
     return ", ".join(f"{stage};dur={timings[stage] * 1000:.2f}" for stage in STAGES if stage in timings)
-
-
-UNKNOWN_PATH = "/__unknown__"
-
-
-def fold_unknown_paths(known_paths: set[str], known_prefixes: tuple[str, ...]) -> None:
-    """Makes BentoML's per-endpoint traffic metrics label every unknown path as one.
-
-    BentoML 1.4 labels its request counters and latency histograms with the raw request path, so
-    each request to a new made-up path adds ~20 series to /metrics: a scanner could grow the
-    server's memory without limit. It has no setting for this, so its metrics middleware is
-    wrapped here: a request to a path no route serves reaches it (and the app behind it, which
-    answers 404 either way) as UNKNOWN_PATH. Known paths pass untouched.
-    """
-    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
-
-    call = RunnerTrafficMetricsMiddleware.__call__
-    if getattr(call, "folds_unknown_paths", False):
-        return
-
-    async def folding_call(self, scope, receive, send):  # type: ignore[no-untyped-def]
-        path = scope.get("path", "")
-        if scope["type"] == "http" and path not in known_paths and not path.startswith(known_prefixes):
-            scope = {**scope, "path": UNKNOWN_PATH, "raw_path": UNKNOWN_PATH.encode()}
-        await call(self, scope, receive, send)
-
-    folding_call.folds_unknown_paths = True  # type: ignore[attr-defined]
-    RunnerTrafficMetricsMiddleware.__call__ = folding_call  # type: ignore[method-assign]

@@ -1,4 +1,5 @@
 """The service's own pages: the web page at `/` and `/ui`, the API docs at `/docs` and `/docs.json`.
+(Their routes are GET methods of the service, service.py; this is what they answer.)
 
 BentoML's stock index is a Swagger page that loads Google Tag Manager and badges from outside:
 a leak on a private network and a broken look offline. Here `/` serves our page, and `/docs` is
@@ -10,17 +11,13 @@ with our title, description and version. Nothing on any of them is fetched from 
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
 
 import vit_service
 
-logger = logging.getLogger(__name__)
 UI_FILE = Path(__file__).parent / "ui" / "index.html"
 TITLE = "vit-service"
 DESCRIPTION = (
@@ -59,40 +56,31 @@ SWAGGER_PAGE = """<!DOCTYPE html>
 """
 
 
-@functools.cache
-def _ui_html() -> str:
-    return UI_FILE.read_text(encoding="utf-8")
-
-
-async def ui_page(request: Request) -> Response:
+def ui_page() -> Response:
     return HTMLResponse(_ui_html(), headers={"content-security-policy": CSP, "cache-control": "no-cache"})
 
 
-async def docs_page(request: Request) -> Response:
+def docs_page() -> Response:
     return HTMLResponse(SWAGGER_PAGE, headers={"content-security-policy": CSP})
 
 
-def openapi_spec() -> dict[str, Any]:
-    from vit_service.serving.service import ViTClassifier  # here: service.py imports this module
-
-    spec = ViTClassifier.openapi_spec.asdict()
-    # Our own info, not BentoML's (version "None", BentoML's team as the contact).
+def docs_json(spec: dict[str, Any], get_routes: set[str]) -> Response:
+    """BentoML's OpenAPI spec (`spec`) with our own info, and the routes in `get_routes` that
+    also have a POST API (/model_info: BentoML's client POSTs) documented as the GET they are."""
     spec["info"] = {"title": TITLE, "description": DESCRIPTION, "version": vit_service.__version__}
-    spec.pop("servers", None)
-    return spec
+    spec.pop("servers", None)  # BentoML's info has version "None" and its team as the contact
+    for path in get_routes & set(spec.get("paths", {})):
+        operations = spec["paths"][path]
+        post = operations.get("post")
+        if post is not None and "get" not in operations:
+            get = {k: v for k, v in post.items() if k != "requestBody"}
+            if "operationId" in get:  # unique per operation
+                get["operationId"] += "__get"
+            post = {**post, "description": "The same as GET, for BentoML's client (`client.model_info()` POSTs)."}
+            spec["paths"][path] = {"get": get, "post": post}
+    return JSONResponse(spec)
 
 
-async def docs_json(request: Request) -> Response:
-    try:
-        return JSONResponse(openapi_spec())
-    except Exception:
-        logger.exception("GET /docs.json failed")
-        return JSONResponse({"error": "failed to build the OpenAPI spec; see the server log"}, status_code=500)
-
-
-ROUTES = [
-    Route("/", ui_page, methods=["GET"]),
-    Route("/ui", ui_page, methods=["GET"]),
-    Route("/docs", docs_page, methods=["GET"]),
-    Route("/docs.json", docs_json, methods=["GET"]),
-]
+@functools.cache
+def _ui_html() -> str:
+    return UI_FILE.read_text(encoding="utf-8")

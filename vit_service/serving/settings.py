@@ -1,6 +1,8 @@
-"""Service settings: environment variables read once at start-up, defaults derived from the host.
+"""Service settings: environment variables read once at start-up, each declared once below with its
+default and one line of documentation (`python -m vit_service.serving.settings` prints the table
+the README shows; a test keeps the two equal).
 
-Defaults follow the host's CPU cores and device (see bench/README.md, "GPU on paper"):
+Defaults marked "host" follow the host's CPU cores and device (see bench/README.md, "GPU on paper"):
     CPU only  VIT_MODE=inprocess: the model runs in the front process behind an in-process
               batcher. 1 worker (a second would hold a second model and fight for the same
               cores), decode threads = cores, max batch 16 (the CPU's best raw batch).
@@ -12,9 +14,11 @@ Any variable set overrides its derived default; a bad value is a start-up error 
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from vit_service.preprocessing import DEFAULT_MAX_PIXELS
 from vit_service.serving.store import DEFAULT_MODEL_TAG
@@ -23,28 +27,70 @@ Mode = Literal["inprocess", "split"]
 MODES = ("auto", "inprocess", "split")
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
+@dataclass(frozen=True)
+class Host:
+    gpu: bool  # VIT_DEVICE resolves to CUDA here
+    cores: int
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+@dataclass(frozen=True)
+class Variable:
+    env: str
+    default: str  # as documented
+    doc: str
+    read: Callable[[str, str, Host], Any]  # (name, value or "" when unset, host) -> setting
+
+
+def setting(env: str, default: str, doc: str, read: Callable[[str, str, Host], Any]) -> Any:
+    """A Settings field read from the environment variable `env`."""
+    return field(metadata={"variable": Variable(env, default, doc, read)})
+
+
+def text(default: str) -> Callable[[str, str, Host], str]:
+    return lambda name, raw, host: raw or default
+
+
+def integer(default: int | Callable[[Host], int], minimum: int = 1) -> Callable[[str, str, Host], int]:
+    def read(name: str, raw: str, host: Host) -> int:
+        if not raw:
+            return default(host) if callable(default) else default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return read
+
+
+def flag(default: bool) -> Callable[[str, str, Host], bool]:
+    def read(name: str, raw: str, host: Host) -> bool:
+        if not raw:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+    return read
+
+
+def read_mode(name: str, raw: str, host: Host) -> Mode:
+    mode = raw or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {mode!r}")
+    return ("split" if host.gpu else "inprocess") if mode == "auto" else mode  # type: ignore[return-value]
+
+
+def read_compile(name: str, raw: str, host: Host) -> str | None:
+    return None if raw in ("", "0") else ("default" if raw == "1" else raw)
+
+
+def read_optional_int(name: str, raw: str, host: Host) -> int | None:
+    return integer(1)(name, raw, host) if raw else None
 
 
 def host_cores() -> int:
@@ -70,63 +116,74 @@ def cuda_wanted(device: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    model_tag: str
-    device: str
-    precision: str
-    compile_mode: str | None
-    mode: Mode
-    batching: bool
-    max_batch_size: int
-    max_latency_ms: int
-    max_images: int
-    max_body_bytes: int
-    max_image_pixels: int
-    jpeg_draft: bool
-    timeout: int
-    max_concurrency: int
-    workers: int
-    decode_threads: int
-    torch_threads: int | None  # None: torch's default (one per core)
-    cores: int
+    model_tag: str = setting("VIT_MODEL_TAG", f"`{DEFAULT_MODEL_TAG}`", "model in the BentoML model store",
+                             text(DEFAULT_MODEL_TAG))
+    mode: Mode = setting("VIT_MODE", "`auto`", "`inprocess` (auto on CPU-only hosts): the model in the front process "
+                         "behind an in-process batcher; `split` (auto with CUDA): a model service (`bentoml.depends`) "
+                         "owns the GPU while front workers decode", read_mode)
+    device: str = setting("VIT_DEVICE", "`auto`", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`", text("auto"))
+    precision: str = setting("VIT_PRECISION", "`auto`", "`fp32`, `bf16`, `fp16`; `auto`: bf16 (fp16 on older GPUs) on "
+                             "CUDA, on a CPU bf16 autocast only if measured >= 10% faster at warm-up", text("auto"))
+    compile_mode: str | None = setting("VIT_COMPILE", "`0`", "`1` (torch.compile's default mode) or a mode, e.g. "
+                                       "`max-autotune`", read_compile)
+    backend: str = setting("VIT_BACKEND", "`auto`", "`torch`, `onnxruntime` (needs `model.onnx`: `vit-export --onnx`); "
+                           "`auto` uses torch on GPUs and, on a CPU-only host with `model.onnx` and onnxruntime, times "
+                           "both at warm-up and keeps onnxruntime if >= 10% faster (`/model_info` shows the choice "
+                           "and timings)", text("auto"))
+    batching: bool = setting("VIT_BATCHING", "`1`", "`0`: no batching, one forward pass per request", flag(True))
+    # BentoML's batcher requires max_batch_size > 1.
+    max_batch_size: int = setting("VIT_MAX_BATCH_SIZE", "host: 16 on CPU, 64 on GPU", "most images in one forward pass",
+                                  integer(lambda host: 64 if host.gpu else 16, minimum=2))
+    max_latency_ms: int = setting("VIT_MAX_LATENCY_MS", "2000", "longest wait in the batch queue, else 503",
+                                  integer(2000))
+    max_images: int = setting("VIT_MAX_IMAGES_PER_REQUEST", "32", "`/classify_batch` limit, else 413", integer(32))
+    max_body_bytes: int = setting("VIT_MAX_BODY_BYTES", "33554432", "request body limit (32 MiB), else 413",
+                                  integer(32 * 2**20))
+    max_image_pixels: int = setting("VIT_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS), "larger images are refused "
+                                    "(decompression bombs), 400", integer(DEFAULT_MAX_PIXELS))
+    jpeg_draft: bool = setting("VIT_JPEG_DRAFT", "`1`", "decode large JPEGs at reduced scale (DCT scaling)", flag(True))
+    timeout: int = setting("VIT_TIMEOUT", "30", "seconds per request, else 504", integer(30))
+    max_concurrency: int = setting("VIT_MAX_CONCURRENCY", "64", "requests in flight on the front, beyond that 429",
+                                   integer(64))
+    workers: int = setting("VIT_WORKERS", "host: 1 on CPU, cores-1 on GPU", "front worker processes",
+                           integer(lambda host: max(1, host.cores - 1) if host.gpu else 1))
+    decode_threads: int = setting("VIT_DECODE_THREADS", "host: cores on CPU, 2 on GPU",
+                                  "decoding threads per front worker", integer(lambda host: 2 if host.gpu else host.cores))
+    torch_threads: int | None = setting("VIT_TORCH_THREADS", "torch's (one per core)",
+                                        "intra-op threads of the in-process model", read_optional_int)
+    cores: int = field(default=1)  # the host's, not a setting
 
     @classmethod
-    def from_env(cls) -> Settings:
-        compile_env = os.environ.get("VIT_COMPILE", "0").strip()
-        device = os.environ.get("VIT_DEVICE", "").strip() or "auto"
-        mode_env = os.environ.get("VIT_MODE", "").strip() or "auto"
-        if mode_env not in MODES:
-            raise ValueError(f"VIT_MODE must be one of {', '.join(MODES)}, got {mode_env!r}")
-        gpu = cuda_wanted(device)
-        mode: Mode = ("split" if gpu else "inprocess") if mode_env == "auto" else mode_env  # type: ignore[assignment]
-        cores = host_cores()
-        if gpu:
-            workers, decode_threads, max_batch = max(1, cores - 1), 2, 64
-        else:
-            workers, decode_threads, max_batch = 1, cores, 16
-        torch_threads = os.environ.get("VIT_TORCH_THREADS", "").strip()
-        return cls(
-            model_tag=os.environ.get("VIT_MODEL_TAG", "").strip() or DEFAULT_MODEL_TAG,
-            device=device,
-            precision=os.environ.get("VIT_PRECISION", "").strip() or "auto",
-            compile_mode=None if compile_env in ("", "0") else ("default" if compile_env == "1" else compile_env),
-            mode=mode,
-            batching=_env_flag("VIT_BATCHING", True),
-            # BentoML's batcher requires max_batch_size > 1.
-            max_batch_size=_env_int("VIT_MAX_BATCH_SIZE", max_batch, minimum=2),
-            max_latency_ms=_env_int("VIT_MAX_LATENCY_MS", 2000),
-            max_images=_env_int("VIT_MAX_IMAGES_PER_REQUEST", 32),
-            max_body_bytes=_env_int("VIT_MAX_BODY_BYTES", 32 * 2**20),
-            max_image_pixels=_env_int("VIT_MAX_IMAGE_PIXELS", DEFAULT_MAX_PIXELS),
-            jpeg_draft=_env_flag("VIT_JPEG_DRAFT", True),
-            timeout=_env_int("VIT_TIMEOUT", 30),
-            max_concurrency=_env_int("VIT_MAX_CONCURRENCY", 64),
-            workers=_env_int("VIT_WORKERS", workers),
-            decode_threads=_env_int("VIT_DECODE_THREADS", decode_threads),
-            torch_threads=_env_int("VIT_TORCH_THREADS", 1) if torch_threads else None,
-            cores=cores,
-        )
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        def raw(var: Variable) -> str:
+            return environ.get(var.env, "").strip()
+
+        device_var = _variables()["device"]
+        device = device_var.read(device_var.env, raw(device_var), Host(False, 0))
+        host = Host(gpu=cuda_wanted(device), cores=host_cores())
+        return cls(**{name: var.read(var.env, raw(var), host) for name, var in _variables().items()}, cores=host.cores)
 
     def describe(self) -> dict[str, object]:
         """What /model_info shows under "serving" about the process layout."""
         return {"mode": self.mode, "workers": self.workers, "decode_threads": self.decode_threads,
                 "torch_threads": self.torch_threads, "host_cores": self.cores}
+
+
+def _variables() -> dict[str, Variable]:
+    return {f.name: f.metadata["variable"] for f in fields(Settings) if "variable" in f.metadata}
+
+
+def markdown_table() -> str:
+    """The settings as the README's table: variable, default, meaning."""
+    rows = [f"| `{v.env}` | {v.default} | {v.doc} |" for v in _variables().values()]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
+
+
+@functools.cache
+def current_settings() -> Settings:
+    """This process's settings, read from the environment once."""
+    return Settings.from_env()
+
+
+if __name__ == "__main__":
+    print(markdown_table())

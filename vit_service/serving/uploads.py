@@ -1,10 +1,12 @@
-"""HTTP edges of the front service: upload checks before BentoML parses, JSON errors, GET /model_info.
+"""Upload checks before BentoML parses: body limit, multipart form checks, JSON errors.
 
 The routes themselves are typed `@bentoml.api` methods (service.py), so BentoML's clients and
 OpenAPI spec know them. BentoML 1.4's multipart handling, though, answers most user mistakes with
-a 500 or a list-shaped body (see BENTOML-NOTES.md): a file under a misnamed field, text where a
-file belongs (which it even fetches as a URL), a malformed body, a very long filename.
-`UploadMiddleware` therefore reads each upload to the classify routes, checks the form (content
+a 500 or a list-shaped body: a non-image upload, a file under a misnamed field, a PNG labelled
+image/jpeg, text where a file belongs (which it even fetches as a URL), a malformed body, a very
+long filename; a raised `BadInput` gives a 400 whose body is a list, `[{"error": ...}]`; and it
+has no request-body size limit at all (seen with bentoml 1.4.38-1.4.40).
+`UploadMiddleware` therefore reads each upload to the upload routes, checks the form (content
 type, field names, file vs text, count, `top_k`), and only then replays the same bytes to
 BentoML, which can no longer fail on them. Every mistake in a request is a 4xx with
 `{"error": "<what was wrong>"}`, and the server keeps serving.
@@ -12,7 +14,7 @@ BentoML, which can no longer fail on them. Every mistake in a request is a 4xx w
 Status codes
     400  not an image, empty, truncated or corrupt image, too many pixels, missing or misnamed
          field, text instead of a file, bad `top_k`, malformed multipart body
-    405  not a POST to /classify or /classify_batch
+    405  not a POST to an upload route (/classify, /classify_batch, /explain)
     408  the upload stopped before the body was complete (client gone, or too slow)
     413  body over the size limit, more images than allowed in one request
     415  not a multipart/form-data request
@@ -23,12 +25,8 @@ Status codes
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,42 +35,22 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vit_service.serving.errors import RequestError, error_response
 from vit_service.serving.metrics import server_timing
-from vit_service.serving.pages import ROUTES as PAGE_ROUTES
+from vit_service.serving.validation import TOP_K_FIELD, parse_top_k
 
-logger = logging.getLogger(__name__)
-
-IMAGE_FIELD = "image"  # POST /classify
-IMAGES_FIELD = "images"  # POST /classify_batch, repeated
-TOP_K_FIELD = "top_k"
 MAX_FILENAME_BYTES = 200  # BentoML names its temporary file after the upload; the OS caps names at 255
 UPLOAD_SCOPE_KEY = "vit.upload"  # the checked Upload, for the route
 TIMINGS_SCOPE_KEY = "vit.timings"  # {stage: seconds}; the route adds its own stages
 HANDOFF, ENTERED, RETURNED = "_handoff", "_entered", "_returned"  # perf_counter marks in the timings
 
 
-class RequestError(Exception):
-    """Something wrong with the client's request, answered with `status` and {"error": message}."""
-
-    def __init__(self, status: int, message: str, reason: str = "bad_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason = reason  # a short fixed label for the rejected-uploads metric
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
 @dataclass(frozen=True)
 class UploadRoute:
     field: str  # the form field holding the image file(s)
-    many: bool  # repeated field allowed
+    many: bool = False  # repeated field allowed
     options: tuple[str, ...] = ()  # other plain-text form fields the route takes (checked by the route)
 
 
@@ -274,48 +252,3 @@ async def _check_form(form: FormData, request: Request, field: str, many: bool, 
 
 async def _no_more_body() -> Message:
     return {"type": "http.disconnect"}
-
-
-def parse_top_k(values: list[Any]) -> int | None:
-    """The `top_k` form field or query parameter as an int; None when not given (or `null`, as
-    BentoML's client sends an unset argument)."""
-    values = [v for v in values if not (isinstance(v, str) and v.strip() == "null")]
-    if not values:
-        return None
-    if len(values) > 1:
-        raise RequestError(400, f"'{TOP_K_FIELD}' given {len(values)} times; give it once", "bad_top_k")
-    value = values[0]
-    if not isinstance(value, str):
-        raise RequestError(400, f"'{TOP_K_FIELD}' must be a plain form value, not a file", "bad_top_k")
-    text = value.strip()
-    with contextlib.suppress(ValueError):
-        decoded = json.loads(text)  # BentoML's client JSON-encodes form values: '"3"' -> "3"
-        text = decoded.strip() if isinstance(decoded, str) else text
-    # Plain ASCII digits only: Python's int() also takes "1_000" and other scripts' digits,
-    # which BentoML's own validation behind us would refuse with a 400 of another shape.
-    if not re.fullmatch(r"-?[0-9]+", text):
-        raise RequestError(400, f"'{TOP_K_FIELD}' must be an integer, got {text[:40]!r}", "bad_top_k")
-    return int(text)
-
-
-# ------------------------------------------------------------------ GET /model_info, mounted at "/"
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-async def model_info(request: Request) -> Response:
-    """GET /model_info, as `curl URL/model_info` expects; the typed POST route is in service.py."""
-    import bentoml
-
-    try:
-        return JSONResponse(await bentoml.get_current_service().describe())
-    except RequestError as e:  # 503 while the model warms up
-        return error_response(e.status, e.message)
-    except Exception:
-        logger.exception("GET /model_info failed")
-        return error_response(500, "internal error while describing the model; see the server log")
-
-
-# BentoML's API routes are POST only; PassiveMount sends a GET /model_info here, and the pages
-# (/, /ui, /docs, /docs.json), which come before BentoML's own index and spec routes.
-app = Starlette(routes=[Route("/model_info", model_info, methods=["GET"]), *PAGE_ROUTES])
