@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, features
+from PIL import Image, ImageDraw, ImageOps, features
 
 from vit_service.serving.local_server import DEFAULT_TARGET, local_server
 
@@ -142,23 +142,49 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return home, save_tiny_model(home)
 
 
+def reference_pixels(data: bytes, size: int, mean, std):
+    """An upload decoded and transformed with PIL and torchvision alone, independently of the
+    project's decode_image and Preprocessing, by the README's rules: the first frame, EXIF
+    orientation applied, transparency over white, 16-bit scaled to 8, any mode to RGB, a JPEG
+    decoded at reduced scale down to >= size px (DCT draft, as the service does); then the shorter
+    side resized to `size` (bicubic; crop_pct 1), centre-cropped, normalised. -> (3, S, S) float."""
+    import torch
+    from torchvision.transforms import v2
+
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    img = img.convert("RGB")
+    tf = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(size),
+                     v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return tf(img)
+
+
 @pytest.fixture(scope="session")
 def reference(store):
-    """The exported model run directly, the oracle for what the server answers."""
+    """The exported model run directly on an independently decoded upload (reference_pixels):
+    the oracle for what the server answers."""
     import torch
 
     from vit_service.artifact import load_model
-    from vit_service.preprocessing import decode_image
 
     home, tag = store
     name, version = tag.split(":")
     model, artifact = load_model(home / "models" / name / version)
     pre = artifact.preprocessing
+    assert pre.crop_pct == 1.0 and pre.interpolation == "bicubic" and pre.crop_mode == "center"
 
     def probs(data: bytes) -> np.ndarray:
-        img = decode_image(data, draft_size=pre.resize_size)  # as the service decodes
         with torch.no_grad():
-            return model(pre(img)[None]).softmax(-1)[0].numpy()
+            return model(reference_pixels(data, pre.image_size, pre.mean, pre.std)[None]).softmax(-1)[0].numpy()
 
     return probs
 

@@ -205,6 +205,7 @@ def test_vit_train_fit_ckpt_path_last_resumes_mid_epoch_without_repeats(shards: 
 
     def fit(root: Path, *args: str) -> list[list[int]]:
         probe = [{"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(root)}}]
+        root.mkdir(exist_ok=True)
         config = demo_config(root, demo_data, callbacks=probe, max_epochs=1, limit_val_batches=1,
                              num_sanity_val_steps=0)
         r = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),

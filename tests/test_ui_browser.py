@@ -118,3 +118,62 @@ def test_api_docs_are_local_and_ours(page, url) -> None:
     page.wait_for_selector("text=/explain")
     assert "Google" not in page.content()
     assert_only_local(page.requested, url)
+
+
+def _picture(path: Path, shape: str, seed: int) -> bytes:
+    from training.demo_data import draw_image
+
+    draw_image(shape, np.random.default_rng(seed)).save(path, quality=90)
+    return path.read_bytes()
+
+
+# Hands the page a File made from the given bytes, as a drop on #drop or a paste on the document
+# (what the browser does for a dragged file or Ctrl+V of a copied image).
+_DROP = """([bytes, name]) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(bytes)], name, { type: "image/jpeg" }));
+  const drop = document.getElementById("drop");
+  drop.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  const over = drop.classList.contains("over");
+  drop.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  return [over, drop.classList.contains("over")];
+}"""
+_PASTE = """([bytes, name]) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(bytes)], name, { type: "image/jpeg" }));
+  document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: dt, bubbles: true, cancelable: true }));
+}"""
+
+
+def test_drag_paste_and_method_switch(page, url, tmp_path: Path) -> None:
+    dropped, pasted = _picture(tmp_path / "a.jpg", "triangle", 3), _picture(tmp_path / "b.jpg", "circle", 4)
+    expected = {name: [p["label"] for p in httpx.post(f"{url}/classify", files={"image": data}).json()["predictions"]]
+                for name, data in (("dropped.jpg", dropped), ("pasted.jpg", pasted))}
+    explains: list[bytes] = []
+    page.on("request", lambda r: explains.append(r.post_data_buffer or b"") if r.url.endswith("/explain") else None)
+    page.goto(url + "/")
+    expect(page.locator("#model")).to_contain_text("4 classes", timeout=60_000)
+
+    # Drag and drop: the zone lights up while a file is over it, and the dropped file is classified.
+    assert page.evaluate(_DROP, [list(dropped), "dropped.jpg"]) == [True, False]
+    expect(page.locator("#status")).to_have_text("Top 4 for dropped.jpg", timeout=60_000)
+    assert page.locator("#labels .label").all_text_contents() == expected["dropped.jpg"]
+    page.wait_for_selector("#toggle:enabled")  # its attention map (rollout, the default) arrived
+    assert b'name="method"\r\n\r\nrollout' in explains[-1]
+
+    # Method switch: choosing the gradient method explains the same image again with it.
+    page.check("#toggle")
+    rollout_src = page.get_attribute("#overlay", "src")
+    page.select_option("#method", "grad")
+    expect(page.locator("#overlay")).not_to_have_attribute("src", rollout_src, timeout=60_000)
+    page.wait_for_selector("#toggle:enabled")
+    assert b'name="method"\r\n\r\ngrad' in explains[-1] and len(explains) == 2
+    assert page.is_visible("#overlay")
+
+    # Paste: a file on the clipboard is classified (and explained with the chosen method).
+    page.evaluate(_PASTE, [list(pasted), "pasted.jpg"])
+    expect(page.locator("#status")).to_have_text("Top 4 for pasted.jpg", timeout=60_000)
+    assert page.locator("#labels .label").all_text_contents() == expected["pasted.jpg"]
+    page.wait_for_selector("#toggle:enabled")
+    assert b'name="method"\r\n\r\ngrad' in explains[-1] and b'filename="pasted.jpg"' in explains[-1]
+    assert_only_local(page.requested, url)
