@@ -76,11 +76,11 @@ def test_slurm_script_parses_and_its_flags_are_real(tmp_path: Path) -> None:
     assert config["data"]["train_dir"] == "s3://bucket/imagenet/train"
     assert config["data"]["val_dir"] == "s3://bucket/imagenet/val"
     assert config["data"]["num_workers"] == 10
-    # A misspelt flag would have failed the same way: the stand-in does not hide errors.
+    # A flag vit-train does not know would have failed the same way: the stand-in hides no error.
     bad = subprocess.run([str(fake / "srun"), str(Path(sys.executable).parent / "vit-train"), "fit", "--config",
-                          "configs/imagenet_deit_small.yaml", "--trainer.num_node", "8"], cwd=REPO, env=env,
+                          "configs/imagenet_deit_small.yaml", "--trainer.num_gpus", "8"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "num_node" in bad.stderr
+    assert bad.returncode != 0 and "num_gpus" in bad.stderr
 
 
 def test_hparams_yaml_holds_the_models_hyper_parameters(trained_run: Path) -> None:

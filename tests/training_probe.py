@@ -41,6 +41,7 @@ class TrainingProbe(L.Callback):
         self.grad_norms_at_step: list[float] = []  # what the optimizer stepped with (after clipping)
         self.val_metrics: list[dict[str, float]] = []
         self.batch_labels: list[list[int]] = []  # per training batch: its (hard) labels, in order
+        self.batch_sums: list[list[float]] = []  # per training batch: each image's pixel sum (which image)
         self._block0_calls = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -83,6 +84,7 @@ class TrainingProbe(L.Callback):
         if len(self.loader_batches) < self.keep_batches:
             self.loader_batches.append(batch[0].detach().clone())
         self.batch_labels.append(batch[1].tolist())
+        self.batch_sums.append([round(float(x.double().sum()), 2) for x in batch[0]])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -113,7 +115,7 @@ class TrainingProbe(L.Callback):
             path.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
                                         "val_metrics": self.val_metrics, "step_lrs": self.step_lrs,
                                         "optimizer_lrs": self.optimizer_lrs, "block0_dtypes": self.block0_dtypes,
-                                        "batch_labels": self.batch_labels}))
+                                        "batch_labels": self.batch_labels, "batch_sums": self.batch_sums}))
 
 
 class SkewedTimeBudget(TimeBudget):
