@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def test_missing_exporter_dependency_saves_nothing(tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
     r = run_cli("vit-export", "--from", str(tmp_path / "src"), "--onnx", "--name", "never-saved",
                 "--dir", str(tmp_path / "out"), "--hf-dir", str(tmp_path / "hf"), env={"BENTOML_HOME": str(home),
-                                                     "PYTHONPATH": str(tmp_path / "no_onnxscript")})
+                                                     "PYTHONPATH": os.pathsep.join(
+                    [str(tmp_path / "no_onnxscript"), *filter(None, [os.environ.get("PYTHONPATH")])])})
     assert r.returncode == 2, r.stderr[-3000:]
     assert "onnxscript" in r.stderr and "pip install" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()

@@ -144,3 +144,19 @@ class SkewedTimeBudget(TimeBudget):
     def clock(self) -> float:
         now = time.monotonic() if self.step_s is None else self._steps_done * self.step_s
         return now + (self.skew_s if self._rank == 1 else 0.0)
+
+
+class KillAtStep(L.Callback):
+    """Stands in for a run killed mid-epoch: raises once the global step reaches `step`, after the
+    probes (listed before it) have recorded that step and before any end-of-run checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            for cb in trainer.callbacks:
+                if isinstance(cb, TrainingProbe):
+                    cb._write(trainer)
+            raise SystemExit(f"killed at step {self.step}")
