@@ -101,6 +101,14 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _see_through(rgb: Image.Image) -> Image.Image:
+    """The picture with its left half fully transparent and an alpha ramp across the rest."""
+    rgba = np.asarray(rgb.convert("RGBA")).copy()
+    w = rgba.shape[1]
+    rgba[:, :, 3] = np.clip(np.linspace(-255, 255, w), 0, 255).astype(np.uint8)[None, :]
+    return Image.fromarray(rgba, "RGBA")
+
+
 @functools.cache
 def unusual_images() -> dict[str, tuple[bytes, str]]:
     """Valid images a user may well send: name -> (bytes, declared content type)."""
@@ -110,6 +118,7 @@ def unusual_images() -> dict[str, tuple[bytes, str]]:
         "palette.png": (encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "image/png"),
         "palette_transparent.gif": (encode(rgb.convert("P"), "GIF", transparency=0), "image/gif"),
         "rgba.png": (encode(rgb.convert("RGBA"), "PNG"), "image/png"),
+        "rgba_see_through.png": (encode(_see_through(rgb), "PNG"), "image/png"),  # shown over white
         "cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), "image/jpeg"),
         "16bit.png": (encode(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "PNG"), "image/png"),
         "tiny_1x1.png": (encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "image/png"),
