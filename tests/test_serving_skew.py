@@ -17,7 +17,6 @@ Real data: CIFAR-10 JPEGs from the archive named by `VIT_CIFAR10_TAR` (the .tar.
 from __future__ import annotations
 
 import csv
-import io
 import os
 import tarfile
 import warnings
