@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
+# make serve listens on every interface (reachable from other hosts); HOST=127.0.0.1: this host only
+HOST ?= 0.0.0.0
 MODEL ?= vit-classifier
 
 .PHONY: install test test-slow demo serve bench clean
@@ -14,9 +16,16 @@ MODEL ?= vit-classifier
 install: $(STAMP)
 
 # Re-installs only when pyproject.toml changes; torch/torchvision come from the machine's cache.
+# pip's "Collecting ..." lines are the progress (one per package); all of its output is kept in
+# $(VENV)/pip-install.log, and its end is shown if it fails.
 $(STAMP): pyproject.toml
+	@echo "==> installing the project into $(VENV) (first time only: a few minutes; one line per package)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@set -o pipefail; start=$$SECONDS; \
+	  $(BIN)/python -m pip install --disable-pip-version-check -e '.[dev]' 2>&1 | tee $(VENV)/pip-install.log \
+	  | awk '/^Collecting|^Successfully installed/ { print "    " substr($$0, 1, 116); fflush() }' \
+	  || { tail -n 30 $(VENV)/pip-install.log; echo "pip install failed: $(VENV)/pip-install.log"; exit 1; }; \
+	  echo "==> installed in $$((SECONDS - start)) s"
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -29,7 +38,7 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) MODEL=$(MODEL) bash scripts/demo.sh
 
 serve: $(STAMP)
-	VIT_MODEL_TAG=$(MODEL):latest $(BIN)/bentoml serve vit_service.serving.service:ViTClassifier --port $(PORT)
+	VIT_MODEL_TAG=$(MODEL):latest $(BIN)/bentoml serve vit_service.serving.service:ViTClassifier --host $(HOST) --port $(PORT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/model_speed.py

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vit_service.formats.onnx_export import export_onnx
+from vit_service.host import host_line
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.onnx_backend import make_session
 
@@ -47,6 +48,7 @@ def backend_main(args: Any, info: dict[str, Any]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
         info = {**info, "torch_threads": args.threads}
+    print(host_line())
     print(f"machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)")
     rows = []
     for name in args.models:

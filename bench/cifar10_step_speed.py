@@ -29,6 +29,7 @@ import time
 import torch
 import yaml
 
+from vit_service.host import host_line
 from vit_service.model import ViTConfig, VisionTransformer, count_parameters
 
 
@@ -86,6 +87,7 @@ def main() -> None:
         for name, model, opt, batch, precision, side, steps, samples in variants:
             samples.append(rate(model, opt, batch, precision, side, steps, clock))
 
+    print(host_line())
     print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} rounds, {args.clock} clock")
     print("| variant | params | batch | precision | input | median img/s | min-max |")
     print("|---|---:|---:|---|---:|---:|---|")

@@ -1,9 +1,13 @@
 """CIFAR-10 time to accuracy on this machine: train a config, then print test top-1 and minutes.
 
-    tar -xzf ../shared/datasets/cifar10-jpg.tar.gz -C /tmp
+    vit-data cifar10 cifar-10-python.tar.gz --out data/cifar10   # once: the JPEG class folders
     python bench/cifar10_time_to_accuracy.py                   # configs/cifar10_30min.yaml, 30 min
     python bench/cifar10_time_to_accuracy.py --config configs/cifar10.yaml --minutes 30   # old recipe
     python bench/cifar10_time_to_accuracy.py --data /tmp/cifar10 --run-dir /tmp/cifar_bench -- --seed_everything 1
+
+The data (`--data`, default: $VIT_CIFAR10_DIR, else data/cifar10) is CIFAR-10's train/ and test/
+class folders as `vit-data cifar10` writes them from the python-version archive
+(cifar-10-python.tar.gz, https://www.cs.toronto.edu/~kriz/cifar.html).
 
 Both configs validate on the CIFAR-10 test split, so val/acc1 is test top-1.
 - A config with a `TimeBudget` callback (cifar10_30min.yaml) spans its LR schedule over the
@@ -27,6 +31,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from vit_service.host import host_line
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_BUDGET = "training.callbacks.TimeBudget"
@@ -60,11 +66,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30.0, help="training budget")
     p.add_argument("--config", default=str(REPO / "configs/cifar10_30min.yaml"))
-    p.add_argument("--data", default="/tmp/cifar10", help="folder with train/ and test/ class folders")
+    p.add_argument("--data", default=os.environ.get("VIT_CIFAR10_DIR", "data/cifar10"),
+                   help="folder with train/ and test/ class folders, from `vit-data cifar10` "
+                        "(default: $VIT_CIFAR10_DIR, else data/cifar10)")
     p.add_argument("--run-dir", default="runs/cifar10_bench", help="emptied first; holds every output")
     p.add_argument("--out", help="also write the report here")
     p.add_argument("extra", nargs="*", help="extra vit-train arguments (after --)")
     args = p.parse_args()
+    if not (Path(args.data) / "train").is_dir():
+        p.error(f"{args.data}/train: no such folder; write it with `vit-data cifar10 cifar-10-python.tar.gz "
+                f"--out {args.data}` (or pass --data / set VIT_CIFAR10_DIR)")
 
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -78,7 +89,7 @@ def main() -> None:
 
     cfg = yaml.safe_load(config.read_text())
     batch = int(cfg["data"]["batch_size"])
-    lines = [f"config {Path(args.config).name}, budget {args.minutes:g} min "
+    lines = [host_line(), f"config {Path(args.config).name}, budget {args.minutes:g} min "
              f"({'LR schedule spans the budget' if time_boxed else 'epoch schedule, hard max_time'}); "
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"torch {torch.__version__}; process wall time {wall:.1f} min (start-up and validation included)", ""]

@@ -30,13 +30,14 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit_service.host import describe_host, host_line
 from vit_service.model import PRESETS, ViTConfig, VisionTransformer
 
 IMPLS = ("ours", "timm")
@@ -84,17 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine_info(device: torch.device) -> dict[str, str | int]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, str | int] = {
+def machine_info(device: torch.device) -> dict[str, Any]:
+    host = describe_host()
+    cpu = host["cpu"]
+    info: dict[str, Any] = {
         "cpu": cpu,
+        "cpu_flags": host["flags"],
         "cpu_cores": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -181,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.allow_tf32 = False
 
     info = machine_info(device)
+    print(host_line())
     print(f"machine: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads); "
           f"device: {info['device_name']}")
     print(f"torch {info['torch']}, timm {info['timm']}, python {info['python']}")

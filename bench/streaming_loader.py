@@ -1,10 +1,13 @@
 """CIFAR-10 train loader throughput from JPEG folders vs LitData shards, and the size on disk.
 
-    python bench/streaming_loader.py [--archive /work/shared/datasets/cifar10-jpg.tar.gz]
-        [--work /tmp/cifar10-issue11] [--workers 2] [--batches 60] [--repeats 2]
+    vit-data cifar10 cifar-10-python.tar.gz --out data/cifar10   # once: the JPEG class folders
+    python bench/streaming_loader.py [--data data/cifar10] [--work /tmp/cifar10-shards]
+        [--workers 2] [--batches 60] [--repeats 2]
 
-Extracts the archive (once), writes shards of the train split with `vit-data optimize`'s code
-(once, timed), then times configs/cifar10.yaml's train DataLoader (decode + the training
+`--data` (default: $VIT_CIFAR10_DIR, else data/cifar10) holds CIFAR-10's train/ and test/ class
+folders as `vit-data cifar10` writes them from the python-version archive of
+https://www.cs.toronto.edu/~kriz/cifar.html. Writes shards of the train split with `vit-data
+optimize`'s code (once, timed, under --work), then times configs/cifar10.yaml's train DataLoader (decode + the training
 transform, batch 256, `--workers` loader processes) over the folder and over the shards, in
 alternating repeats, and prints a Markdown table; then the datasets alone in one process.
 """
@@ -16,7 +19,7 @@ import os
 import platform
 import random
 import subprocess
-import tarfile
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from litdata import StreamingDataset
 from training.data import ImageFolderDataModule
 from training.folder_dataset import ImageFolderDataset
 from training.shards import ShardDataset, optimize_folder
+from vit_service.host import host_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,19 +55,19 @@ def _items_per_s(dataset: object, shuffled: bool, n: int = 3000) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archive", default="/work/shared/datasets/cifar10-jpg.tar.gz")
-    p.add_argument("--work", default="/tmp/cifar10-issue11")
+    p.add_argument("--data", default=os.environ.get("VIT_CIFAR10_DIR", "data/cifar10"),
+                   help="CIFAR-10 train/ and test/ class folders (default: $VIT_CIFAR10_DIR, else data/cifar10)")
+    p.add_argument("--work", default="/tmp/cifar10-shards", help="where the shards are written (once)")
     p.add_argument("--workers", type=int, default=2, help="loader processes (and optimize workers)")
     p.add_argument("--batches", type=int, default=60, help="batches timed per measurement")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
     work = Path(args.work)
-    folder, shards = work / "cifar10" / "train", work / "shards" / "train"
+    folder, shards = Path(args.data) / "train", work / "shards" / "train"
     if not folder.is_dir():
-        work.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(work, filter="data")
+        sys.exit(f"{folder}: no such folder; write it with `vit-data cifar10 cifar-10-python.tar.gz --out "
+                 f"{args.data}` (or pass --data / set VIT_CIFAR10_DIR)")
     optimize_s = None
     if not (shards / "index.json").is_file():
         start = time.perf_counter()
@@ -71,7 +75,7 @@ def main() -> None:
         optimize_s = time.perf_counter() - start
 
     cfg = load_config(str(REPO / "configs/cifar10.yaml"), [])
-    data = {**cfg["data"], "num_workers": args.workers, "val_dir": str(work / "cifar10" / "test"), "test_dir": None}
+    data = {**cfg["data"], "num_workers": args.workers, "val_dir": str(Path(args.data) / "test"), "test_dir": None}
     rates: dict[str, list[float]] = {"folder": [], "shards": []}
     for _ in range(args.repeats):
         for name, train_dir in (("folder", folder), ("shards", shards)):
@@ -87,6 +91,7 @@ def main() -> None:
     n_files = sum(1 for _ in folder.rglob("*.jpg"))
     sizes = {"folder": du_bytes(folder), "shards": du_bytes(shards)}
     n_chunks = len(list(shards.glob("chunk-*.bin")))
+    print(host_line())
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
           f"({len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f}; "
           f"{args.workers} loader workers, batch {data['batch_size']}, {args.batches} batches x {args.repeats}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-node DDP training on SLURM with shards in object storage (see README, "Scaling out").
+# Multi-node DDP training on SLURM with shards in object storage (see docs/scaling.md).
 #   sbatch --nodes 8 scripts/slurm_train.sh s3://bucket/imagenet   # expects <uri>/train and <uri>/val shards
 # One task per GPU; Lightning reads the SLURM environment (ranks, master address) itself.
 #SBATCH --job-name=vit-train

@@ -120,20 +120,30 @@ def test_grad_method_is_class_specific(model: VisionTransformer) -> None:
     assert torch.equal(rollouts[0], rollouts[1])  # rollout is class-agnostic
 
 
-@pytest.mark.parametrize("size,crop_pct,expected", [
-    ((100, 100), 1.0, (0, 0, 100, 100)),
-    ((100, 200), 1.0, (0, 50, 100, 150)),
-    ((300, 150), 1.0, (75, 0, 225, 150)),
-    ((64, 64), 0.5, (16, 16, 48, 48)),
+@pytest.mark.parametrize("size,crop_pct,crop_mode,expected", [
+    ((100, 100), 1.0, "center", (0, 0, 100, 100)),
+    ((100, 200), 1.0, "center", (0, 50, 100, 150)),
+    ((300, 150), 1.0, "center", (75, 0, 225, 150)),
+    ((64, 64), 0.5, "center", (16, 16, 48, 48)),
+    ((400, 200), 1.0, "center", (100, 0, 300, 200)),
+    # squash (every transformers-folder model): both sides resized, so the whole upload is seen
+    ((400, 200), 1.0, "squash", (0, 0, 400, 200)),
+    ((400, 200), 0.5, "squash", (100, 50, 300, 150)),
+    ((90, 300), 0.875, "squash", (5, 16.7, 85, 283.3)),
 ])
-def test_crop_box_is_the_region_the_model_sees(size: tuple[int, int], crop_pct: float, expected: tuple) -> None:
-    pre = Preprocessing(image_size=32, crop_pct=crop_pct)
+def test_crop_box_is_the_region_the_model_sees(size: tuple[int, int], crop_pct: float, crop_mode: str,
+                                               expected: tuple) -> None:
+    pre = Preprocessing(image_size=32, crop_pct=crop_pct, crop_mode=crop_mode)
     box = crop_box(pre, *size)
     assert np.allclose(box, expected, atol=1.0)
-    # And it agrees with the transform itself: a white square drawn exactly on the box fills the crop.
+    # And it agrees with the transform itself: a white rectangle drawn exactly on the box fills the
+    # crop, and one drawn everywhere but the box leaves the crop's inside black.
     img = Image.new("RGB", size, (0, 0, 0))
     img.paste((255, 255, 255), tuple(round(v) for v in box))
     assert np.asarray(pre.resize_crop(img))[2:-2, 2:-2].min() > 200
+    inverse = Image.new("RGB", size, (255, 255, 255))
+    inverse.paste((0, 0, 0), tuple(round(v) for v in box))
+    assert np.asarray(pre.resize_crop(inverse))[2:-2, 2:-2].max() < 55
 
 
 def test_peak_point_maps_the_patch_centre_into_the_image() -> None:

@@ -38,6 +38,14 @@ def test_every_timm_spelling_names_the_same_repo(spelling: str) -> None:
     assert source is not None and source.repo_id == f"timm/{TINY}" and source.model_name == TINY
 
 
+@pytest.mark.parametrize("spelling", [TINY, f"timm/{TINY}", f"hf-hub:timm/{TINY}"])
+def test_the_model_source_loader_takes_every_spelling(offline_cache, spelling: str) -> None:
+    from vit_service.formats.sources import load_model_source  # vit-explain's and vit-export's loader
+
+    model, artifact = load_model_source(spelling)
+    assert model.config.embed_dim == 192 and len(artifact.class_names) == 1000
+
+
 def test_cached_timm_name_loads_with_timm_config_preprocessing_and_outputs(offline_cache) -> None:
     _, timm_model = offline_cache
     model, artifact = load_timm(f"hf-hub:timm/{TINY}")

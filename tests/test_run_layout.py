@@ -50,7 +50,7 @@ def test_two_runs_write_only_under_their_own_root(runs: dict) -> None:
         state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
         assert Path(state["dirpath"]) == run / "checkpoints"
         # stdout is not a terminal here: one progress line per epoch
-        assert f"epoch {epochs}/{epochs}  step" in runs["stdout"][name]
+        assert f"epoch {epochs - 1}/{epochs - 1}  step" in runs["stdout"][name]  # numbered from 0
     assert "] step 1  train/loss " in runs["stdout"]["b"] and "] step 1 " not in runs["stdout"]["a"]
 
 

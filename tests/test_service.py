@@ -629,7 +629,7 @@ def test_settings_from_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VIT_DEVICE", "cpu")  # defaults derived for a CPU-only host
     s = Settings.from_env()
-    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, host_cores(), 16)
+    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, max(1, host_cores() // 4), 16)
     monkeypatch.setenv("VIT_MODE", "split")
     monkeypatch.setenv("VIT_DECODE_THREADS", "7")
     s = Settings.from_env()

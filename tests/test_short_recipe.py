@@ -82,6 +82,17 @@ def test_time_budget_schedule_warms_up_peaks_and_ends_at_min() -> None:
         TimeBudget(minutes=0)
 
 
+def test_time_budget_is_lightnings_timer_and_resumes_its_clock() -> None:
+    from lightning.pytorch.callbacks import Timer
+
+    cb = TimeBudget(minutes=2)
+    assert isinstance(cb, Timer) and cb.budget_s == 120
+    state = {"time_elapsed": {"train": 60.0, "validate": 0.0, "test": 0.0}}  # Timer.state_dict() of a run 1 min in
+    cb.load_state_dict(state)
+    assert cb.time_elapsed() == pytest.approx(60.0)  # the resumed run continues the same budget
+    assert cb.state_dict()["time_elapsed"]["train"] == pytest.approx(60.0)
+
+
 def test_progressive_resize_schedule() -> None:
     cb = ProgressiveResize([[0.6, 32], [0.0, 16], [0.3, 24]])  # any order
     assert [cb.size_at(p) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == [16, 16, 24, 24, 32, 32]

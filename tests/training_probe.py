@@ -10,7 +10,6 @@ saw to `out_dir/rank<N>.json` at the end of every validation.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +140,9 @@ class SkewedTimeBudget(TimeBudget):
         self._steps_done += 1
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def clock(self) -> float:
-        now = time.monotonic() if self.step_s is None else self._steps_done * self.step_s
-        return now + (self.skew_s if self._rank == 1 else 0.0)
+    def time_elapsed(self, stage: str = "train") -> float:
+        elapsed = super().time_elapsed(stage) if self.step_s is None else self._steps_done * self.step_s
+        return elapsed + (self.skew_s if self._rank == 1 else 0.0)
 
 
 class KillAtStep(L.Callback):

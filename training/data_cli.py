@@ -1,7 +1,8 @@
-"""`vit-data`: write the offline demo dataset, check a dataset before training on it, or turn it
-into LitData streaming shards.
+"""`vit-data`: write the offline demo dataset, convert the CIFAR-10 download, check a dataset
+before training on it, or turn it into LitData streaming shards.
 
     vit-data demo --out data/demo [--seed 0] [--train-per-class 200] [--val-per-class 50]
+    vit-data cifar10 cifar-10-python.tar.gz --out data/cifar10
     vit-data verify data/demo
     vit-data optimize data/demo/train shards/demo/train [--workers 2] [--max-side 256]
 
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 
+from training.cifar10 import CIFAR10_URL, convert_cifar10
 from training.demo_data import DEFAULT_TRAIN_PER_CLASS, DEFAULT_VAL_PER_CLASS, generate_demo_dataset
 from training.folder_dataset import DatasetError, VerifyReport, verify_dataset
 
@@ -40,6 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-per-class", type=_positive_int, default=DEFAULT_TRAIN_PER_CLASS)
     demo.add_argument("--val-per-class", type=_positive_int, default=DEFAULT_VAL_PER_CLASS)
     demo.set_defaults(func=_demo)
+
+    cifar = sub.add_parser(
+        "cifar10", help="CIFAR-10's python-version download -> JPEG class folders train/ and test/",
+        description=f"Converts the official CIFAR-10 python-version archive (cifar-10-python.tar.gz from "
+                    f"{CIFAR10_URL}) or torchvision's download folder (cifar-10-batches-py/, or the folder "
+                    "holding it) into JPEG class folders: the 50,000 training images (data_batch_1..5) go to "
+                    "OUT/train/<class>/, the 10,000 test images (test_batch) to OUT/test/<class>/, where "
+                    "configs/cifar10*.yaml and the CIFAR-10 benchmarks read them. Nothing is downloaded.")
+    cifar.add_argument("archive", metavar="ARCHIVE", help="cifar-10-python.tar.gz or a cifar-10-batches-py/ folder")
+    cifar.add_argument("--out", required=True, help="output folder (e.g. data/cifar10); gets train/ and test/")
+    cifar.add_argument("--quality", type=_positive_int, default=95, help="JPEG quality (default 95)")
+    cifar.set_defaults(func=_cifar10)
 
     verify = sub.add_parser("verify", help="decode every image and report counts and unreadable files")
     verify.add_argument("dir", help="dataset folder: with train/ val/ test/ splits, or one split")
@@ -67,8 +81,9 @@ def _positive_int(text: str) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    print(f"writing the demo dataset to {args.out} (seed {args.seed}):", flush=True)
     summary = generate_demo_dataset(args.out, seed=args.seed, train_per_class=args.train_per_class,
-                                    val_per_class=args.val_per_class)
+                                    val_per_class=args.val_per_class, progress=lambda line: print(line, flush=True))
     seconds = time.perf_counter() - start
     classes = list(summary["train"])
     print(f"wrote the demo dataset to {args.out} in {seconds:.1f} s (seed {args.seed})")
@@ -76,6 +91,15 @@ def _demo(args: argparse.Namespace) -> int:
     for split, counts in summary.items():
         per_class = next(iter(counts.values()))
         print(f"  {split}: {sum(counts.values())} images ({per_class} per class) in {os.path.join(args.out, split)}")
+    return 0
+
+
+def _cifar10(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    counts = convert_cifar10(args.archive, args.out, quality=args.quality)
+    print(f"wrote CIFAR-10 from {args.archive} to {args.out} in {time.perf_counter() - start:.1f} s")
+    for split, n in counts.items():
+        print(f"  {split}: {n} images in {os.path.join(args.out, split)}")
     return 0
 
 

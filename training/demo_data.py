@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,10 @@ def generate_demo_dataset(
     train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
     val_per_class: int = DEFAULT_VAL_PER_CLASS,
     classes: tuple[str, ...] | list[str] = DEFAULT_CLASSES,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and out_dir/boxes.json; returns {split: {class: count}}."""
+    """Writes out_dir/{train,val}/<class>/NNNNN.jpg and out_dir/boxes.json; returns {split: {class: count}}
+    with the classes sorted (label order). `progress(line)` is called as each class is written."""
     unknown = [c for c in classes if c not in DEFAULT_CLASSES]
     if unknown:
         raise ValueError(f"unknown demo classes {unknown}; choose from {list(DEFAULT_CLASSES)}")
@@ -65,6 +68,10 @@ def generate_demo_dataset(
                 image.save(folder / f"{i:05d}.jpg", quality=_JPEG_QUALITY)
                 boxes[f"{split}/{class_name}/{i:05d}.jpg"] = box
             summary[split][class_name] = count
+            if progress:
+                progress(f"  {split}/{class_name}: {count} images")
+        # Listed in label order (the sorted folder names the model's classes are), not drawn order.
+        summary[split] = dict(sorted(summary[split].items()))
     _write_readme(out, seed, summary)
     (out / BOXES_FILE).write_text(json.dumps(boxes, indent=0, sort_keys=True))
     return summary

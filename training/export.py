@@ -1,5 +1,7 @@
 """`vit-export`: a training checkpoint, or a pretrained ViT (`--from`), -> a BentoML model holding
-everything serving needs; optionally also a transformers folder (`--hf-dir`) and `model.onnx` (`--onnx`)."""
+everything serving needs; optionally also a transformers folder (`--hf-dir`), `model.onnx` (`--onnx`)
+and an int8 model (`--int8`: model.onnx + model.int8.onnx, measured against fp32 on the run's
+validation images or `--calib DIR`, the figures recorded in vit_artifact.json)."""
 
 from __future__ import annotations
 
@@ -10,59 +12,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+import bentoml
 
-from training.module import build_model_config
-from training.runs import RunError, best_checkpoint
 from vit_service.artifact import ModelArtifact
-from vit_service.formats.checkpoints import CheckpointError, load_weights
+from vit_service.formats.checkpoints import CheckpointError
 from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
-from vit_service.formats.pretrained import load_pretrained
-from vit_service.formats.transformers_vit import save_transformers_folder
+from vit_service.formats.sources import ModelSourceError, load_model_source
+from vit_service.formats.transformers_vit import TransformersFormatError, save_transformers_folder
 from vit_service.model import VisionTransformer
-from vit_service.preprocessing import Preprocessing
+from vit_service.quantize import MIN_AGREEMENT, QuantizeError, build_int8, evaluation_images
 from vit_service.serving.store import save_to_bentoml
+
+
+HF_DIR_SKIPPED = 3  # exit code: everything was exported except the refused --hf-dir folder
 
 
 class ExportError(ValueError):
     pass
-
-
-def artifact_from_checkpoint(ckpt_path: str | Path, ema: bool = False) -> tuple[VisionTransformer, ModelArtifact]:
-    """Rebuilds the trained model and its artifact description from a Lightning checkpoint."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ExportError(f"{ckpt_path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own Lightning file
-    except Exception as e:  # any unpickling failure means "not a checkpoint"; say so, don't trace
-        raise ExportError(f"{ckpt_path}: not a readable checkpoint ({e})") from None
-    hp: dict[str, Any] = dict(ckpt.get("hyper_parameters") or {})
-    missing = [k for k in ("preset", "num_classes", "class_names", "preprocessing") if not hp.get(k)]
-    if missing:
-        raise ExportError(f"{ckpt_path}: not a vit-train checkpoint (hyper-parameters lack {missing})")
-    if ema and "current_model_state" not in ckpt:
-        raise ExportError(f"{ckpt_path}: has no EMA weights (train with the EMAWeightAveraging callback)")
-
-    config = build_model_config(hp["preset"], hp["num_classes"], hp.get("image_size"), hp.get("model_overrides"),
-                                hp.get("init_from"))
-    model = VisionTransformer(config)
-    load_weights(model, ckpt, prefer_ema=ema)
-    info = ckpt.get("vit_service", {})
-    dm_hp = ckpt.get("datamodule_hyper_parameters") or {}
-    metadata = {
-        "source_checkpoint": str(ckpt_path.resolve()),
-        "weights": "ema" if ema else "raw",
-        "val_acc1": info.get("val_acc1"),
-        "val_acc5": info.get("val_acc5"),
-        "epoch": info.get("epoch", ckpt.get("epoch")),
-        "global_step": info.get("global_step", ckpt.get("global_step")),
-        "train_time_s": info.get("train_time_s"),
-        "dataset": {"train_dir": dm_hp.get("train_dir"), "val_dir": dm_hp.get("val_dir")},
-        "training_config": {k: v for k, v in hp.items() if k != "class_names"},
-    }
-    artifact = ModelArtifact(config, list(hp["class_names"]), Preprocessing.from_dict(hp["preprocessing"]), metadata)
-    return model.eval(), artifact
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,37 +45,91 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give one of --ckpt (a vit-train checkpoint), --run (a vit-train run folder: its best "
                 "checkpoint) or --from (a pretrained model)")
     try:
-        if args.from_source:
-            model, artifact = load_pretrained(args.from_source, arch=args.arch)
-            if artifact.config.num_classes == 0:
-                raise ExportError(f"{args.from_source} has no classification head (a backbone): nothing to "
-                                  "serve; fine-tune it with vit-train --model.init_from instead")
-        else:
-            if args.run:
-                best = best_checkpoint(args.run)
-                args.ckpt = str(best.path)
-                print(f"best checkpoint of {args.run} by {best.monitor} ({best.mode}): {best.path.name} "
-                      f"({best.monitor} {best.score:.4f})", file=sys.stderr)
-            model, artifact = artifact_from_checkpoint(args.ckpt, ema=args.ema)
-        # Both before anything is saved: a failed ONNX export (into a temporary folder) and a model
-        # transformers cannot express leave no half-made output.
-        onnx_file = _export_onnx_first(model) if args.onnx else None
-        if args.hf_dir:
-            save_transformers_folder(model, artifact, args.hf_dir)
-        copy_onnx = (lambda folder: shutil.copy(onnx_file, folder / ONNX_FILE)) if onnx_file else None
-        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_onnx)
+        source = args.ckpt or args.run or args.from_source
+        model, artifact = load_model_source(source, ema=args.ema, arch=args.arch)
+        if artifact.config.num_classes == 0:
+            raise ExportError(f"{source} has no classification head (a backbone): nothing to "
+                              "serve; fine-tune it with vit-train --model.init_from instead")
+        if args.run:
+            best = artifact.metadata["selected_by"]
+            print(f"best checkpoint of {args.run} by {best['monitor']} ({best['mode']}): "
+                  f"{Path(artifact.metadata['source_checkpoint']).name} ({best['monitor']} {best['score']:.4f})",
+                  file=sys.stderr)
+        onnx_file = _export_onnx_first(model) if args.onnx or args.int8 else None
+        extra = [onnx_file] if onnx_file else []
+        # An exported folder given to --from may carry an int8 record: only a new --int8 makes one.
+        artifact.int8 = _build_int8(model, artifact, onnx_file, args) if onnx_file and args.int8 else None
+        if artifact.int8:  # model.int8.onnx beside model.onnx, its figures in vit_artifact.json
+            extra.append(onnx_file.parent / artifact.int8["file"])
+        copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
+        earlier = _earlier_exports(args.name, artifact)
+        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
         if args.dir:
             artifact.save(model, args.dir)
-            if copy_onnx:
-                copy_onnx(Path(args.dir))
-    except (ExportError, CheckpointError, OnnxExportError, RunError) as e:
+            if copy_extra:
+                copy_extra(Path(args.dir))
+    except (ExportError, ModelSourceError, CheckpointError, OnnxExportError, QuantizeError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
     acc = artifact.metadata.get("val_acc1")
-    print(f"exported {args.ckpt or args.from_source} ({artifact.config.num_classes} classes"
-          + (f", val top-1 {acc:.4f}" if acc is not None else "") + ")", file=sys.stderr)
+    shown = artifact.metadata["source_checkpoint"] if args.run else source  # --run: the checkpoint it chose
+    print(f"exported {shown} ({artifact.config.num_classes} classes"
+          + (f", val top-1 {acc:.4f}" if acc is not None else "") + f") as {bento_model.tag}", file=sys.stderr)
+    if args.dir:
+        print(f"model folder: {Path(args.dir) / 'model.safetensors'}, vit_artifact.json", file=sys.stderr)
+    if onnx_file:
+        stored = Path(bentoml.models.get(bento_model.tag).path)  # bento_model.path was its staging folder
+        places = [stored / ONNX_FILE] + ([Path(args.dir) / ONNX_FILE] if args.dir else [])
+        print(f"onnx: {', '.join(map(str, places))}", file=sys.stderr)
+    if earlier:
+        # A BentoML tag is a new version by design (the store never overwrites); say it rather
+        # than reuse, so an export always holds what this code writes today.
+        print(f"note: the same weights were exported before as {', '.join(earlier)}; each vit-export makes "
+              f"a new tag (remove one with: bentoml models delete {earlier[0]})", file=sys.stderr)
+    code = 0
+    if args.hf_dir:  # last: a model transformers cannot express loses none of the outputs above
+        try:
+            save_transformers_folder(model, artifact, args.hf_dir)
+            print(f"transformers folder: {args.hf_dir}", file=sys.stderr)
+        except TransformersFormatError as e:
+            print(f"vit-export: skipped --hf-dir {args.hf_dir}: {e}; everything else was written "
+                  f"(exit {HF_DIR_SKIPPED})", file=sys.stderr)
+            code = HF_DIR_SKIPPED
     print(bento_model.tag)
-    return 0
+    return code
+
+
+def _earlier_exports(name: str, artifact: ModelArtifact) -> list[str]:
+    """Tags of `name` in the store exported from the same checkpoint file (path and mtime) and weights."""
+    keys = ("source_checkpoint", "source_checkpoint_mtime", "weights")
+    wanted = [artifact.metadata.get(k) for k in keys]
+    if None in wanted:  # --from sources: no file identity recorded
+        return []
+    try:
+        models = bentoml.models.list(name)
+    except Exception:  # an empty or missing store: nothing exported before
+        return []
+    same = [m for m in models if [m.info.metadata.get(k) for k in keys] == wanted]
+    return [str(m.tag) for m in sorted(same, key=lambda m: m.info.creation_time, reverse=True)]
+
+
+def _build_int8(model: VisionTransformer, artifact: ModelArtifact, onnx_file: Path,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """Quantizes `onnx_file` and measures it on --calib DIR or the training run's validation folder."""
+    directory = args.calib or (artifact.metadata.get("dataset") or {}).get("val_dir")
+    if not directory:
+        raise ExportError("--int8 measures the int8 model against fp32 on real images: give --calib DIR "
+                          "(images, in class folders named like the model's classes for accuracy)")
+    if not args.calib and not Path(directory).is_dir():
+        raise ExportError(f"--int8: the run's validation folder {directory} is not there to measure int8 on; "
+                          "give --calib DIR")
+    images = evaluation_images(directory, artifact.class_names, limit=args.calib_limit or None)
+    record = build_int8(model, artifact, onnx_file, onnx_file.parent, images, str(Path(directory).resolve()),
+                        log=lambda line: print(line, file=sys.stderr))
+    if record["agreement_top1"] < MIN_AGREEMENT:
+        print(f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
+              f"(< {MIN_AGREEMENT:.0%}): recorded, but serving will not use it unless forced", file=sys.stderr)
+    return record
 
 
 def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,8 +138,18 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
                         "(vit_small_patch16_224.augreg_in21k_ft_in1k, from the Hugging Face cache), a "
                         "transformers ViT folder, an exported model folder, or a weight file with --arch")
     p.add_argument("--arch", help="timm architecture of a bare --from weight file (e.g. vit_base_patch16_224)")
-    p.add_argument("--hf-dir", metavar="OUT", help="also write a transformers ViTForImageClassification folder")
+    p.add_argument("--hf-dir", metavar="OUT", help="also write a transformers ViTForImageClassification folder "
+                                                   "(written last; a model transformers cannot express, e.g. "
+                                                   "average pooling, is skipped with a message and exit code 3)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch) into the model")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 model (model.int8.onnx, onnxruntime dynamic quantization, with "
+                        "model.onnx) and record its top-1 agreement with fp32 and both accuracies, measured on "
+                        "the run's validation images or --calib DIR")
+    p.add_argument("--calib", metavar="DIR", help="images to measure --int8 on (class folders named like the "
+                                                   "model's classes also give accuracies); needed with --from")
+    p.add_argument("--calib-limit", type=int, default=2000, metavar="N",
+                   help="measure --int8 on at most N images, every class in turn (default 2000; 0: all)")
 
 
 def _export_onnx_first(model: VisionTransformer) -> Path:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.ops import roi_align
 
 from training.folder_dataset import DatasetError, SkippedImageWarning
@@ -54,6 +56,7 @@ class DecodedImages(Dataset):
             except InvalidImageError as e:
                 return str(e)
 
+        start = time.perf_counter()
         # Pillow releases the GIL while decoding and resizing, so threads use every core.
         with ThreadPoolExecutor(workers or len(os.sched_getaffinity(0))) as pool:
             decoded = list(pool.map(decode, samples, chunksize=256))
@@ -65,6 +68,10 @@ class DecodedImages(Dataset):
             raise DatasetError(f"{root}: none of the {len(samples)} images could be decoded")
         self.images = torch.stack([d for d, _ in kept])  # (N, 3, S, S) uint8
         self.targets = torch.tensor([label for _, label in kept])  # (N,)
+        skipped = f", {len(self.skipped_files)} unreadable skipped" if self.skipped_files else ""
+        rank_zero_info(f"in memory: decoded {len(kept)} training images from {root or 'the samples'} into "
+                       f"{self.images.nbytes / 2**20:.1f} MiB (uint8, {size} px) in "
+                       f"{time.perf_counter() - start:.1f} s{skipped}")
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -3,14 +3,14 @@ Mixup/CutMix, stochastic depth) and top-1/top-5 metrics per split."""
 
 from __future__ import annotations
 
+import logging
 import math
-import time
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, Timer
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -19,24 +19,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit_service.formats.checkpoints import load_weights
-from vit_service.formats.pretrained import init_config, init_weights_source
-from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.formats.pretrained import build_model_config, init_weights_source
+from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
+from vit_service.model import VisionTransformer
 
-
-def build_model_config(preset: str, num_classes: int, image_size: int | None,
-                       overrides: dict[str, Any] | None, init_from: str | None = None) -> ViTConfig:
-    """The one place a training run's ViTConfig is derived (training and vit-export share it).
-
-    A timm hub name or transformers folder in `init_from` fixes the architecture (so it is not
-    typed twice); `preset` then goes unused.
-    """
-    extra: dict[str, Any] = dict(overrides or {})
-    if image_size is not None:
-        extra["image_size"] = image_size
-    base = init_config(init_from) if init_from else None
-    if base is not None:
-        return replace(base, num_classes=num_classes, **extra)
-    return ViTConfig.from_preset(preset, num_classes=num_classes, **extra)
+log = logging.getLogger(__name__)
 
 
 class ViTClassifier(L.LightningModule):
@@ -85,9 +72,12 @@ class ViTClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = VisionTransformer(build_model_config(preset, num_classes, image_size, model_overrides, init_from))
+        if not compile:  # Lightning's model summary counts FLOPs on this input (else "Total FLOPs: 0")
+            size = self.model.config.image_size
+            self.example_input_array = torch.zeros(1, 3, size, size)
         if init_from:
             report = load_weights(self.model, init_weights_source(init_from), prefer_ema=init_prefer_ema)
-            print(f"init_from: {report}")
+            log.info(f"init_from: {report}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
 
@@ -104,8 +94,6 @@ class ViTClassifier(L.LightningModule):
         self.train_metrics = _accuracy_metrics(num_classes, "train/")
         self.val_metrics = _accuracy_metrics(num_classes, "val/")
         self.test_metrics = _accuracy_metrics(num_classes, "test/")
-        self._fit_started: float | None = None
-        self._train_time_s = 0.0
 
     def configure_model(self) -> None:
         if self.hparams.compile:
@@ -146,11 +134,17 @@ class ViTClassifier(L.LightningModule):
         scores, indices = probs.topk(min(5, probs.shape[-1]), dim=-1)
         return {"indices": indices, "scores": scores}
 
+    # One training clock: Lightning's Timer (a TimeBudget is one); resumed runs continue its count.
+    def configure_callbacks(self) -> list[Callback]:
+        return [] if self._timer() else [Timer(verbose=False)]
+
+    def _timer(self) -> Timer | None:
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+
     def on_validation_epoch_end(self) -> None:
-        if self._fit_started is not None and not self.trainer.sanity_checking:
-            # Wall-clock minutes since fit started (validation included): accuracy-vs-time plots.
-            minutes = (self._train_time_s + time.monotonic() - self._fit_started) / 60
-            self.log("time/elapsed_min", minutes, rank_zero_only=True)
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            # Wall-clock minutes of training (validation included): accuracy-vs-time plots.
+            self.log("time/elapsed_min", self._timer().time_elapsed() / 60, rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -176,11 +170,13 @@ class ViTClassifier(L.LightningModule):
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
         # LambdaLR rather than timm's schedulers: Lightning steps it per optimizer step natively.
+        # Warmup from 1/(warmup_steps + 1) so the first step already moves.
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio,
+                                                  start=1 / (warmup_steps + 1))
         )
-        print(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
-              f"{warmup_steps} warmup / {total_steps} total steps")
+        log.info(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
+                 f"{warmup_steps} warmup / {total_steps} total steps")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _global_batch_size(self) -> int:
@@ -188,22 +184,19 @@ class ViTClassifier(L.LightningModule):
         per_device = dm.hparams.batch_size if dm is not None else 1
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    # Training time and the last validation scores travel in the checkpoint, for vit-export.
-    def on_fit_start(self) -> None:
-        self._fit_started = time.monotonic()
-
+    # The architecture, training time and last validation scores travel in the checkpoint.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        elapsed = time.monotonic() - self._fit_started if self._fit_started else 0.0
+        # The resolved architecture (as nanoGPT's `model_args`): readers rebuild the model from it,
+        # never from `preset`, which an `init_from` hub model or folder overrides.
+        checkpoint[CHECKPOINT_CONFIG_KEY] = self.model.config.to_dict()
         metrics = self.trainer.callback_metrics
+        timer = self._timer()
         checkpoint["vit_service"] = {
-            "train_time_s": round(self._train_time_s + elapsed, 1),
+            "train_time_s": round(timer.time_elapsed(), 1) if timer else None,
             "epoch": self.current_epoch,
             "global_step": self.global_step,
             **{k.replace("/", "_"): float(v) for k, v in metrics.items() if k.startswith("val/")},
         }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._train_time_s = float(checkpoint.get("vit_service", {}).get("train_time_s", 0.0))
 
 
 def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -214,9 +207,11 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1, then cosine decay to `min_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+def warmup_cosine(t: float, warmup: float, total: float, min_ratio: float, start: float = 0.0) -> float:
+    """LR multiplier at `t` of `total` (steps, or shares of a time budget: any one unit): linear
+    from `start` to 1 over the first `warmup`, then cosine decay to `min_ratio` at `total`."""
+    if t < warmup:
+        return start + (1 - start) * t / warmup
+    span = total - warmup
+    progress = (t - warmup) / span if span > 0 else 1.0
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

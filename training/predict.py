@@ -7,6 +7,7 @@ gets a row naming it and the reason; it never stops the run.
 
 from __future__ import annotations
 
+import logging
 import csv
 import json
 import os
@@ -20,6 +21,8 @@ from torch.utils.data import Dataset
 
 from training.folder_dataset import DatasetError, is_image_file
 from vit_service.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError, Preprocessing, open_image
+
+log = logging.getLogger(__name__)
 
 
 class PredictFolderDataset(Dataset):
@@ -127,6 +130,7 @@ class PredictionFileWriter(BasePredictionWriter):
             return
         self._file.close()
         self._file = None
-        print(f"predictions: {self.rows} images -> {self.path}")
+        by = f" (checkpoint {trainer.ckpt_path}, also in config.yaml)" if trainer.ckpt_path else ""
+        log.info(f"predictions: {self.rows} images -> {self.path}{by}")
         if self.unreadable:
-            print(f"{len(self.unreadable)} unreadable file(s) (rows with an error): " + ", ".join(self.unreadable))
+            log.info(f"{len(self.unreadable)} unreadable file(s) (rows with an error): " + ", ".join(self.unreadable))

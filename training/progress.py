@@ -1,18 +1,26 @@
 """A plain progress line per epoch (or every N steps) for logs that are not a terminal.
 
 A tqdm bar written to a file or a CI log is one unreadable line of carriage returns; a line per
-epoch with the key metrics is what a log reader wants.
+epoch with the key metrics is what a log reader wants, so when these lines are on and stderr (where
+the bar goes) is not a terminal either, Lightning's bar is switched off.
+
+Epochs are numbered from 0, as Lightning numbers them everywhere (its bar, `epoch` in
+metrics.csv and in checkpoints, `best-epoch{epoch:03d}` file names): the line for the 23rd of 30
+epochs says `epoch 22/29`, and its checkpoint is `best-epoch022-...`.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 
@@ -30,6 +38,14 @@ class ProgressLog(Callback):
 
     def _enabled(self) -> bool:
         return self.when == "always" or (self.when == "auto" and not sys.stdout.isatty())
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The bar's frames written to a log are carriage-return garbage, and its last frame is
+        # dumped at the end; our lines say the same thing readably.
+        if self._enabled() and not sys.stderr.isatty():
+            for callback in trainer.callbacks:
+                if isinstance(callback, ProgressBar):  # TQDMProgressBar or RichProgressBar
+                    callback.disable()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()
@@ -50,7 +66,8 @@ class ProgressLog(Callback):
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4f}" for k in SHOWN_METRICS if k in metrics)
-        self._print(trainer, f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  step {trainer.global_step}  {shown}")
+        last = f"/{trainer.max_epochs - 1}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self._print(trainer, f"epoch {trainer.current_epoch}{last}  step {trainer.global_step}  {shown}")
 
     def _print(self, trainer: L.Trainer, text: str) -> None:
-        print(f"[{time.monotonic() - self._started:7.1f} s] {text}", flush=True)
+        log.info(f"[{time.monotonic() - self._started:7.1f} s] {text}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassCalibrationError, MulticlassConfusionMatrix,
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+
+log = logging.getLogger(__name__)
 
 
 def _pyplot():
@@ -108,8 +111,9 @@ class EvaluationReport(Callback):
             out = folder / f"report-{stage}"
             write_report(out, results, list(pl_module.hparams.class_names), self._worst,
                          torch.cat(self._confidence).numpy(), torch.cat(self._correct).numpy(),
-                         self.max_matrix_classes, self.top_pairs, self.calibration_bins)
-            print(f"evaluation report: {out / 'README.md'}")
+                         self.max_matrix_classes, self.top_pairs, self.calibration_bins,
+                         checkpoint=trainer.ckpt_path)  # the file evaluated (None: the model in memory)
+            log.info(f"evaluation report: {out / 'README.md'}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -150,7 +154,8 @@ def most_confused_classes(confusion: np.ndarray, n: int) -> np.ndarray:
 
 def write_report(out: Path, results: dict[str, torch.Tensor], class_names: list[str],
                  worst: list[tuple[float, int, int, np.ndarray]], confidence: np.ndarray, correct: np.ndarray,
-                 max_matrix_classes: int = 20, top_pairs: int = 20, bins: int = 15) -> Path:
+                 max_matrix_classes: int = 20, top_pairs: int = 20, bins: int = 15,
+                 checkpoint: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     confusion = results["confusion"].numpy().astype(np.int64)  # (K, K) rows: true, columns: predicted
     support = confusion.sum(1)
@@ -177,7 +182,8 @@ def write_report(out: Path, results: dict[str, torch.Tensor], class_names: list[
     shown = _plot_confusion(out / "confusion_matrix.png", confusion, class_names, max_matrix_classes)
     _plot_reliability(out / "reliability.png", confidence, correct, bins, ece)
     _plot_worst(out / "worst_misclassified.png", worst, class_names)
-    summary = {"images": int(confusion.sum()), "accuracy": accuracy, "ece": ece,
+    summary = {"checkpoint": str(checkpoint) if checkpoint else None,
+               "images": int(confusion.sum()), "accuracy": accuracy, "ece": ece,
                "macro_f1": float(np.mean([r["f1"] for r in rows])), "num_classes": K,
                "confusion_matrix_classes": [class_names[i] for i in shown]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -264,6 +270,7 @@ def _write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, An
                     pairs: list[dict[str, Any]], n_worst: int, subset: bool) -> None:
     lines = [
         "# Evaluation report", "",
+        f"Checkpoint: `{summary['checkpoint'] or 'the model in memory'}`", "",
         f"{summary['images']} images, {summary['num_classes']} classes: top-1 {summary['accuracy']:.4f}, "
         f"macro F1 {summary['macro_f1']:.4f}, ECE {summary['ece']:.4f}.", "",
         "![confusion matrix](confusion_matrix.png)" + (" (the most confused classes)" if subset else ""), "",
@@ -313,7 +320,7 @@ class TrainingCurves(Callback):
         path = folder / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_training_curves(path, self.train, self.val)
-        print(f"training curves: {path}")
+        log.info(f"training curves: {path}")
 
 
 def plot_training_curves(path: Path, train: list[tuple[int, float, float]], val: list[tuple[int, float, float]]) -> None:

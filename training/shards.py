@@ -12,6 +12,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,7 +69,10 @@ def optimize_folder(src_dir: str, out: str, workers: int = 1, max_side: int | No
     with tempfile.TemporaryDirectory(prefix="vit-optimize-") as failures:
         optimize(fn=partial(_encode_sample, root=str(src_dir), max_side=max_side, failures=failures),
                  inputs=inputs, output_dir=out, num_workers=workers, chunk_bytes=chunk_bytes,
-                 reorder_files=False, start_method="fork" if os.name == "posix" else None)
+                 reorder_files=False, start_method="fork" if os.name == "posix" else None,
+                 # verbose=False: LitData's own progress bar (escape codes in a log) and its
+                 # "Create an account on https://lightning.ai/" line; vit-data prints the outcome.
+                 verbose=False)
         skipped = sorted(tuple(line.rstrip("\n").split("\t", 1)) for f in sorted(os.listdir(failures))
                          for line in open(os.path.join(failures, f)))
     meta = {"class_names": class_names, "num_samples": len(samples) - len(skipped), "source": str(src_dir),
@@ -135,6 +139,13 @@ class ShardDataset(StreamingDataset):
         img = decode_image(item["image"], max_pixels=DEFAULT_MAX_PIXELS, draft_size=self.draft_size)
         x = self.image_transform(img) if self.image_transform is not None else img
         return (x, item["label"], item["id"]) if self.return_ids else (x, item["label"])
+
+
+# Lightning warns about any IterableDataset with a __len__ that several loader workers could
+# duplicate samples. Not ours: LitData's StreamingDataset hands each rank and each worker a disjoint
+# part of the chunks, so __len__ is exact and an epoch has no duplicates (tests/test_shards.py
+# checks it with workers and 2 DDP processes). Filtered by its exact text, nothing else.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 __all__ = ["is_shard_dir", "optimize_folder", "shard_class_names", "ShardDataset", "check_same_classes"]

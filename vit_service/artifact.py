@@ -2,8 +2,12 @@
 
 A model directory (a BentoML model store entry, or any folder) holds
     model.safetensors   the VisionTransformer state dict (timm parameter names)
-    vit_artifact.json   {"format_version", "model_config", "class_names", "preprocessing", "metadata"}
-so the service never re-declares the architecture, the labels or the preprocessing.
+    vit_artifact.json   {"format_version", "model_config", "class_names", "preprocessing", "metadata",
+                         "int8" (only with vit-export --int8)}
+so the service never re-declares the architecture, the labels or the preprocessing. "int8" records
+the int8 model beside it (model.int8.onnx, vit_service/quantize.py) and how it was measured against
+fp32: {"file", "method", "weights", "images", "labelled", "agreement_top1", "fp32_top1",
+"int8_top1", "max_prob_diff", "measured_on", ...}; serving reads the agreement as its guard.
 """
 
 from __future__ import annotations
@@ -29,12 +33,23 @@ class ArtifactError(ValueError):
     """A model directory is missing files or holds an inconsistent manifest."""
 
 
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """safetensors' save_file, with the permissions of any other file written here: it creates the
+    file 0600 (a private temporary file, renamed), so the weights were unreadable to others while
+    vit_artifact.json beside them followed the umask (0644)."""
+    save_file(state, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
 @dataclass
 class ModelArtifact:
     config: ViTConfig
     class_names: list[str]
     preprocessing: Preprocessing
     metadata: dict[str, Any] = field(default_factory=dict)
+    int8: dict[str, Any] | None = None  # the int8 model's record (vit-export --int8), or None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.config.num_classes:
@@ -54,6 +69,7 @@ class ModelArtifact:
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing.to_dict(),
             "metadata": self.metadata,
+            **({"int8": self.int8} if self.int8 else {}),
         }
 
     def save(self, model: VisionTransformer, directory: str | os.PathLike[str]) -> Path:
@@ -61,7 +77,7 @@ class ModelArtifact:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(state, directory / WEIGHTS_FILE)
         (directory / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2, default=str))
         return directory
 
@@ -80,9 +96,20 @@ class ModelArtifact:
                 class_names=list(d["class_names"]),
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
                 metadata=d.get("metadata", {}),
+                int8=_int8_record(d.get("int8"), manifest),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{manifest}: malformed manifest ({e})") from None
+
+
+def _int8_record(record: Any, manifest: Path) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise ArtifactError(f"{manifest}: malformed int8 record (expected an object with a \"file\")")
+    if not (manifest.parent / record["file"]).is_file():
+        raise ArtifactError(f"{manifest}: records an int8 model {record['file']} that is not in {manifest.parent}")
+    return record
 
 
 def is_artifact_dir(path: str | os.PathLike[str]) -> bool:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from vit_service.artifact import ModelArtifact
 from vit_service.model import VisionTransformer
+from vit_service.preprocessing import Preprocessing
 
 Method = Literal["rollout", "grad"]
 HeadFusion = Literal["mean", "max", "min"]
@@ -191,21 +192,11 @@ class Explainer:
                       head_fusion: HeadFusion = "mean", discard_ratio: float = 0.0) -> Explanation:
         pixels = self.preprocessing.to_uint8(image)[None]  # (1, 3, S, S)
         probs, target, maps = self.explain_uint8(pixels, method, class_index, head_fusion, discard_ratio)
-        return Explanation(maps[0], probs[0], int(target[0]), method, crop_box(self.preprocessing, *image.size))
+        return Explanation(maps[0], probs[0], int(target[0]), method, self.preprocessing.crop_box(*image.size))
 
 
-def crop_box(preprocessing, width: int, height: int) -> tuple[float, float, float, float]:
-    """The (left, top, right, bottom) region of a width x height image that the model sees,
-    in the image's own pixels: `Preprocessing.resize_crop` run backwards."""
-    short = preprocessing.resize_size
-    if width <= height:
-        new_w, new_h = short, max(1, int(short * height / width))
-    else:
-        new_w, new_h = max(1, int(short * width / height)), short
-    s = preprocessing.image_size
-    left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
-    sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+# The geometry lives in Preprocessing; this name stays for the callers that map grids onto uploads.
+crop_box = Preprocessing.crop_box
 
 
 def peak_point(grid: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, float]:

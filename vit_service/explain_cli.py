@@ -1,9 +1,9 @@
 """`vit-explain`: attention maps for image files, written as overlay PNGs and raw patch grids.
 
-    vit-explain IMAGE... --model TAG|DIR|CKPT [--method rollout|grad] [--class LABEL] --out DIR
+    vit-explain IMAGE... --model RUN|CKPT|DIR|HUB_NAME|TAG [--method rollout|grad] [--class LABEL] --out DIR
 
-Per image, OUT/<name>.png (the image, the heatmap over the crop the model saw, the predicted label
-and score) and OUT/<name>.json (the patch grid, rows x cols floats in [0, 1], and the top-k
+Per image, OUT/<name>.png (the image, the heatmap over the crop the model saw, the explained label
+and score: the top class, or --class) and OUT/<name>.json (the patch grid, rows x cols floats in [0, 1], and the top-k
 predictions), plus OUT/<name>.npy (the grid as a float32 array).
 """
 
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
     p.add_argument("--model", required=True,
-                   help="exported model folder, vit-train .ckpt, or BentoML tag (e.g. vit-classifier:latest)")
+                   help="a vit-train run folder (its best checkpoint) or .ckpt, an exported or transformers model "
+                        "folder, a timm hub name, or a BentoML tag (e.g. vit-classifier:latest)")
     p.add_argument("--method", choices=METHODS, default="rollout",
                    help="rollout: attention rollout (class-agnostic); grad: gradient-weighted (Chefer et al. 2021)")
     p.add_argument("--class", dest="label", help="explain this class (name or index) instead of the top one")
@@ -96,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             "grid": np.round(ex.grid, 5).tolist(), "crop_box": [round(v, 2) for v in ex.crop_box],
         }
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-        print(f"{path}: {predictions[0]['label']} {predictions[0]['score']:.3f} -> {out / stem}.png")
+        # The class the map explains (the top one unless --class), as in the PNG's caption; the
+        # top prediction is named too when it is another class.
+        top = predictions[0]
+        also = f" (top: {top['label']} {top['score']:.3f})" if top["label"] != explained else ""
+        print(f"{path}: {explained} {float(ex.probs[ex.class_index]):.3f}{also} -> {out / stem}.png")
     return 0
 
 

@@ -16,10 +16,15 @@ import numpy as np
 import torch
 
 from vit_service.artifact import ModelArtifact, load_model
+from vit_service.host import cpu_can_accelerate_bf16, faster, read_cpu
 from vit_service.model import VisionTransformer
 from vit_service.predictor import check_batch, clearly_faster, warm_up
 
 Precision = Literal["fp32", "bf16", "fp16"]
+# Warm-up races (precision here, backends in backend.py) time batches of at most RACE_BATCH images
+# within RACE_BUDGET_S seconds each: /readyz should answer 200 within ~10 s of the model loading.
+RACE_BATCH = 8
+RACE_BUDGET_S = 2.0
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,9 +57,13 @@ class Predictor:
                  precision: str = "auto", compile_mode: str | None = None) -> None:
         self.device = device
         self.precision = resolve_precision(precision, device)
-        # "auto" on a CPU: fp32 unless bf16 autocast is measured faster at warm-up (CPUs with
-        # AVX512-BF16 or AMX can run it ~1.4x faster; most others run it slower).
-        self.measure_cpu_bf16 = precision == "auto" and device.type == "cpu" and not compile_mode
+        # "auto" on a CPU: fp32 unless bf16 autocast is measured faster at warm-up, and timed only
+        # where the CPU has bf16 instructions (AVX512-BF16 or AMX: ~1.4x faster); without them
+        # oneDNN emulates bf16, 2-5x slower, and timing it cost 28 s of warm-up on an AVX2 EPYC.
+        cpu_auto = precision == "auto" and device.type == "cpu" and not compile_mode
+        self.measure_cpu_bf16 = cpu_auto and cpu_can_accelerate_bf16(read_cpu())
+        self.precision_reason = ("CPU without avx512_bf16/amx: fp32, bf16 not timed"
+                                 if cpu_auto and not self.measure_cpu_bf16 else None)
         self.precision_timings: dict[str, float] = {}
         self.artifact = artifact
         self.preprocessing = artifact.preprocessing
@@ -113,20 +122,25 @@ class Predictor:
         return time.perf_counter() - start
 
     def _faster_cpu_precision(self, batch_size: int) -> Precision:
-        """Times fp32 and bf16 autocast forward passes; bf16 only if at least 10% faster."""
-        x = np.zeros((batch_size, *self.input_shape), dtype=np.uint8)
-        for precision in ("fp32", "bf16"):
-            self.precision = precision
-            self.predict_proba(x)  # first call of each: allocator and kernel warm-up
-            start = time.perf_counter()
-            for _ in range(2):
+        """Times bf16 autocast against fp32 (vit_service.host.faster: alternating rounds within
+        RACE_BUDGET_S, at a batch of at most RACE_BATCH); bf16 only if at least 10% faster."""
+        x = np.zeros((min(batch_size, RACE_BATCH), *self.input_shape), dtype=np.uint8)
+
+        def run(precision: Precision):
+            def call() -> None:
+                self.precision = precision
                 self.predict_proba(x)
-            self.precision_timings[precision] = round((time.perf_counter() - start) / 2, 4)
+            return call
+
+        race = faster(run("bf16"), run("fp32"), budget_s=RACE_BUDGET_S)
+        self.precision_timings = race.timings("bf16", "fp32")
+        self.precision_reason = "bf16 measured >= 10% faster" if race else "bf16 not measured >= 10% faster"
         return choose_cpu_precision(self.precision_timings)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "torch", "device": str(self.device), "precision": self.precision,
                 "precision_timings_s": self.precision_timings,
+                **({"precision_reason": self.precision_reason} if self.precision_reason else {}),
                 "compile": self.compile_mode or False, "channels_last": self.channels_last}
 
 

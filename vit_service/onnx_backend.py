@@ -36,10 +36,14 @@ def make_session(path: str | os.PathLike[str], threads: int | None = None) -> An
 class OnnxPredictor:
     """The `ImagePredictor` (vit_service/predictor.py) on onnxruntime."""
 
-    def __init__(self, directory: str | os.PathLike[str], threads: int | None = None) -> None:
-        path = Path(directory) / ONNX_FILE
+    def __init__(self, directory: str | os.PathLike[str], threads: int | None = None,
+                 path: str | os.PathLike[str] | None = None, precision: str = "fp32") -> None:
+        """`path`: the graph to run (default `directory`/model.onnx; the int8 one, model.int8.onnx,
+        with precision="int8"; a cached export for VIT_BACKEND=auto)."""
+        path = Path(path) if path else Path(directory) / ONNX_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no ONNX model (export with vit-export --onnx)")
+        self.path = path
         self.artifact = ModelArtifact.read(directory)
         self.preprocessing = self.artifact.preprocessing
         S = self.preprocessing.image_size
@@ -48,7 +52,8 @@ class OnnxPredictor:
         # mean/std in 0..255 units, shaped to broadcast over (B, 3, S, S)
         self._mean = np.asarray(self.preprocessing.mean, np.float32).reshape(1, 3, 1, 1) * 255.0
         self._std = np.asarray(self.preprocessing.std, np.float32).reshape(1, 3, 1, 1) * 255.0
-        self.device, self.precision = "cpu", "fp32"
+        self.device, self.precision = "cpu", precision
+        self.threads = threads
 
     @property
     def num_classes(self) -> int:
@@ -72,7 +77,11 @@ class OnnxPredictor:
         return time.perf_counter() - start
 
     def describe(self) -> dict[str, Any]:
-        return {"device": "cpu", "precision": "fp32", "backend": "onnxruntime"}
+        info: dict[str, Any] = {"device": "cpu", "precision": self.precision, "backend": "onnxruntime",
+                                "onnx_file": self.path.name, "onnxruntime_threads": self.threads}
+        if self.precision == "int8":  # how it was measured against fp32 at export (vit_artifact.json)
+            info["int8"] = self.artifact.int8
+        return info
 
 
 __all__ = ["OnnxPredictor", "make_session"]

@@ -2,7 +2,7 @@
 
 A predictor turns a (B, 3, S, S) uint8 batch (resized and cropped, not normalised) into
 (B, num_classes) float32 softmax probabilities. `inference.Predictor` (torch),
-`onnx_backend.OnnxPredictor` (onnxruntime) and `backend.FasterOfTwo` (the faster of those two)
+`onnx_backend.OnnxPredictor` (onnxruntime) and `backend.Fastest` (the fastest of those)
 keep it; the serving layer uses nothing else of them.
 """
 
@@ -14,11 +14,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from vit_service.artifact import ModelArtifact
+from vit_service.host import MIN_GAIN, is_faster
 from vit_service.preprocessing import Preprocessing
 
-# A faster alternative (bf16 autocast on a CPU, onnxruntime against torch) is taken only when it
-# is measured at least this much faster: below it, timing noise decides.
-MIN_SPEEDUP = 0.10
+# A faster alternative (bf16 autocast on a CPU, onnxruntime against torch, int8) is taken only when
+# it is measured at least this much faster: below it, timing noise decides. The rule and the timing
+# helper live in vit_service/host.py, shared with training's `precision: auto`.
+MIN_SPEEDUP = MIN_GAIN
 
 
 @runtime_checkable
@@ -52,4 +54,4 @@ def warm_up(predict_proba: Callable[[np.ndarray], Any], input_shape: tuple[int, 
 
 def clearly_faster(candidate_s: float, baseline_s: float) -> bool:
     """Whether `candidate_s` seconds beat `baseline_s` by at least MIN_SPEEDUP."""
-    return candidate_s < (1 - MIN_SPEEDUP) * baseline_s
+    return is_faster(candidate_s, baseline_s, MIN_SPEEDUP)

@@ -136,21 +136,32 @@ class Preprocessing:
     def resize_size(self) -> int:
         return int(self.image_size / self.crop_pct)  # floor, as timm's eval transform
 
-    def resize_crop(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
+    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """The eval geometry of a width x height image, the one place it is computed:
+        ((resized width, resized height), (left, top, right, bottom) of the crop in the resized image)."""
         short = self.resize_size
-        # Shorter side to `short`, keeping the aspect ratio (torchvision's Resize(int) rounding).
-        if self.crop_mode == "squash":
+        if self.crop_mode == "squash":  # both sides to `short`, ignoring the aspect ratio
             new_w, new_h = short, short
-        elif w <= h:
-            new_w, new_h = short, max(1, int(short * h / w))
+        elif width <= height:  # shorter side to `short` (torchvision's Resize(int) rounding)
+            new_w, new_h = short, max(1, int(short * height / width))
         else:
-            new_w, new_h = max(1, int(short * w / h)), short
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), _RESAMPLE[self.interpolation])
+            new_w, new_h = max(1, int(short * width / height)), short
         s = self.image_size
         left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
-        return img.crop((left, top, left + s, top + s))
+        return (new_w, new_h), (left, top, left + s, top + s)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The (left, top, right, bottom) region of a width x height image that the model sees,
+        in the image's own pixels (where attention maps are drawn)."""
+        (new_w, new_h), (left, top, right, bottom) = self.geometry(width, height)
+        sx, sy = width / new_w, height / new_h
+        return (left * sx, top * sy, right * sx, bottom * sy)
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        size, box = self.geometry(*img.size)
+        if size != img.size:
+            img = img.resize(size, _RESAMPLE[self.interpolation])
+        return img.crop(box)
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, S, S) uint8 tensor, resized and cropped."""

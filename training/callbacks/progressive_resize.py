@@ -9,6 +9,7 @@ pipeline, so the loader, its transform and the eval preprocessing stay those of 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from training.callbacks.time_budget import training_progress
+
+log = logging.getLogger(__name__)
 
 
 class ProgressiveResize(Callback):
@@ -49,7 +52,7 @@ class ProgressiveResize(Callback):
                              batch_idx: int) -> None:
         size = self.size_at(training_progress(trainer))
         if size != self.current_size:
-            print(f"progressive resize: training at {size} px from step {trainer.global_step}", flush=True)
+            log.info(f"progressive resize: training at {size} px from step {trainer.global_step}")
             self.current_size = size
         if size is None or batch[0].shape[-1] == size:
             return

@@ -6,28 +6,33 @@ budget is left unused. `TimeBudget` maps elapsed training time to the schedule i
 linear warmup, then cosine to `min_lr_ratio`, reaching it exactly when the budget is spent;
 training then stops and one validation runs, so the checkpoint's val/acc1 is the final score.
 
-Under DDP every rank must use the same LR and stop at the same step (a rank that stops first
-leaves the others waiting in an all-reduce forever), but their clocks start a few milliseconds
-apart: rank 0's progress is broadcast to all ranks at every step, as Lightning's own `Timer`
-callback broadcasts its stop decision.
+It is Lightning's `Timer` (its clock, its resume offset in `state_dict`, its stop decision
+broadcast from rank 0) with the LR set from the time used. Under DDP every rank must use the
+same LR and stop at the same step, but their clocks start a few milliseconds apart, so rank 0's
+share of the budget is broadcast at every step as well.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import time
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Timer
+
+from training.module import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
-class TimeBudget(Callback):
+class TimeBudget(Timer):
     def __init__(self, minutes: float, warmup_fraction: float = 0.05, min_lr_ratio: float = 0.01) -> None:
         """
         Args:
-            minutes: training wall-clock budget, counted from the first training batch (start-up,
-                sanity validation and the final validation are outside it).
+            minutes: training wall-clock budget, counted from the first training batch (start-up
+                and sanity validation are outside it, validation during training inside).
             warmup_fraction: share of the budget spent in linear warmup.
             min_lr_ratio: the LR at the end of the budget, relative to the peak.
         """
@@ -35,23 +40,16 @@ class TimeBudget(Callback):
             raise ValueError(f"TimeBudget minutes must be positive, got {minutes}")
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        self.budget_s = minutes * 60
+        super().__init__(duration=timedelta(minutes=minutes), interval="step", verbose=False)
         self.warmup_fraction = warmup_fraction
         self.min_lr_ratio = min_lr_ratio
-        self._start: float | None = None
         self._base_lrs: list[float] = []
-        self._resume_used_s = 0.0
         self._progress = 0.0  # rank 0's share of the budget at the start of the current step
         self.train_s: float | None = None  # training time when the budget stopped the run
 
-    def clock(self) -> float:
-        return time.monotonic()
-
-    def elapsed_share(self) -> float:
-        """This process's share of the budget used, in [0, 1]."""
-        if self._start is None:
-            return 0.0
-        return min(1.0, (self.clock() - self._start) / self.budget_s)
+    @property
+    def budget_s(self) -> float:
+        return float(self._duration)
 
     def progress(self) -> float:
         """Share of the budget used at the start of the current step, in [0, 1]: rank 0's
@@ -59,23 +57,23 @@ class TimeBudget(Callback):
         return self._progress
 
     def lr_factor(self, progress: float) -> float:
-        if progress < self.warmup_fraction:
-            return max(progress / self.warmup_fraction, 1e-3)
-        t = (progress - self.warmup_fraction) / (1 - self.warmup_fraction)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine(progress, self.warmup_fraction, 1.0, self.min_lr_ratio, start=1e-3)
+
+    def _shared_progress(self, trainer: L.Trainer) -> float:
+        return trainer.strategy.broadcast(min(1.0, self.time_elapsed() / self.budget_s))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # Peak LRs as the module configured them (after batch-size scaling); its own per-step
         # scheduler keeps stepping, but this callback sets the LR before every optimizer step.
         self._base_lrs = [g.get("initial_lr", g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
-        self._start = self.clock() - self._resume_used_s
-        self._progress = trainer.strategy.broadcast(self.elapsed_share())
-        print(f"time budget: {self.budget_s / 60:g} min of training, warmup {self.warmup_fraction:.0%}, "
-              f"cosine to {self.min_lr_ratio:g} x peak", flush=True)
+        self._progress = self._shared_progress(trainer)
+        log.info(f"time budget: {self.budget_s / 60:g} min of training, warmup {self.warmup_fraction:.0%}, "
+                 f"cosine to {self.min_lr_ratio:g} x peak")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._progress = trainer.strategy.broadcast(self.elapsed_share())
+        self._progress = self._shared_progress(trainer)
         factor = self.lr_factor(self._progress)
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         for group, base in zip(groups, self._base_lrs):
@@ -83,24 +81,15 @@ class TimeBudget(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        spent = trainer.strategy.broadcast(self.elapsed_share() >= 1.0)
-        if spent and not trainer.should_stop:
-            trainer.should_stop = True
-            self.train_s = self.clock() - self._start
+        stopping = trainer.should_stop
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # Timer: stop when spent
+        if trainer.should_stop and not stopping:
+            self.train_s = self.time_elapsed()
             # Validate now, even if the config validates only every N epochs to save budget:
             # Lightning validates a stopping epoch when that epoch is a validation epoch.
             trainer.check_val_every_n_epoch = 1
-            print(f"time budget spent after {trainer.current_epoch + (batch_idx + 1) / max(1, trainer.num_training_batches):.2f}"
-                  f" epochs ({trainer.global_step} steps)", flush=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        used = (self.clock() - self._start) if self._start is not None else 0.0
-        return {"used_s": self.train_s if self.train_s is not None else used, "train_s": self.train_s}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # A resumed run continues the same budget instead of starting a new one.
-        self._resume_used_s = float(state_dict.get("used_s", 0.0))
-
+            epochs = trainer.current_epoch + (batch_idx + 1) / max(1, trainer.num_training_batches)
+            log.info(f"time budget spent after {epochs:.2f} epochs ({trainer.global_step} steps)")
 
 
 def training_progress(trainer: L.Trainer) -> float:

@@ -143,7 +143,7 @@ def _torch_load(path: Path) -> Any:
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})")
+    return CheckpointError(f"{path}: not a readable checkpoint (PyTorch: {type(e).__name__}: {e})")
 
 
 def _unwrap(raw: Any, desc: str, fmt: str, prefer_ema: bool) -> tuple[StateDict, str, str]:

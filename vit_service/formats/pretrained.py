@@ -12,7 +12,9 @@ Local paths win over names: an existing file or folder is never looked up on the
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from vit_service.artifact import ModelArtifact, is_artifact_dir, load_model
 from vit_service.formats.checkpoints import CheckpointError, Source, load_weights
@@ -77,6 +79,23 @@ def init_config(source: str) -> ViTConfig | None:
     return None
 
 
+def build_model_config(preset: str, num_classes: int, image_size: int | None,
+                       overrides: dict[str, Any] | None, init_from: str | None = None) -> ViTConfig:
+    """The one place a training run's ViTConfig is derived from its hyper-parameters.
+
+    A timm hub name or transformers folder in `init_from` fixes the architecture (so it is not
+    typed twice); `preset` then goes unused. Training saves the result in every checkpoint, so
+    readers only come here for checkpoints written before it did.
+    """
+    extra: dict[str, Any] = dict(overrides or {})
+    if image_size is not None:
+        extra["image_size"] = image_size
+    base = init_config(init_from) if init_from else None
+    if base is not None:
+        return replace(base, num_classes=num_classes, **extra)
+    return ViTConfig.from_preset(preset, num_classes=num_classes, **extra)
+
+
 def init_weights_source(source: str) -> Source:
     """What `load_weights` reads for a fine-tuning source: hub names become their cached file,
     transformers folders their tensors under timm's names; anything else is passed through."""
@@ -88,4 +107,4 @@ def init_weights_source(source: str) -> Source:
     return source
 
 
-__all__ = ["HubError", "load_pretrained", "is_hub_name", "init_config", "init_weights_source"]
+__all__ = ["HubError", "load_pretrained", "is_hub_name", "init_config", "init_weights_source", "build_model_config"]

@@ -15,7 +15,12 @@ timm is imported here only: serving never reads this module.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import socket
+import threading
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +35,7 @@ from vit_service.preprocessing import Preprocessing
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold, in timm's order
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)?$")
 _REPO = re.compile(r"^[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+$")
+HUB_PROBE_TIMEOUT_S = 2.0  # one TCP connect to the hub (or the proxy) before huggingface_hub's own retries
 
 
 class HubError(CheckpointError):
@@ -91,6 +97,7 @@ def cached_file(repo_id: str, filenames: tuple[str, ...], library: str = "timm")
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
+    unreachable = go_offline_if_hub_unreachable()
     problem: Exception | None = None
     for filename in filenames:
         try:
@@ -99,6 +106,10 @@ def cached_file(repo_id: str, filenames: tuple[str, ...], library: str = "timm")
             continue  # the repo exists and lacks this file: try the next name
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
             problem = problem or e
+    if unreachable:
+        raise HubError(f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is "
+                       f"unreachable ({unreachable}); fetch it once where there is network with: hf download "
+                       f"{repo_id} (into this cache: same HF_HOME / HF_HUB_CACHE), then work offline with HF_HUB_OFFLINE=1")
     if constants.HF_HUB_OFFLINE:
         raise HubError(f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                        f"HF_HUB_OFFLINE is set; fetch it once with: hf download {repo_id}")
@@ -107,11 +118,55 @@ def cached_file(repo_id: str, filenames: tuple[str, ...], library: str = "timm")
                    f"({constants.HF_HUB_CACHE}): {reason}; fetch it with: hf download {repo_id}")
 
 
+def go_offline_if_hub_unreachable() -> str | None:
+    """Without HF_HUB_OFFLINE, one short connect to the hub first: when it fails, huggingface_hub
+    is switched to offline mode for this process (the cache still answers, at once) and the reason
+    is returned; otherwise every file costs a minute of huggingface_hub's retries before failing.
+    None when the hub answers or HF_HUB_OFFLINE is already set."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason:
+        constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub (is_offline_mode)
+    return reason
+
+
+@functools.cache
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` (or the HTTPS proxy in use) takes no TCP connection within
+    HUB_PROBE_TIMEOUT_S, or None. Name resolution is inside the bound too (a thread)."""
+    url = urllib.parse.urlsplit(endpoint)
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if url.scheme == "https" else None
+    target = urllib.parse.urlsplit(proxy) if proxy else url
+    host, port = target.hostname or "", target.port or (443 if target.scheme == "https" else 80)
+    outcome: dict[str, str] = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome["ok"] = ""
+        except OSError as e:
+            outcome["error"] = f"{type(e).__name__}: {e}"
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(HUB_PROBE_TIMEOUT_S)
+    if "ok" in outcome:
+        return None
+    return (f"{'proxy ' if proxy else ''}{host}:{port}: "
+            + outcome.get("error", f"no connection within {HUB_PROBE_TIMEOUT_S:g} s"))
+
+
 def create_timm_model(source: TimmSource, device: str = "cpu") -> nn.Module:
     """timm's model for `source`, randomly initialised (the definition only, no weights).
 
     On the "meta" device it costs nothing and still tells the architecture."""
     import timm
+
+    if source.model_name.startswith("hf-hub:"):  # timm reads config.json through huggingface_hub
+        go_offline_if_hub_unreachable()
 
     try:
         return timm.create_model(source.model_name, pretrained=False, device=device)
@@ -127,8 +182,8 @@ def config_from_timm(tm: nn.Module, name: str) -> ViTConfig:
     from timm.models.vision_transformer import Block, VisionTransformer as TimmViT
 
     def refuse(what: str) -> HubError:
-        return HubError(f"{name}: {what} is not supported by this project's ViT (see the README's "
-                        "table of timm variants); pick a plain ViT, e.g. vit_small_patch16_224.augreg_in21k_ft_in1k")
+        return HubError(f"{name}: {what} is not supported by this project's ViT (see the table of timm "
+                        "ViTs in docs/pretrained.md); pick a plain ViT, e.g. vit_small_patch16_224.augreg_in21k_ft_in1k")
 
     if type(tm) is not TimmViT:
         hint = " (distilled DeiT: a distillation token and second head)" if "Distilled" in type(tm).__name__ else ""

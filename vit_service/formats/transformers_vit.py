@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from vit_service.artifact import ModelArtifact
+from vit_service.artifact import ModelArtifact, save_safetensors
 from vit_service.formats.checkpoints import CheckpointError, load_weights, rename_key
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
@@ -184,13 +184,18 @@ def save_transformers_folder(model: VisionTransformer, artifact: ModelArtifact,
                              directory: str | os.PathLike[str]) -> Path:
     """Writes `model` as a ViTForImageClassification folder (config, weights, image processor)."""
     cfg = model.config
+    # transformers' ViT classifies the class token's final state (after the last norm): each
+    # condition below names the one thing of ours that it has no setting for.
     unsupported = [why for bad, why in (
-        (cfg.global_pool != "token" or not cfg.class_token, "average pooling / no class token"),
-        (cfg.init_values is not None, "layer scale"),
-        (cfg.num_classes == 0, "a headless model"),
+        (not cfg.class_token, "a model without a class token"),
+        (cfg.class_token and cfg.global_pool == "avg",
+         "average pooling of the patch tokens (global_pool 'avg', then fc_norm): it classifies the class token"),
+        (cfg.init_values is not None, f"layer scale (init_values {cfg.init_values})"),
+        (cfg.num_classes == 0, "a headless model (num_classes 0)"),
     ) if bad]
     if unsupported:
-        raise TransformersFormatError(f"transformers' ViTForImageClassification cannot express {', '.join(unsupported)}")
+        raise TransformersFormatError(f"transformers' ViTForImageClassification cannot express "
+                                      f"{'; '.join(unsupported)}")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     id2label = {str(i): name for i, name in enumerate(artifact.class_names)}
@@ -217,7 +222,7 @@ def save_transformers_folder(model: VisionTransformer, artifact: ModelArtifact,
         processor.update(image_processor_type="ConvNextImageProcessor",
                          size={"shortest_edge": p.image_size}, crop_pct=p.crop_pct)
     state = state_dict_to_transformers(model.state_dict(), cfg.depth)
-    save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(state, d / WEIGHTS_FILE)
     (d / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
     (d / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2))
     return d

@@ -20,12 +20,13 @@ def load_predictor(settings: Settings, model_path: str) -> ImagePredictor:
     configured torch threads and backend."""
     from vit_service.backend import load_backend
 
-    if settings.torch_threads:
+    threads = settings.model_threads  # the rule in settings.py: decode + model threads <= cores
+    if threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
     return load_backend(model_path, backend=settings.backend, device=settings.device, precision=settings.precision,
-                        compile_mode=settings.compile_mode, threads=settings.torch_threads)
+                        compile_mode=settings.compile_mode, threads=threads)
 
 
 def warm_up(predictor: ImagePredictor, settings: Settings, tag: Any) -> None:

@@ -1,7 +1,7 @@
 """The service's own Prometheus metrics (on BentoML's /metrics) and the Server-Timing header.
 
-Every request to /classify or /classify_batch is split into stages, each observed in
-`vit_stage_seconds{stage=...}` and listed in the response's `Server-Timing` header:
+Every request to an upload route (/classify, /classify_batch, /explain) is split into stages, each
+observed in `vit_stage_seconds{stage=...}` and listed in the response's `Server-Timing` header:
     read        body read off the socket
     parse       multipart parsed and checked (UploadMiddleware)
     bentoml     BentoML's own parsing and hand-off to the API method

@@ -5,7 +5,17 @@ the README shows; a test keeps the two equal).
 Defaults marked "host" follow the host's CPU cores and device (see bench/README.md, "GPU on paper"):
     CPU only  VIT_MODE=inprocess: the model runs in the front process behind an in-process
               batcher. 1 worker (a second would hold a second model and fight for the same
-              cores), decode threads = cores, max batch 16 (the CPU's best raw batch).
+              cores), max batch 16 (the CPU's best raw batch). Threads never oversubscribe the
+              cores: decode threads = max(1, cores // 4), model threads (torch and onnxruntime
+              intra-op) = cores - decode threads; 2 cores: 1 + 1 (was 2 decode + torch's 2).
+              Why: decoding is ~2 ms of CPU a photo against ~16 ms for a vit_tiny forward at one
+              thread (Server-Timing stages, bench/README.md), so one decode thread per four cores
+              keeps up; and OpenMP threads spin-wait, so a forward pass whose thread loses its core
+              to a decode thread stalls as a whole (measured on the 2-core EPYC: 1 torch thread
+              p50 23.0 ms against 29.0 ms with 2 at one client, quiet; under load 2 threads fell to
+              1.1 img/s at batch 1). The price measured there: 58-61 against 74-79 img/s at 16-32
+              clients with the load client on the same 2 cores; set VIT_TORCH_THREADS=2 where
+              throughput matters more than latency on such a small host.
     CUDA      VIT_MODE=split: a model service owns the GPU, front workers decode. The GPU does
               thousands of images/s and one core decodes ~100-200 photos/s, so every core but one
               (left to the model process) runs a front worker with 2 decode threads; max batch 64.
@@ -122,14 +132,18 @@ class Settings:
                          "behind an in-process batcher; `split` (auto with CUDA): a model service (`bentoml.depends`) "
                          "owns the GPU while front workers decode", read_mode)
     device: str = setting("VIT_DEVICE", "`auto`", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`", text("auto"))
-    precision: str = setting("VIT_PRECISION", "`auto`", "`fp32`, `bf16`, `fp16`; `auto`: bf16 (fp16 on older GPUs) on "
-                             "CUDA, on a CPU bf16 autocast only if measured >= 10% faster at warm-up", text("auto"))
+    precision: str = setting("VIT_PRECISION", "`auto`", "`fp32`, `bf16`, `fp16`, `int8` (`model.int8.onnx` from "
+                             "`vit-export --int8`, on onnxruntime; refused if its recorded top-1 agreement with fp32 "
+                             "is < 99%); `auto`: bf16 (fp16 on older GPUs) on CUDA; on a CPU bf16 autocast only where "
+                             "the CPU has avx512_bf16/amx and it is measured >= 10% faster at warm-up, and int8 where "
+                             "the guard passes and it is measured >= 10% faster", text("auto"))
     compile_mode: str | None = setting("VIT_COMPILE", "`0`", "`1` (torch.compile's default mode) or a mode, e.g. "
                                        "`max-autotune`", read_compile)
     backend: str = setting("VIT_BACKEND", "`auto`", "`torch`, `onnxruntime` (needs `model.onnx`: `vit-export --onnx`); "
-                           "`auto` uses torch on GPUs and, on a CPU-only host with `model.onnx` and onnxruntime, times "
-                           "both at warm-up and keeps onnxruntime if >= 10% faster (`/model_info` shows the choice "
-                           "and timings)", text("auto"))
+                           "`auto` uses torch on GPUs and, on a CPU-only host with onnxruntime, times both at warm-up and "
+                           "keeps onnxruntime if >= 10% faster (`/model_info` shows the choice and timings); a model "
+                           "without `model.onnx` gets it exported at first load into `.onnx-cache/` in its folder "
+                           "(needs the onnx extra)", text("auto"))
     batching: bool = setting("VIT_BATCHING", "`1`", "`0`: no batching, one forward pass per request", flag(True))
     # BentoML's batcher requires max_batch_size > 1.
     max_batch_size: int = setting("VIT_MAX_BATCH_SIZE", "host: 16 on CPU, 64 on GPU", "most images in one forward pass",
@@ -147,10 +161,11 @@ class Settings:
                                    integer(64))
     workers: int = setting("VIT_WORKERS", "host: 1 on CPU, cores-1 on GPU", "front worker processes",
                            integer(lambda host: max(1, host.cores - 1) if host.gpu else 1))
-    decode_threads: int = setting("VIT_DECODE_THREADS", "host: cores on CPU, 2 on GPU",
-                                  "decoding threads per front worker", integer(lambda host: 2 if host.gpu else host.cores))
-    torch_threads: int | None = setting("VIT_TORCH_THREADS", "torch's (one per core)",
-                                        "intra-op threads of the in-process model", read_optional_int)
+    decode_threads: int = setting("VIT_DECODE_THREADS", "host: max(1, cores // 4) on CPU, 2 on GPU",
+                                  "decoding threads per front worker",
+                                  integer(lambda host: 2 if host.gpu else max(1, host.cores // 4)))
+    torch_threads: int | None = setting("VIT_TORCH_THREADS", "in-process: cores - decode threads; else torch's",
+                                        "intra-op threads of the model (torch and onnxruntime)", read_optional_int)
     cores: int = field(default=1)  # the host's, not a setting
 
     @classmethod
@@ -163,10 +178,18 @@ class Settings:
         host = Host(gpu=cuda_wanted(device), cores=host_cores())
         return cls(**{name: var.read(var.env, raw(var), host) for name, var in _variables().items()}, cores=host.cores)
 
+    @property
+    def model_threads(self) -> int | None:
+        """Intra-op threads of the model: VIT_TORCH_THREADS, else in-process the cores the decode
+        threads leave (never oversubscribed), else None (torch's default: one per core)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, self.cores - self.decode_threads) if self.mode == "inprocess" else None
+
     def describe(self) -> dict[str, object]:
         """What /model_info shows under "serving" about the process layout."""
         return {"mode": self.mode, "workers": self.workers, "decode_threads": self.decode_threads,
-                "torch_threads": self.torch_threads, "host_cores": self.cores}
+                "torch_threads": self.model_threads, "host_cores": self.cores}
 
 
 def _variables() -> dict[str, Variable]:

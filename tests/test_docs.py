@@ -1,0 +1,146 @@
+"""The docs match the repository: the Layout tree names exactly the files that exist, and every
+relative link in README.md and docs/*.md leads somewhere.
+
+Fast and offline: reads files only. A failure lists every missing, stale or broken item at once, so
+whoever adds or moves a file sees exactly which lines of docs/layout.md (or which links) to change.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT = REPO / "docs" / "layout.md"
+
+# The tree lines: indentation (two spaces a level), a path (a folder ends in "/"), two or more
+# spaces, then the description. A path may hold a "/" (ui/index.html, .ci/run).
+TREE_LINE = re.compile(r"^(?P<indent> *)(?P<path>\S+)(?: {2,}(?P<what>\S.*))?$")
+
+
+def layout_paths(text: str) -> tuple[list[str], list[str]]:
+    """Repository-relative paths the first code block of docs/layout.md names, in order, and the
+    tree lines that are malformed. A folder line ("formats/") is the parent of the more-indented
+    lines below it; a line indented deeper than its place allows is read under the nearest folder
+    above it (and reported), so one bad line does not hide the rest."""
+    block = re.search(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+    assert block, f"{LAYOUT.relative_to(REPO)}: no ``` code block holding the tree"
+    paths: list[str] = []
+    malformed: list[str] = []
+    parents: list[tuple[int, str]] = []  # (indent, folder path with trailing "/")
+    for number, line in enumerate(block.group(1).splitlines(), 1):
+        if not line.strip():
+            continue
+        m = TREE_LINE.match(line)
+        if not m:
+            malformed.append(f"tree line {number} is not 'PATH  description': {line!r}")
+            continue
+        indent = len(m.group("indent"))
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        expected = parents[-1][0] + 2 if parents else 0
+        if indent != expected:
+            malformed.append(f"tree line {number} is indented {indent} spaces, {expected} under its folder "
+                             f"({parents[-1][1] if parents else 'top level'}): {line!r}")
+        path = (parents[-1][1] if parents else "") + m.group("path")
+        paths.append(path)
+        if path.endswith("/"):
+            parents.append((indent, path))
+    return paths, malformed
+
+
+def modules_that_must_be_named() -> set[str]:
+    """Every Python module of the two packages (__init__.py aside), bench/*.py, scripts/*."""
+    found = {p for pkg in ("vit_service", "training") for p in (REPO / pkg).rglob("*.py")
+             if p.name != "__init__.py" and "__pycache__" not in p.parts}
+    found |= set((REPO / "bench").glob("*.py"))
+    found |= {p for p in (REPO / "scripts").iterdir() if p.is_file() and p.name != "__pycache__"}
+    return {p.relative_to(REPO).as_posix() for p in found}
+
+
+def test_layout_names_exactly_the_files_that_exist():
+    named, malformed = layout_paths(LAYOUT.read_text())
+    stale = [p for p in named if not (REPO / p).exists()
+             or (p.endswith("/") and not (REPO / p).is_dir())]
+    unnamed = sorted(modules_that_must_be_named() - set(named))
+    twice = sorted({p for p in named if named.count(p) > 1})
+    problems = []
+    if malformed:
+        problems.append("malformed tree lines in docs/layout.md:\n  " + "\n  ".join(malformed))
+    if stale:
+        problems.append("named in docs/layout.md but not in the repository (remove or fix):\n  "
+                        + "\n  ".join(stale))
+    if unnamed:
+        problems.append("in the repository but not named in docs/layout.md (add a line each):\n  "
+                        + "\n  ".join(unnamed))
+    if twice:
+        problems.append("named more than once in docs/layout.md:\n  " + "\n  ".join(twice))
+    assert not problems, "\n".join(problems)
+
+
+# ---- links -----------------------------------------------------------------------------------
+
+LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.DOTALL | re.MULTILINE)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+
+
+def doc_files() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "bench").glob("*.md"))]
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks and inline code, where a [x](y) is not a link."""
+    return INLINE_CODE.sub("", FENCE.sub("", text))
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings: the rendered text lower-cased, punctuation
+    but '-' and '_' dropped, spaces as '-', a repeated heading numbered -1, -2, ..."""
+    anchors: set[str] = set()
+    for line in FENCE.sub("", text).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        title = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1))  # a link's text only
+        title = title.replace("`", "").replace("*", "")
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def broken_links(doc: Path) -> list[str]:
+    broken = []
+    for target in LINK.findall(prose(doc.read_text())):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        where = f"{doc.relative_to(REPO)}: ({target})"
+        if not dest.exists():
+            broken.append(f"{where}: no file {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+        elif anchor and dest.suffix == ".md" and anchor not in heading_anchors(dest.read_text()):
+            broken.append(f"{where}: no heading with anchor #{anchor} in {dest.relative_to(REPO)}")
+    return broken
+
+
+def test_relative_links_lead_to_files_and_headings():
+    broken = list(dict.fromkeys(b for doc in doc_files() for b in broken_links(doc)))  # each once
+    assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def test_the_checks_see_links_and_tree_lines():
+    """Guards the guards: the parsers find what they must (a regex that matched nothing would pass
+    the two tests above vacuously)."""
+    readme = (REPO / "README.md").read_text()
+    targets = LINK.findall(prose(readme))
+    assert "docs/layout.md" in targets and "docs/serving.md" in targets, targets
+    assert "two-commands" in heading_anchors(readme)
+    named, _ = layout_paths(LAYOUT.read_text())
+    assert "vit_service/serving/ui/index.html" in named and "training/callbacks/time_budget.py" in named
+    assert "vit_service/serving/service.py" in modules_that_must_be_named()
+    assert "scripts/demo.sh" in modules_that_must_be_named()
