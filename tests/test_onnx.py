@@ -126,15 +126,21 @@ class _Timed:
 @pytest.mark.parametrize("onnx_s, chosen", [(0.080, "onnxruntime"), (0.095, "torch"), (0.120, "torch")])
 def test_vit_backend_auto_rule_with_given_timings(monkeypatch: pytest.MonkeyPatch, onnx_s: float, chosen: str) -> None:
     # torch takes 0.100 s a pass; onnxruntime is kept only when >= 10% faster (README: VIT_BACKEND).
+    # The race runs on a fake clock the stand-ins advance (its wall-time budget stays real).
+    import time
+
     import vit_service.backend as backend
 
     clock = [0.0]
-    monkeypatch.setattr(backend.time, "perf_counter", lambda: clock[0])
+    real_faster = backend.faster
+    monkeypatch.setattr(backend, "faster", lambda candidate, baseline, **kw: real_faster(
+        candidate, baseline, **{**kw, "clock": lambda: clock[0], "budget_clock": time.perf_counter}))
     _, artifact = build_tiny_model()
-    two = backend.FasterOfTwo(_Timed("torch", 0.100, clock, artifact), _Timed("onnxruntime", onnx_s, clock, artifact))
+    two = backend.Fastest({"torch": _Timed("torch", 0.100, clock, artifact),
+                           "onnxruntime": _Timed("onnxruntime", onnx_s, clock, artifact)})
     two.warmup(2)
     assert two.backend_timings == {"torch": 0.1, "onnxruntime": onnx_s}
-    assert two.backend == chosen and two.describe()["backend"] == chosen
+    assert two.backend == chosen and two.describe()["backend_choice"] == chosen
     served = two.predict_proba(np.zeros((1, 3, 32, 32), np.uint8))
     assert served[0, 0] == {"torch": 0.0, "onnxruntime": 1.0}[chosen]  # the chosen one computes
 

@@ -753,9 +753,15 @@ def test_auto_precision_on_cpu_keeps_what_its_timings_say_and_runs_it(model_dir,
     import vit_service.inference as inference
     from vit_service.inference import Predictor
 
+    import time
+
     predictor = Predictor.from_directory(model_dir, device="cpu", precision="auto")
+    predictor.measure_cpu_bf16 = True  # as on a host with bf16 instructions (this one has them)
     now = [0.0]
-    monkeypatch.setattr(inference.time, "perf_counter", lambda: now[0])
+    real_faster = inference.faster
+    # The race's clock is the fake one (its wall-time budget stays real, so it ends).
+    monkeypatch.setattr(inference, "faster", lambda candidate, baseline, **kw: real_faster(
+        candidate, baseline, **{**kw, "clock": lambda: now[0], "budget_clock": time.perf_counter}))
     real_predict = predictor.predict_proba
 
     def timed_predict(images):

@@ -220,7 +220,7 @@ def test_mode_and_host_defaults_follow_cuda(monkeypatch, cuda: bool) -> None:
     if cuda:  # README: split chosen automatically with CUDA; the GPU defaults
         assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("split", 7, 2, 64)
     else:
-        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, 8, 16)
+        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, 2, 16)  # decode: cores // 4
     # An explicit mode, or VIT_DEVICE=cpu on a CUDA host, wins over the host.
     assert Settings.from_env({"VIT_MODE": "inprocess"}).mode == "inprocess"
     assert Settings.from_env({"VIT_DEVICE": "cpu"}).mode == "inprocess"
