@@ -97,7 +97,7 @@ def _train(train: Path, val: Path, root: Path, epochs: int, cifar: bool) -> Path
     config = root / "config.yaml"
     root.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(cfg))
-    result = run_cli("vit-train", "fit", "--config", str(config))
+    result = run_cli("vit-train", "fit", "--config", str(config), timeout=3600)  # 3 CIFAR epochs on a busy CPU
     assert result.returncode == 0, result.stderr[-3000:]
     return config
 
