@@ -59,6 +59,46 @@ def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return root / "version_0"
 
 
+def eval_logits(ckpt_path: Path, folder: str = "val", bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a checkpoint's model over its whole val (or test) folder, in this one
+    process, batch by batch in file order: the reference the logged and reported metrics are
+    checked against. `bf16`: under CPU bf16 autocast, as a `bf16-mixed` run validates."""
+    from training.data import ImageFolderDataModule
+    from training.module import ViTClassifier
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
+    dm = ImageFolderDataModule(**{**hp, "num_workers": 0, "in_memory": False})
+    dm.setup("validate" if folder == "val" else "test")
+    dataset = dm.datasets[folder]
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    x, y = torch.stack(images), torch.tensor(labels)
+    module = ViTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = torch.cat([module(x[i:i + 32]) for i in range(0, len(x), 32)]).float()
+    return logits, y
+
+
+def reference_eval_transform(path: str | Path, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The eval transform with crop_pct 1, computed with PIL and torchvision alone (the oracle for
+    the project's own decode + Preprocessing): JPEG draft decoding to >= size px as training's eval
+    and serving decode, resize the shorter side to `size` (bicubic), centre crop, normalise."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(size),
+                     v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))
+        return tf(img.convert("RGB"))
+
+
+def macro_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int = 1) -> float:
+    """Top-k accuracy averaged over classes (the mean of per-class recalls), as the module logs it."""
+    hits = (logits.topk(k, dim=-1).indices == y[:, None]).any(-1)
+    return float(torch.stack([hits[y == c].float().mean() for c in y.unique()]).mean())
+
+
 def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Adds noise to every parameter (in eval mode), so LayerNorm scales, biases and zero-init
     heads are not trivially 1 or 0 and a swapped or skipped tensor changes the logits."""

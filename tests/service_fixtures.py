@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, features
+from PIL import Image, ImageDraw, ImageOps, features
 
 from vit_service.serving.local_server import DEFAULT_TARGET, local_server
 
@@ -101,6 +101,14 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _see_through(rgb: Image.Image) -> Image.Image:
+    """The picture with its left half fully transparent and an alpha ramp across the rest."""
+    rgba = np.asarray(rgb.convert("RGBA")).copy()
+    w = rgba.shape[1]
+    rgba[:, :, 3] = np.clip(np.linspace(-255, 255, w), 0, 255).astype(np.uint8)[None, :]
+    return Image.fromarray(rgba, "RGBA")
+
+
 @functools.cache
 def unusual_images() -> dict[str, tuple[bytes, str]]:
     """Valid images a user may well send: name -> (bytes, declared content type)."""
@@ -110,6 +118,7 @@ def unusual_images() -> dict[str, tuple[bytes, str]]:
         "palette.png": (encode(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "image/png"),
         "palette_transparent.gif": (encode(rgb.convert("P"), "GIF", transparency=0), "image/gif"),
         "rgba.png": (encode(rgb.convert("RGBA"), "PNG"), "image/png"),
+        "rgba_see_through.png": (encode(_see_through(rgb), "PNG"), "image/png"),  # shown over white
         "cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), "image/jpeg"),
         "16bit.png": (encode(Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)), "PNG"), "image/png"),
         "tiny_1x1.png": (encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "image/png"),
@@ -142,23 +151,49 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return home, save_tiny_model(home)
 
 
+def reference_pixels(data: bytes, size: int, mean, std):
+    """An upload decoded and transformed with PIL and torchvision alone, independently of the
+    project's decode_image and Preprocessing, by the README's rules: the first frame, EXIF
+    orientation applied, transparency over white, 16-bit scaled to 8, any mode to RGB, a JPEG
+    decoded at reduced scale down to >= size px (DCT draft, as the service does); then the shorter
+    side resized to `size` (bicubic; crop_pct 1), centre-cropped, normalised. -> (3, S, S) float."""
+    import torch
+    from torchvision.transforms import v2
+
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    img = img.convert("RGB")
+    tf = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(size),
+                     v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return tf(img)
+
+
 @pytest.fixture(scope="session")
 def reference(store):
-    """The exported model run directly, the oracle for what the server answers."""
+    """The exported model run directly on an independently decoded upload (reference_pixels):
+    the oracle for what the server answers."""
     import torch
 
     from vit_service.artifact import load_model
-    from vit_service.preprocessing import decode_image
 
     home, tag = store
     name, version = tag.split(":")
     model, artifact = load_model(home / "models" / name / version)
     pre = artifact.preprocessing
+    assert pre.crop_pct == 1.0 and pre.interpolation == "bicubic" and pre.crop_mode == "center"
 
     def probs(data: bytes) -> np.ndarray:
-        img = decode_image(data, draft_size=pre.resize_size)  # as the service decodes
         with torch.no_grad():
-            return model(pre(img)[None]).softmax(-1)[0].numpy()
+            return model(reference_pixels(data, pre.image_size, pre.mean, pre.std)[None]).softmax(-1)[0].numpy()
 
     return probs
 

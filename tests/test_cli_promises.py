@@ -6,15 +6,17 @@ shared `trained_run` folder."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 
-from tests.conftest import demo_config, run_cli
+from tests.conftest import demo_config, reference_eval_transform, run_cli
 from training.cli import ViTCLI
 from training.data import ImageFolderDataModule
 from training.module import ViTClassifier
@@ -42,6 +44,8 @@ def _recorded(ckpt_path: Path) -> dict[str, float]:
 def test_best_checkpoint_is_the_best_epoch(trained_run: Path) -> None:
     val_acc = _column(_metrics(trained_run), "val/acc1")
     assert len(val_acc) == 2
+    # Precondition: the epochs differ, so keeping the max (not the min, not the last) is visible.
+    assert val_acc[0] != val_acc[1], val_acc
     (best,) = (trained_run / "checkpoints").glob("best-*.ckpt")
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
     assert ckpt["vit_service"]["val_acc1"] == pytest.approx(max(val_acc), abs=1e-6)
@@ -76,6 +80,13 @@ def test_test_needs_and_uses_test_dir(trained_run: Path, demo_data: Path, tmp_pa
     recorded = _recorded(last)
     assert _column(rows, "test/acc1") == [pytest.approx(recorded["val_acc1"], abs=1e-6)]
     assert _column(rows, "test/acc5") == [pytest.approx(recorded["val_acc5"], abs=1e-6)]
+    # `vit-train test` writes report-test/ into its own run folder, over the test images.
+    (report,) = tmp_path.glob("version_*/report-test")
+    assert f"evaluation report: {report / 'README.md'}" in result.stdout
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["images"] == len(list((demo_data / "val").rglob("*.jpg")))
+    assert summary["accuracy"] == pytest.approx(recorded["val_acc1"], abs=1e-6)
+    assert not list(tmp_path.glob("version_*/report-validate"))
 
 
 def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -> None:
@@ -91,9 +102,27 @@ def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -
     assert (len(train), len(val)) == (n_files - n_files // 4, n_files // 4)  # 72 images: 54 / 18
     assert not set(train.indices) & set(val.indices)
     assert val.dataset.root == train.dataset.root == str(demo_data / "train")
-    # Held-out images get the eval transform (deterministic), the rest the random train one.
-    torch.testing.assert_close(val[0][0], val[0][0], rtol=0, atol=0)
-    assert not torch.equal(train[0][0], train[0][0])
+    # Held-out images get the eval transform, computed here with PIL and torchvision on the same
+    # file, decoded as serving decodes (JPEG draft scaling to >= 64 px, then resize the shorter
+    # side to 64 bicubic, centre crop 64, normalise); the rest get the random train transform.
+    hp = dm.hparams
+    assert (hp.image_size, hp.crop_pct) == (64, 1.0)
+
+    def plain_eval(path: str) -> torch.Tensor:
+        return reference_eval_transform(path, 64, hp.mean, hp.std)
+
+    # Precondition: some held-out files are >= 128 px, so JPEG draft decoding (half scale) is in play.
+    assert any(min(Image.open(val.dataset.samples[i][0]).size) >= 128 for i in val.indices)
+    for i in range(len(val)):
+        path, label = val.dataset.samples[val.indices[i]]
+        expected = plain_eval(path)
+        image, got_label = val[i]
+        assert got_label == label
+        torch.testing.assert_close(image, expected, rtol=0, atol=1e-5)
+    untouched = plain_eval(train.dataset.samples[train.indices[0]][0])
+    first, second = train[0][0], train[0][0]
+    assert not torch.equal(first, second)  # random: two reads differ
+    assert not torch.allclose(first, untouched, atol=1e-3)  # and neither is the plain eval image
     assert sorted(val.indices) != list(range(len(val)))  # a random subset, not the first files
 
 

@@ -5,37 +5,22 @@ wall-clock budget gives every rank the same LR schedule and the same last step."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO, demo_config, run_cli
-from training.data import ImageFolderDataModule
-from training.module import ViTClassifier
+from tests.conftest import REPO, demo_config, eval_logits, macro_accuracy, run_cli
 
 
 def _full_set_metrics(ckpt_path: Path) -> dict[str, float]:
     """val/acc1, val/acc5 (macro: the mean of per-class recalls) and val/loss over the whole val
     folder, in this one process, from the checkpoint saved after that validation."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    hp = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}
-    dm = ImageFolderDataModule(**{**hp, "num_workers": 0})
-    dm.setup("validate")
-    images, labels = zip(*(dm.datasets["val"][i] for i in range(len(dm.datasets["val"]))))
-    x, y = torch.stack(images), torch.tensor(labels)
-    module = ViTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
-    with torch.no_grad():
-        logits = module(x)
-    top5 = logits.topk(5, dim=-1).indices
-    hits1, hits5 = logits.argmax(-1) == y, (top5 == y[:, None]).any(-1)
-    classes = y.unique()
-    return {
-        "val/acc1": float(torch.stack([hits1[y == c].float().mean() for c in classes]).mean()),
-        "val/acc5": float(torch.stack([hits5[y == c].float().mean() for c in classes]).mean()),
-        "val/loss": float(F.cross_entropy(logits, y)),
-    }
+    logits, y = eval_logits(ckpt_path)
+    return {"val/acc1": macro_accuracy(logits, y, 1), "val/acc5": macro_accuracy(logits, y, 5),
+            "val/loss": float(F.cross_entropy(logits, y))}
 
 
 def test_ddp_two_cpu_processes_sync_metrics(demo_data: Path, tmp_path: Path) -> None:
@@ -69,10 +54,13 @@ def test_ddp_two_cpu_processes_sync_metrics(demo_data: Path, tmp_path: Path) -> 
 
 
 def test_ddp_time_budget_one_schedule_for_all_ranks(demo_data: Path, tmp_path: Path) -> None:
-    # Rank 1's clock runs half the budget ahead: on its own it would use other LRs than rank 0
-    # and stop first, leaving rank 0 waiting in the gradient all-reduce.
+    # A 3 s budget on a step clock: every training step "takes" 0.25 s, so rank 0's budget is
+    # spent after exactly 12 steps whatever the machine's load. Rank 1's clock runs half the budget
+    # (1.5 s) ahead: on its own it would use other LRs than rank 0 and stop after 6 steps, leaving
+    # rank 0 waiting in the gradient all-reduce.
     callbacks = [
-        {"class_path": "tests.training_probe.SkewedTimeBudget", "init_args": {"minutes": 0.05, "skew_s": 1.5}},
+        {"class_path": "tests.training_probe.SkewedTimeBudget",
+         "init_args": {"minutes": 0.05, "skew_s": 1.5, "step_s": 0.25}},
         {"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(tmp_path)}},
     ]
     config = demo_config(tmp_path, demo_data, callbacks=callbacks, max_epochs=1000, check_val_every_n_epoch=1000)
@@ -83,9 +71,20 @@ def test_ddp_time_budget_one_schedule_for_all_ranks(demo_data: Path, tmp_path: P
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("time budget spent after") == 1, result.stdout  # rank zero only
+    assert "time budget spent after 3.00 epochs (12 steps)" in result.stdout  # 4 steps an epoch
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     steps = torch.load(tmp_path / "version_0/checkpoints/last.ckpt", map_location="cpu",
                        weights_only=False)["global_step"]
-    assert steps > 3  # the schedule had room to move: warmup, then the cosine
-    assert [len(r["step_lrs"]) for r in ranks] == [steps, steps]  # the same last step
-    assert ranks[1]["step_lrs"] == ranks[0]["step_lrs"]  # exactly the same LR at every step
+    assert steps == 12
+    assert [len(r["optimizer_lrs"]) for r in ranks] == [12, 12]  # the same last step
+    assert ranks[1]["optimizer_lrs"] == ranks[0]["optimizer_lrs"]  # exactly the same LR at every step
+    # The LR the optimizer stepped with is the budget's schedule on rank 0's clock (step i starts
+    # at i x 0.25 s of 3 s; warmup 5%, then cosine to 1% of the peak), not the module's own
+    # epoch-based warmup + cosine, which it overrides.
+    peak = 1e-3 * 16 / 32  # configs/demo.yaml: lr 1e-3 per 32 images; global batch 16
+    expected = []
+    for i in range(12):
+        p = i / 12
+        factor = max(p / 0.05, 1e-3) if p < 0.05 else 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (p - 0.05) / 0.95))
+        expected.append(peak * factor)
+    assert [lrs[0] for lrs in ranks[0]["optimizer_lrs"]] == pytest.approx(expected, rel=1e-6)

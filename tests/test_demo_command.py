@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -36,3 +37,8 @@ def test_make_demo_trains_serves_and_classifies(tmp_path: Path) -> None:
     val_top1 = float(result.stderr.split("val top-1 ")[1].split(")")[0])
     assert val_top1 >= 0.95, result.stderr[-3000:]
     assert "stopping the server" in result.stdout
+    # The demo prints its two times at the end: in all, and of it training (not more than in all).
+    times = re.search(r"^demo took (\d+) min (\d+) s in all, training (\d+) min (\d+) s$", result.stdout, re.M)
+    assert times, result.stdout[-2000:]
+    total_s, train_s = int(times[1]) * 60 + int(times[2]), int(times[3]) * 60 + int(times[4])
+    assert 0 < train_s <= total_s

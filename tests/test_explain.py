@@ -256,3 +256,27 @@ def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tm
     assert main([str(image), "--model", str(trained_run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "00000.json").read_text())
     assert record["grid_shape"] == [8, 8] and len(record["predictions"]) == 5  # the demo model: 64 px, patch 8
+
+
+def test_cli_head_fusion_and_discard_ratio_reach_the_rollout(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
+    # The real CLI with --head-fusion max --discard-ratio 0.5: its grid is the rollout computed
+    # with those settings (the rollout itself is checked by hand above), not the default's.
+    from vit_service.artifact import load_model
+    from vit_service.explain import Explainer
+
+    r = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--head-fusion", "max",
+                "--discard-ratio", "0.5", "--out", str(tmp_path / "max"))
+    assert r.returncode == 0, r.stderr
+    default = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--out", str(tmp_path / "mean"))
+    assert default.returncode == 0, default.stderr
+    grid = np.load(tmp_path / "max" / f"{images[0].stem}.npy")
+    record = json.loads((tmp_path / "max" / f"{images[0].stem}.json").read_text())
+    assert (record["head_fusion"], record["discard_ratio"]) == ("max", 0.5)
+    explainer = Explainer(*load_model(artifact_dir))
+    with Image.open(images[0]) as img:
+        rgb = img.convert("RGB")
+    expected = {(f, d): explainer.explain_image(rgb, "rollout", None, f, d).grid
+                for f, d in (("max", 0.5), ("mean", 0.0))}
+    assert np.allclose(grid, expected[("max", 0.5)], atol=1e-5)
+    assert np.abs(expected[("max", 0.5)] - expected[("mean", 0.0)]).max() > 0.05  # the flags change the map
+    assert np.allclose(np.load(tmp_path / "mean" / f"{images[0].stem}.npy"), expected[("mean", 0.0)], atol=1e-5)

@@ -122,12 +122,35 @@ def test_bentoml_client_and_classify_alongside(url: str, jpeg: Path) -> None:
     with bentoml.SyncHTTPClient(url) as client:
         body = client.explain(image=jpeg, method="grad")
     assert body["method"] == "grad" and len(body["grid"]) == 4
+    # /explain never goes through the batch queue: the batcher's pass count (vit_batch_size, one
+    # observation per forward pass) does not move for three /explain calls, and moves by one
+    # for one /classify (so the count would show a queued /explain).
+    from service_fixtures import batch_histogram
+
+    with httpx.Client(base_url=url, timeout=60) as c:
+        passes_before, _, _ = batch_histogram(c)
+        assert [post(url, jpeg, method=m).status_code for m in ("rollout", "grad", "rollout")] == [200] * 3
+        assert batch_histogram(c)[0] == passes_before
+        assert c.post("/classify", files={"image": jpeg.read_bytes()}).status_code == 200
+        assert batch_histogram(c)[0] == passes_before + 1
     # /explain and /classify at once: both answer (the map is made outside the batch queue).
     with ThreadPoolExecutor(8) as pool:
         jobs = [pool.submit(post, url, jpeg) for _ in range(2)]
         jobs += [pool.submit(httpx.post, f"{url}/classify", files={"image": jpeg.read_bytes()}, timeout=60)
                  for _ in range(6)]
         assert [j.result().status_code for j in jobs] == [200] * 8
+
+
+def test_page_and_docs_carry_a_same_origin_content_security_policy(url: str) -> None:
+    for path in ("/", "/ui", "/docs"):
+        csp = httpx.get(url + path).headers["content-security-policy"]
+        directives = {d.split()[0]: d.split()[1:] for d in csp.split(";") if d.strip()}
+        assert directives["default-src"] == ["'self'"], csp
+        # Nothing may name another origin: every source is 'self', a keyword, or data:/blob: URLs.
+        sources = {src for values in directives.values() for src in values}
+        assert all(src.startswith("'") or src in ("data:", "blob:") for src in sources), csp
+        for fetching in ("script-src", "connect-src", "img-src", "style-src", "font-src"):
+            assert "'self'" in directives.get(fetching, directives["default-src"]), (fetching, csp)
 
 
 def test_docs_are_ours_and_local(url: str) -> None:

@@ -129,3 +129,31 @@ def test_a_bare_weight_file_loads_with_the_architecture_named_by_arch(offline_ca
     with torch.no_grad():
         assert (model(x) - timm_model(x)).abs().max().item() <= 1e-4
     assert len(artifact.class_names) == 1000
+
+
+def test_another_owners_hf_hub_repo_holding_a_timm_vit_loads_its_own_weights(offline_cache) -> None:
+    # someone/vit-tiny-finetuned: timm's config.json and a model.safetensors whose head differs
+    # from timm's, so the logits show which weights were read.
+    import copy
+    import json
+
+    from safetensors.torch import load_file, save
+
+    from hub_cache import add_to_cache
+
+    cache, timm_model = offline_cache
+    (snapshot,) = (cache / f"models--timm--{TINY}" / "snapshots").iterdir()
+    state = load_file(str(snapshot / "model.safetensors"))
+    state["head.bias"] = state["head.bias"] + torch.linspace(-3, 3, 1000)
+    add_to_cache(cache, "someone/vit-tiny-finetuned", {"model.safetensors": save(state),
+                                                      "config.json": (snapshot / "config.json").read_bytes()})
+    theirs = copy.deepcopy(timm_model)
+    theirs.load_state_dict(state)
+    assert json.loads((snapshot / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+
+    model, artifact = load_timm("hf-hub:someone/vit-tiny-finetuned")
+    assert model.config.embed_dim == 192 and artifact.config.num_classes == 1000
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x) - theirs(x)).abs().max().item() <= 1e-4
+        assert (model(x) - timm_model(x)).abs().max().item() > 1.0  # not timm's own weights

@@ -98,19 +98,70 @@ def test_decoded_images_match_the_eval_decode_and_drop_bad_files(demo_data: Path
         assert torch.equal(image, resize.to_uint8(open_image(path)))
 
 
-def test_decoded_images_refuse_what_memory_cannot_hold(demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memory_data, "MEMORY_SHARE_LIMIT", 1e-12)
-    with pytest.raises(DatasetError, match=r"need .* GiB in memory.*--data.in_memory false"):
-        DecodedImages(scan_image_folder(demo_data / "train"), size=32, root=str(demo_data / "train"))
+def _fake_meminfo(available_kib: int):
+    """An `open` for memory_data that serves a /proc/meminfo whose MemAvailable is given (kB, as
+    the kernel writes it) and whose MemTotal / MemFree would give other answers."""
+    import builtins
+    import io
+
+    text = (f"MemTotal:       {available_kib * 8} kB\nMemFree:        {available_kib // 4} kB\n"
+            f"MemAvailable:   {available_kib} kB\nBuffers:          1024 kB\n")
+
+    def fake_open(path, *args, **kwargs):
+        return io.StringIO(text) if str(path) == "/proc/meminfo" else builtins.open(path, *args, **kwargs)
+
+    return fake_open
 
 
-def test_fit_in_memory_trains_on_batch_augmented_images(demo_data: Path, tmp_path: Path) -> None:
+def test_decoded_images_refuse_more_than_half_the_available_ram(demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 72 images x 3 x 32 x 32 bytes = 221,184 bytes = 216 KiB: accepted with 432 KiB available
+    # (exactly half), refused with 431 KiB, read from MemAvailable (not MemTotal or MemFree).
+    samples = scan_image_folder(demo_data / "train")
+    needed_kib = len(samples) * 3 * 32 * 32 // 1024
+    assert needed_kib == 216
+    monkeypatch.setattr(memory_data, "open", _fake_meminfo(2 * needed_kib), raising=False)
+    assert memory_data._available_memory() == 2 * needed_kib * 1024
+    assert len(DecodedImages(samples, size=32, root="train")) == 72
+    monkeypatch.setattr(memory_data, "open", _fake_meminfo(2 * needed_kib - 1), raising=False)
+    with pytest.raises(DatasetError, match=r"train: 72 images at 32 px need 0.0 GiB in memory, more than 50% of "
+                                           r"the 0.0 GiB available.*--data.in_memory false"):
+        DecodedImages(samples, size=32, root="train")
+
+
+def test_decoded_images_refuse_a_store_over_half_this_machines_ram(demo_data: Path) -> None:
+    # The real /proc/meminfo: a store sized (on paper) at 0.6 x MemAvailable is refused before
+    # anything is decoded (a list of one repeated file; nothing near that size is allocated).
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    sample = scan_image_folder(demo_data / "train")[0]
+    too_many = int(0.6 * available / (3 * 32 * 32))
+    with pytest.raises(DatasetError, match=rf"big: {too_many} images at 32 px need .* more than 50% of the"):
+        DecodedImages([sample] * too_many, size=32, root="big")
+
+
+def _in_memory_fit(demo_data: Path, tmp_path: Path, *extra: str):
     config = demo_config(tmp_path, demo_data, callbacks=[{"class_path": "tests.training_probe.TrainingProbe"}],
                          num_sanity_val_steps=0, limit_val_batches=1, max_epochs=1, limit_train_batches=2)
     cli = run_cli(["fit", "--config", str(config), "--data.batch_size", "8", "--data.in_memory", "true",
                    "--data.color_jitter", "null", "--data.auto_augment", "null", "--data.re_prob", "0",
-                   "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0"])
+                   "--model.mixup_alpha", "0", "--model.cutmix_alpha", "0", *extra])
     probe = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingProbe))
+    return cli, probe
+
+
+def _nearest_stored(seen: torch.Tensor, dm) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image the model saw: its distance (max abs) to the nearest stored image,
+    normalised by hand, as it is and mirrored."""
+    mean = torch.tensor(dm.hparams.mean).view(1, 3, 1, 1)
+    std = torch.tensor(dm.hparams.std).view(1, 3, 1, 1)
+    stored = (dm.datasets["train"].images.float() / 255 - mean) / std  # (72, 3, S, S)
+    def dist(ref: torch.Tensor) -> torch.Tensor:
+        return (seen[:, None] - ref[None]).abs().flatten(2).amax(-1).amin(-1)  # (B,)
+    return dist(stored), dist(stored.flip(-1))
+
+
+def test_fit_in_memory_trains_on_batch_augmented_images(demo_data: Path, tmp_path: Path) -> None:
+    cli, probe = _in_memory_fit(demo_data, tmp_path)
     dm = cli.datamodule
     assert isinstance(dm.datasets["train"], DecodedImages) and len(dm.datasets["train"]) == 72
     assert dm.train_dataloader().num_workers == 0
@@ -123,6 +174,21 @@ def test_fit_in_memory_trains_on_batch_augmented_images(demo_data: Path, tmp_pat
     assert lo - 1e-4 <= float(seen.min()) and float(seen.max()) <= hi + 1e-4
     assert float(seen.std()) > 0.1
     assert cli.trainer.global_step == 2
+    # Cropped (configs/demo.yaml: scale 0.6-1): no image the model saw is a stored image as it is
+    # or mirrored; every one is far from all 72 of them.
+    plain, mirrored = _nearest_stored(seen, dm)
+    assert (plain > 0.1).all() and (mirrored > 0.1).all(), (plain, mirrored)
+
+
+def test_fit_in_memory_flips_half_the_images(demo_data: Path, tmp_path: Path) -> None:
+    # With the crop made the identity (scale 1, ratio 1), every image the model saw is a stored
+    # image, pixel for pixel, as it is or mirrored, and both occur (flip probability 0.5).
+    cli, probe = _in_memory_fit(demo_data, tmp_path, "--data.scale", "[1.0, 1.0]", "--data.ratio", "[1.0, 1.0]",
+                                "--data.hflip", "0.5")
+    plain, mirrored = _nearest_stored(probe.model_inputs[0], cli.datamodule)
+    as_is, flipped = plain < 1e-4, mirrored < 1e-4
+    assert (as_is | flipped).all(), (plain, mirrored)
+    assert (as_is & ~flipped).any() and (flipped & ~as_is).any(), (plain, mirrored)
 
 
 def test_in_memory_refuses_per_image_augmentations(demo_data: Path, tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import demo_config, run_cli
+from tests.conftest import demo_config, eval_logits, run_cli
 from training.report import most_confused_classes, write_report
 
 
@@ -48,7 +49,29 @@ def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Pat
     metrics = _one(list(report.parent.glob("metrics.csv")))
     logged = [row for row in csv.DictReader(open(metrics)) if row.get("val/acc1")]
     assert abs(summary["accuracy"] - float(logged[-1]["val/acc1"])) < 1e-6
-    assert 0.0 <= summary["ece"] <= 1.0
+    # Per-class precision / recall / F1 and ECE against a hand computation (numpy) from the same
+    # checkpoint's logits over the val folder: counts of true and false positives, 15 equal-width
+    # confidence bins, ECE = sum over bins of |accuracy - mean confidence| x share of images.
+    logits, y = eval_logits(trained_run / "checkpoints" / "last.ckpt")
+    probs = logits.softmax(-1).numpy()
+    truth, pred = y.numpy(), probs.argmax(1)
+    for k, row in enumerate(rows):
+        tp = int(((pred == k) & (truth == k)).sum())
+        predicted, actual = int((pred == k).sum()), int((truth == k).sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert int(row["support"]) == actual
+        assert float(row["precision"]) == pytest.approx(precision, abs=1e-6), row
+        assert float(row["recall"]) == pytest.approx(recall, abs=1e-6), row
+        assert float(row["f1"]) == pytest.approx(f1, abs=1e-6), row
+    confidence, correct = probs.max(1), (pred == truth).astype(float)
+    bins = np.minimum((confidence * 15).astype(int), 14)
+    ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+              for b in range(15) if (bins == b).any())
+    assert summary["ece"] == pytest.approx(ece, abs=1e-5)
+    assert summary["ece"] > 0.01  # this barely trained model is not calibrated: a real value, not 0
+    assert summary["macro_f1"] == pytest.approx(np.mean([float(r["f1"]) for r in rows]), abs=1e-6)
     markdown = (report / "README.md").read_text()
     assert "| class | precision | recall | F1 | support |" in markdown and "ECE" in markdown
 

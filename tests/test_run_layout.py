@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import demo_config, run_cli
+from tests.conftest import demo_config, reference_eval_transform, run_cli
+from training.module import ViTClassifier
 
 # Monitoring elapsed time (mode min) makes the first epoch the "best" one for certain, so the best
 # checkpoint and last.ckpt differ whatever the accuracy does in a two-epoch run.
@@ -50,6 +52,51 @@ def test_two_runs_write_only_under_their_own_root(runs: dict) -> None:
         # stdout is not a terminal here: one progress line per epoch
         assert f"epoch {epochs - 1}/{epochs - 1}  step" in runs["stdout"][name]  # numbered from 0
     assert "] step 1  train/loss " in runs["stdout"]["b"] and "] step 1 " not in runs["stdout"]["a"]
+
+
+def test_ckpt_path_best_picks_the_best_checkpoint_not_the_last(runs: dict, demo_data: Path, tmp_path: Path) -> None:
+    # A copy of run "a" (best: epoch 0, last: epoch 1), so the shared folder stays as fit left it.
+    root = tmp_path / "root"
+    shutil.copytree(runs["roots"]["a"] / "version_0", root / "version_0")
+    ckpts = root / "version_0/checkpoints"
+    (best,) = ckpts.glob("best-epoch000-*.ckpt")
+    recorded = {p: torch.load(p, map_location="cpu", weights_only=False)["vit_service"] for p in (best, ckpts / "last.ckpt")}
+    # Precondition: the two checkpoints score differently, so the one used is visible.
+    assert recorded[best]["val_loss"] != recorded[ckpts / "last.ckpt"]["val_loss"]
+    common = ["--config", str(runs["config"]), "--trainer.default_root_dir", str(root), "--ckpt_path", "best"]
+
+    val = run_cli("vit-train", "validate", *common, cwd=runs["cwd"])
+    assert val.returncode == 0, val.stderr[-3000:]
+    rows = list(csv.DictReader((root / "version_1/metrics.csv").open()))
+    assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == [pytest.approx(recorded[best]["val_loss"], abs=1e-5)]
+
+    test = run_cli("vit-train", "test", *common, "--data.test_dir", str(demo_data / "val"), cwd=runs["cwd"])
+    assert test.returncode == 0, test.stderr[-3000:]
+    rows = list(csv.DictReader((root / "version_2/metrics.csv").open()))
+    assert [float(r["test/loss"]) for r in rows if r.get("test/loss")] == [pytest.approx(recorded[best]["val_loss"], abs=1e-5)]
+
+    # predict: every row's labels and scores are the best checkpoint's model on that image (top-1
+    # = its argmax), computed here with the module and a PIL + torchvision eval transform.
+    images = sorted((demo_data / "val").glob("*/*.jpg"))[::3]
+    pred = run_cli("vit-train", "predict", *common, "--data.predict_dir", str(demo_data / "val"), cwd=runs["cwd"])
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    rows = {r["path"]: r for r in csv.DictReader((root / "version_3/predictions.csv").open())}
+    assert len(rows) == len(list((demo_data / "val").glob("*/*.jpg")))
+    hp = torch.load(best, map_location="cpu", weights_only=False)["datamodule_hyper_parameters"]
+    x = torch.stack([reference_eval_transform(p, hp["image_size"], hp["mean"], hp["std"]) for p in images])
+    probs = {}
+    for ckpt in (best, ckpts / "last.ckpt"):
+        module = ViTClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        with torch.no_grad():
+            probs[ckpt] = module(x).softmax(-1)
+    names = module.hparams.class_names
+    for i, path in enumerate(images):
+        row = rows[str(path)]
+        top = probs[best][i].topk(5)
+        assert [row[f"label_{k + 1}"] for k in range(5)] == [names[j] for j in top.indices.tolist()], path
+        assert [float(row[f"score_{k + 1}"]) for k in range(5)] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # ... and not last.ckpt's: its scores differ on these images.
+    assert (probs[best] - probs[ckpts / "last.ckpt"]).abs().max() > 1e-3
 
 
 def test_resume_last_continues_the_latest_run_in_its_folder(runs: dict) -> None:

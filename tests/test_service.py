@@ -45,6 +45,7 @@ SERVER_ENV = {
     "VIT_MODE": "inprocess",  # what `auto` picks on a CPU-only host; tests/test_service_modes.py has split mode
     "VIT_DECODE_THREADS": "3",  # not the host default, so its effect is visible
     "VIT_WORKERS": "1",  # one front: max_concurrency and batching are per worker (two: tests/test_faults.py)
+    "VIT_TORCH_THREADS": "1",  # not torch's default on this host (one per core), so its effect is visible
 }
 
 
@@ -207,9 +208,12 @@ def test_model_info(client, store):
     assert info["serving"]["max_images_per_request"] == MAX_IMAGES
     assert info["serving"]["max_body_bytes"] == MAX_BODY
     assert "_instantiator" not in info["metadata"]  # internal keys stay inside
-    # The settings' effect, reported by the live objects (the pool's and torch's thread counts).
+    # The settings' effect, reported by the live objects: the decode pool's own size and
+    # torch.get_num_threads() in the model's process (not the settings echoed back).
     assert info["serving"]["mode"] == "inprocess" and info["serving"]["workers"] == 1
     assert info["serving"]["decode_threads"] == 3
+    assert len(os.sched_getaffinity(0)) >= 2  # so torch's default (one thread per core) is not 1
+    assert info["serving"]["torch_threads"] == 1
 
 
 def test_bentoml_endpoints_keep_working(client):
@@ -239,6 +243,12 @@ def test_stage_metrics_and_server_timing(client, store):
     timing = dict(re.findall(r"(\w+);dur=([\d.]+)", ok.headers["server-timing"]))
     assert {"read", "parse", "bentoml", "decode", "queue", "forward", "serialize"} <= set(timing), timing
     assert "decode" in bad_image.headers["server-timing"]  # stages also on errors
+    batch = client.post("/classify_batch", files=[("images", ("a.jpg", encode(picture(62), "JPEG"), "image/jpeg")),
+                                                  ("images", ("b.png", encode(picture(63), "PNG"), "image/png"))])
+    assert batch.status_code == 200, batch.text
+    batch_timing = dict(re.findall(r"(\w+);dur=([\d.]+)", batch.headers["server-timing"]))
+    assert {"read", "parse", "bentoml", "decode", "queue", "forward", "serialize"} <= set(batch_timing), batch_timing
+    assert all(float(v) >= 0 for v in batch_timing.values())
     after = client.get("/metrics").text
     for stage in ("read", "parse", "bentoml", "decode", "queue", "forward", "serialize"):
         assert metric_value(after, "vit_stage_seconds_count", stage=stage) > metric_value(before, "vit_stage_seconds_count", stage=stage), stage
@@ -485,10 +495,42 @@ def test_upload_cut_short_is_408(url, client):
         answer = b""
         while chunk := s.recv(4096):
             answer += chunk
-    if answer:
-        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert b'"the request body ended before it was complete"' in answer
+    # Whether uvicorn still delivers an answer to a half-closed socket is its business: if one
+    # comes, it is the 408; the answer itself is checked below, at the ASGI level, every time.
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert poll(incomplete, until=lambda n: n == before + 1) == before + 1
+
+
+def test_upload_cut_short_is_answered_408_json():
+    """The upload middleware itself, driven as uvicorn drives it: half the declared body, then
+    `http.disconnect`. It must answer 408 with the JSON error and count the rejection, and never
+    call the app behind it."""
+    from vit_service.serving.uploads import UploadMiddleware, UploadRoute
+
+    part = (b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + PNG_1)
+    incoming = [{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}]
+    sent, rejected = [], []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("an incomplete upload reached the app")
+
+    middleware = UploadMiddleware(app, max_bytes=MAX_BODY, routes={"/classify": UploadRoute("image")},
+                                  max_files=lambda: MAX_IMAGES, on_reject=rejected.append)
+    scope = {"type": "http", "method": "POST", "path": "/classify",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=zz"),
+                         (b"content-length", str(2 * len(part)).encode())]}
+    asyncio.run(middleware(scope, receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    assert start["type"] == "http.response.start" and start["status"] == 408
+    assert json.loads(body) == {"error": "the request body ended before it was complete"}
+    assert rejected == ["incomplete_body"] and incoming == []
 
 
 def test_server_still_serves_after_everything(client, reference):
@@ -680,11 +722,18 @@ def test_bf16_autocast_stays_close_to_fp32(model_dir, reference):
     from vit_service.inference import Predictor
 
     predictor = Predictor.from_directory(model_dir, device="cpu", precision="bf16")
+    fp32 = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    seen = []  # the dtype a Linear layer computed in, inside the forward pass
+    predictor.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     datas = [encode(picture(s), "PNG") for s in range(1, 9)]
-    probs = predictor.predict_proba(uint8_batch(predictor.preprocessing, *datas))
+    batch = uint8_batch(predictor.preprocessing, *datas)
+    probs = predictor.predict_proba(batch)
     expected = np.stack([reference(d) for d in datas])
+    assert seen == [torch.bfloat16]  # autocast was entered: the matmul ran in bf16
     assert predictor.describe()["precision"] == "bf16" and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)  # the softmax runs in fp32
+    # Not the fp32 numbers (bf16 keeps 8 significant bits), yet close to them and the same top-1.
+    assert np.abs(probs - fp32.predict_proba(batch)).max() > 1e-6
     # bf16 keeps 8 significant bits (rounding error 2^-8 = 0.4% per operation). The tiny model's
     # logits reach ~30 (its head is scaled up), so after two blocks a logit is off by ~0.15 (0.5%),
     # which moves a probability by at most 2 x 0.25 x 0.15 = 0.075, about 0.025 measured.
@@ -700,18 +749,37 @@ def test_cpu_precision_rule():
     assert choose_cpu_precision({"fp32": 0.100, "bf16": 0.140}) == "fp32"
 
 
-def test_auto_precision_on_cpu_runs_what_it_reports(model_dir):
-    """VIT_PRECISION=auto measures both at warm-up; whichever it picks is what the forward pass
-    then runs in (seen by a hook on the head), not just what describe() says."""
+@pytest.mark.parametrize("bf16_s, chosen", [(0.080, "bf16"), (0.095, "fp32")])
+def test_auto_precision_on_cpu_keeps_what_its_timings_say_and_runs_it(model_dir, monkeypatch, bf16_s, chosen):
+    """VIT_PRECISION=auto times both at warm-up. Here the timings are given (a clock that a
+    forward pass advances by 0.100 s in fp32 and `bf16_s` in bf16), so the choice is known in
+    advance; the forward pass then runs in it (seen by a hook on a Linear layer)."""
+    import vit_service.inference as inference
     from vit_service.inference import Predictor
 
+    import time
+
     predictor = Predictor.from_directory(model_dir, device="cpu", precision="auto")
+    predictor.measure_cpu_bf16 = True  # as on a host with bf16 instructions (this one has them)
+    now = [0.0]
+    real_faster = inference.faster
+    # The race's clock is the fake one (its wall-time budget stays real, so it ends).
+    monkeypatch.setattr(inference, "faster", lambda candidate, baseline, **kw: real_faster(
+        candidate, baseline, **{**kw, "clock": lambda: now[0], "budget_clock": time.perf_counter}))
+    real_predict = predictor.predict_proba
+
+    def timed_predict(images):
+        now[0] += {"fp32": 0.100, "bf16": bf16_s}[predictor.precision]
+        return real_predict(images)
+
+    monkeypatch.setattr(predictor, "predict_proba", timed_predict)
     predictor.warmup(max_batch_size=4)
-    assert set(predictor.precision_timings) == {"fp32", "bf16"} and all(t > 0 for t in predictor.precision_timings.values())
+    assert predictor.precision_timings == {"fp32": 0.1, "bf16": bf16_s}
+    assert predictor.describe()["precision"] == chosen
     seen = []
-    predictor.model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    predictor.predict_proba(np.zeros((2, 3, 32, 32), np.uint8))
-    assert seen == [{"bf16": torch.bfloat16, "fp32": torch.float32}[predictor.describe()["precision"]]]
+    predictor.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    real_predict(np.zeros((2, 3, 32, 32), np.uint8))
+    assert seen == [{"bf16": torch.bfloat16, "fp32": torch.float32}[chosen]]
     fixed = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
     fixed.warmup(max_batch_size=4)
     assert fixed.precision == "fp32" and fixed.precision_timings == {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,15 +86,15 @@ def test_sustained_concurrency_keeps_one_model_connection(split_server):
     assert "model call failed" not in log.read_text()
 
 
-# --------------------------------------- slow start, two workers, a latency limit of 1 ms
+# ------------------------------------------------------------- slow start, two workers
 
 @pytest.fixture(scope="module")
 def gated_server(store, tmp_path_factory: pytest.TempPathFactory):
-    """Two in-process workers whose warm-up waits for a file (tests/gated_service.py), and a 1 ms
-    limit on the batch queue; yielded as soon as the server answers /livez."""
+    """Two in-process workers whose warm-up waits for a file (tests/gated_service.py); yielded as
+    soon as the server answers /livez."""
     home, _ = store
     folder = tmp_path_factory.mktemp("gated")
-    env = {"VIT_MODE": "inprocess", "VIT_WORKERS": "2", "VIT_DECODE_THREADS": "1", "VIT_MAX_LATENCY_MS": "1",
+    env = {"VIT_MODE": "inprocess", "VIT_WORKERS": "2", "VIT_DECODE_THREADS": "1",
            "WARMUP_GATE": str(folder / "go"), "PYTHONPATH": str(REPO / "tests")}
     with bentoml_server(home, folder / "serve.log", env=env, target="gated_service:ViTClassifier",
                         ready_path="/livez") as url:
@@ -120,30 +119,9 @@ def test_readyz_is_503_until_the_model_is_warm(gated_server):
     assert (info["workers"], info["decode_threads"], info["mode"]) == (2, 1, "inprocess")
 
 
-def test_queue_past_the_latency_limit_is_503(gated_server):
-    url, log, gate = gated_server
-    gate.touch()
-    assert poll(lambda: httpx.get(f"{url}/readyz").status_code, until=lambda status: status == 200, attempts=2000) == 200
-    data = encode(picture(6), "JPEG")
-
-    def burst() -> list[httpx.Response]:
-        barrier = threading.Barrier(16)
-
-        def one(_: int) -> httpx.Response:
-            with httpx.Client(base_url=url, timeout=60) as c:
-                barrier.wait()
-                return classify(c, data)
-
-        with ThreadPoolExecutor(16) as pool:
-            return list(pool.map(one, range(16)))
-
-    for _ in range(20):  # until one request waits over 1 ms behind a forward pass
-        overloaded = [r for r in burst() if r.status_code == 503]
-        if overloaded:
-            break
-    assert overloaded, "16 concurrent requests never waited past a 1 ms queue limit"
-    assert overloaded[0].json() == {"error": "the model is overloaded; retry shortly"}
-    assert "Traceback" not in log.read_text()
+# The batch-queue latency limit (503 "overloaded") is tested deterministically, on a fake clock
+# with a held forward pass, in test_serving_decisions.py (the batcher, and InProcessModel's 503);
+# a burst of real requests against a 1 ms limit only shows it when the machine happens to be slow.
 
 
 # ------------------------------------------------------------------------------ bad settings

@@ -3,13 +3,15 @@ callbacks do what configs/cifar10_30min.yaml relies on, in real `vit-train fit` 
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, eval_logits, macro_accuracy, run_cli
 from training.callbacks import ProgressiveResize, TimeBudget
 
 RECIPE = REPO / "configs/cifar10_30min.yaml"
@@ -43,15 +45,31 @@ def test_budget_stops_training_and_validates_once(demo_data: Path, tmp_path: Pat
     callbacks = [
         {"class_path": "training.callbacks.TimeBudget", "init_args": {"minutes": 0.01}},
         {"class_path": "training.callbacks.ProgressiveResize", "init_args": {"schedule": [[0.0, 16], [0.5, 32]]}},
+        {"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(tmp_path)}},
     ]
-    result = run_cli("vit-train", "fit", "--config", str(_recipe_on(demo_data, tmp_path, callbacks)))
+    # bf16-mixed as given (the config's `auto` measures, and may pick fp32 on a busy or older CPU).
+    result = run_cli("vit-train", "fit", "--config", str(_recipe_on(demo_data, tmp_path, callbacks)),
+                     "--trainer.precision", "bf16-mixed", env={"PYTHONPATH": str(REPO)})  # the probe comes from tests/
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time budget spent after" in result.stdout
     last = max(tmp_path.rglob("last*.ckpt"), key=lambda f: f.stat().st_mtime)
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     steps_per_epoch = 72 // 8  # 6 classes x 12 training images, batch 8
     assert 1 <= ckpt["global_step"] < 1000 * steps_per_epoch
-    assert 0.0 <= ckpt["vit_service"]["val_acc1"] <= 1.0  # the forced final validation ran
+    # Validated exactly once (no sanity check counted), at the end: one val row in metrics.csv.
+    with open(last.parent.parent / "metrics.csv") as f:
+        val_rows = [r for r in csv.DictReader(f) if r.get("val/acc1")]
+    assert len(val_rows) == 1
+    (probe_val,) = json.loads((tmp_path / "rank0.json").read_text())["val_metrics"]
+    # The recorded score is the real one: the checkpoint's model over the whole val folder, here,
+    # under the same bf16 autocast as the run.
+    logits, y = eval_logits(last, bf16=True)
+    assert ckpt["vit_service"]["val_acc1"] == pytest.approx(macro_accuracy(logits, y), abs=1e-6)
+    assert float(val_rows[0]["val/acc1"]) == pytest.approx(ckpt["vit_service"]["val_acc1"], abs=1e-6)
+    assert probe_val["val/acc1"] == pytest.approx(ckpt["vit_service"]["val_acc1"], abs=1e-6)
+    # --trainer.precision bf16-mixed really trained under autocast: block 0's first MLP layer computed in bf16.
+    dtypes = json.loads((tmp_path / "rank0.json").read_text())["block0_dtypes"]
+    assert dtypes and set(dtypes) == {"torch.bfloat16"}
 
 
 def test_time_budget_schedule_warms_up_peaks_and_ends_at_min() -> None:

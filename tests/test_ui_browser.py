@@ -10,6 +10,7 @@ saves the page's screenshot there).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -155,3 +156,90 @@ def test_page_asks_for_the_api_key_once(browser, keyed_model_server, tmp_path: P
     finally:
         context.close()
     assert_only_local(requested, url)
+
+
+def _picture(path: Path, shape: str, seed: int) -> bytes:
+    from training.demo_data import draw_image
+
+    draw_image(shape, np.random.default_rng(seed)).save(path, quality=90)
+    return path.read_bytes()
+
+
+# Hands the page a File made from the given bytes, as a drop on #drop or a paste on the document
+# (what the browser does for a dragged file or Ctrl+V of a copied image).
+_DROP = """([bytes, name]) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(bytes)], name, { type: "image/jpeg" }));
+  const drop = document.getElementById("drop");
+  drop.dispatchEvent(new DragEvent("dragover", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  const over = drop.classList.contains("over");
+  drop.dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+  return [over, drop.classList.contains("over")];
+}"""
+_PASTE = """([bytes, name]) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([new Uint8Array(bytes)], name, { type: "image/jpeg" }));
+  document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: dt, bubbles: true, cancelable: true }));
+}"""
+
+
+# A fingerprint of the overlay as the page shows it (drawn to a canvas), to compare with the
+# server's own /explain PNG for a method: a weighted sum of every RGBA byte.
+_OVERLAY_FINGERPRINT = """() => {
+  const img = document.getElementById("overlay");
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  let s = 0;
+  for (let i = 0; i < d.length; i++) s += d[i] * ((i % 7) + 1);
+  return [c.width, c.height, s];
+}"""
+
+
+def _served_overlay(url: str, data: bytes, method: str) -> list[int]:
+    from PIL import Image
+
+    r = httpx.post(f"{url}/explain", files={"image": ("x.jpg", data, "image/jpeg")},
+                   data={"format": "png", "method": method}, timeout=60)
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(r.content)) as img:
+        rgba = np.asarray(img.convert("RGBA"), np.int64)
+    weights = (np.arange(rgba.size) % 7) + 1
+    return [rgba.shape[1], rgba.shape[0], int((rgba.reshape(-1) * weights).sum())]
+
+
+def test_drag_paste_and_method_switch(page, url, tmp_path: Path) -> None:
+    dropped, pasted = _picture(tmp_path / "a.jpg", "triangle", 3), _picture(tmp_path / "b.jpg", "circle", 4)
+    expected = {name: [p["label"] for p in httpx.post(f"{url}/classify", files={"image": data}).json()["predictions"]]
+                for name, data in (("dropped.jpg", dropped), ("pasted.jpg", pasted))}
+    overlays = {(name, m): _served_overlay(url, data, m) for name, data in (("dropped", dropped), ("pasted", pasted))
+                for m in ("rollout", "grad")}
+    assert overlays[("dropped", "rollout")] != overlays[("dropped", "grad")]  # the methods' maps differ
+    page.goto(url + "/")
+    expect(page.locator("#model")).to_contain_text("4 classes", timeout=60_000)
+
+    # Drag and drop: the zone lights up while a file is over it, and the dropped file is classified.
+    assert page.evaluate(_DROP, [list(dropped), "dropped.jpg"]) == [True, False]
+    expect(page.locator("#status")).to_have_text("Top 4 for dropped.jpg", timeout=60_000)
+    assert page.locator("#labels .label").all_text_contents() == expected["dropped.jpg"]
+    page.wait_for_selector("#toggle:enabled")  # its attention map (rollout, the default) arrived
+    page.check("#toggle")
+    assert page.evaluate(_OVERLAY_FINGERPRINT) == overlays[("dropped", "rollout")]
+
+    # Method switch: choosing the gradient method explains the same image again with it.
+    rollout_src = page.get_attribute("#overlay", "src")
+    page.select_option("#method", "grad")
+    expect(page.locator("#overlay")).not_to_have_attribute("src", rollout_src, timeout=60_000)
+    page.wait_for_selector("#toggle:enabled")
+    assert page.is_visible("#overlay")
+    assert page.evaluate(_OVERLAY_FINGERPRINT) == overlays[("dropped", "grad")]
+
+    # Paste: a file on the clipboard is classified, and explained with the method chosen.
+    page.evaluate(_PASTE, [list(pasted), "pasted.jpg"])
+    expect(page.locator("#status")).to_have_text("Top 4 for pasted.jpg", timeout=60_000)
+    assert page.locator("#labels .label").all_text_contents() == expected["pasted.jpg"]
+    page.wait_for_selector("#toggle:enabled")
+    assert page.evaluate(_OVERLAY_FINGERPRINT) == overlays[("pasted", "grad")]
+    assert_only_local(page.requested, url)

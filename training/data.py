@@ -161,7 +161,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training and isinstance(self.datasets.get("train"), DecodedImages):
+        # Only loader batches (images, labels): Lightning's model summary also passes the module's
+        # example_input_array (one float tensor) through this hook at the start of fit.
+        if (self.trainer is not None and self.trainer.training and isinstance(self.datasets.get("train"), DecodedImages)
+                and isinstance(batch, (list, tuple)) and len(batch) == 2):
             images, labels = batch  # (B, 3, S, S) uint8 on the training device
             batch = [self.batch_augment.to(images.device)(images), labels]
         return batch

@@ -47,6 +47,12 @@ def make_explainer(predictor: ImagePredictor, model_path: str) -> Any:
     return Explainer(model, predictor.artifact, getattr(predictor, "device", "cpu"))
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def describe_model(predictor: ImagePredictor, settings: Settings, tag: Any) -> dict[str, Any]:
     """What the front needs to prepare inputs and label outputs, and what /model_info shows."""
     artifact = predictor.artifact
@@ -60,6 +66,7 @@ def describe_model(predictor: ImagePredictor, settings: Settings, tag: Any) -> d
         "model_config": artifact.config.to_dict(),
         # Keys starting with "_" (e.g. Lightning's "_instantiator") are internal.
         "metadata": {k: v for k, v in artifact.metadata.items() if not str(k).startswith("_")},
-        "serving": {**predictor.describe(), "batching": settings.batching,
+        # torch_threads: the intra-op threads torch really uses in this process (VIT_TORCH_THREADS).
+        "serving": {**predictor.describe(), "torch_threads": _torch_threads(), "batching": settings.batching,
                     "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms},
     }

@@ -141,8 +141,11 @@ class ViTClassifier:
         model is warm. (Not `self.model_info()`: BentoML routes a call to its own API through HTTP.)"""
         description = (await self.model.describe()).description
         limits = {"max_images_per_request": SETTINGS.max_images, "max_body_bytes": SETTINGS.max_body_bytes,
-                  "max_image_pixels": SETTINGS.max_image_pixels, **SETTINGS.describe()}
-        return {**description, "serving": {**description["serving"], **limits}}
+                  "max_image_pixels": SETTINGS.max_image_pixels}
+        # The live objects over the settings that asked for them: the model process's torch
+        # threads (from the description) and this front's decode pool.
+        live = {"decode_threads": self.decode_pool._max_workers}
+        return {**description, "serving": {**SETTINGS.describe(), **description["serving"], **limits, **live}}
 
     # ------------------------------------------------------------------------ pages
 

@@ -1,0 +1,317 @@
+"""The serving decisions as unit tests, on given inputs instead of the host and the clock:
+
+- the in-process batcher (batcher.py): a request that finds the model idle is forwarded at once
+  (no added wait), requests that queue during a pass merge into the next one up to the batch-size
+  cap, and a request queued past the latency limit gets 503 (a fake clock, a gated forward pass);
+- VIT_BATCHING=0 and VIT_MAX_LATENCY_MS through the real InProcessModel on the tiny model;
+- VIT_MODE=auto (split with CUDA), and the host-derived defaults, from the settings with CUDA
+  present or absent;
+- the GPU path of the Predictor (autocast dtype, channels-last, pinned memory, non-blocking copy)
+  on a host without a GPU, with the CUDA-only calls recorded instead of run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vit_service.serving import batcher as batcher_module
+from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
+
+
+def _images(n: int, value: int = 0) -> np.ndarray:
+    return np.full((n, 3, 4, 4), value, np.uint8)
+
+
+class _Harness:
+    """A forward pass that blocks until released, a recording executor, and a fake clock."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(batcher_module.time, "perf_counter", lambda: self.now)
+        self.release = threading.Event()
+        self.passes: list[list[int]] = []  # per forward pass: the first pixel of each image (who)
+        self.submitted = 0  # forward passes handed to the forward thread (synchronously, in the loop)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.release.wait(timeout=60)
+        self.passes.append(x[:, 0, 0, 0].tolist())
+        return np.repeat(x[:, :1, 0, 0].astype(np.float32), 2, axis=1)  # (B, 2): echoes who
+
+    def batcher(self, max_batch_size: int, max_latency_s: float = 1.0) -> AdaptiveBatcher:
+        b = AdaptiveBatcher(self.forward, max_batch_size=max_batch_size, max_latency_s=max_latency_s)
+        real_submit = b._thread.submit
+
+        def submit(*args, **kwargs):
+            self.submitted += 1
+            return real_submit(*args, **kwargs)
+
+        b._thread.submit = submit  # type: ignore[method-assign]
+        return b
+
+
+async def _yield(times: int = 5) -> None:
+    for _ in range(times):
+        await asyncio.sleep(0)  # give the loop a turn; no time passes (on any clock)
+
+
+def test_idle_model_forwards_at_once_and_queued_requests_merge_up_to_the_cap(monkeypatch) -> None:
+    h = _Harness(monkeypatch)
+
+    async def main():
+        b = h.batcher(max_batch_size=8)
+        first = asyncio.ensure_future(b(_images(2, 1)))
+        await _yield()
+        # Idle: the pass was handed to the forward thread within a few loop turns, with no time
+        # passing and no second request to wait for.
+        assert h.submitted == 1
+        # While it runs (blocked), three requests of 3 images queue: the next pass takes the
+        # first two (6 images; a third would make 9 > 8), the one after that the last.
+        queued = [asyncio.ensure_future(b(_images(3, v))) for v in (2, 3, 4)]
+        await _yield()
+        assert h.submitted == 1  # nothing more starts while the model is busy
+        h.release.set()
+        results = await asyncio.gather(first, *queued)
+        b.close()
+        return results
+
+    results = asyncio.run(main())
+    assert h.passes == [[1, 1], [2, 2, 2, 3, 3, 3], [4, 4, 4]]
+    (probs, timing), *rest = results
+    assert probs[:, 0].tolist() == [1.0, 1.0] and timing.queue_s == 0.0 and timing.batch_size == 2
+    assert [t.batch_size for _, t in rest] == [6, 6, 3]
+    assert [p[:, 0].tolist() for p, _ in rest] == [[2.0] * 3, [3.0] * 3, [4.0] * 3]  # each gets its own rows
+
+
+def test_a_request_larger_than_the_cap_still_goes_alone(monkeypatch) -> None:
+    h = _Harness(monkeypatch)
+    h.release.set()
+
+    async def main():
+        b = h.batcher(max_batch_size=4)
+        out = await b(_images(6, 7))
+        b.close()
+        return out
+
+    probs, timing = asyncio.run(main())
+    assert h.passes == [[7] * 6] and timing.batch_size == 6 and probs.shape == (6, 2)
+
+
+def test_queued_past_the_latency_limit_is_overloaded(monkeypatch) -> None:
+    h = _Harness(monkeypatch)
+
+    async def main():
+        b = h.batcher(max_batch_size=8, max_latency_s=1.0)
+        busy = asyncio.ensure_future(b(_images(1, 1)))
+        await _yield()
+        late = asyncio.ensure_future(b(_images(1, 2)))  # queued at t = 0
+        await _yield()
+        h.now = 1.5  # the running pass took 1.5 s: `late` waited past the 1 s limit
+        on_time = asyncio.ensure_future(b(_images(1, 3)))  # queued at t = 1.5
+        await _yield()
+        h.release.set()
+        results = await asyncio.gather(busy, late, on_time, return_exceptions=True)
+        b.close()
+        return results
+
+    busy, late, on_time = asyncio.run(main())
+    assert isinstance(late, Overloaded)
+    assert busy[0][0, 0] == 1.0 and on_time[0][0, 0] == 3.0 and on_time[1].queue_s == 0.0
+    assert h.passes == [[1], [3]]  # the late one never reached the model
+
+
+# ------------------------------------------------------------ InProcessModel with real settings
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service_fixtures import build_tiny_model
+
+    model, artifact = build_tiny_model()
+    return artifact.save(model, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _in_process_model(model_dir: Path, env: dict[str, str]):
+    from vit_service.serving.model_handle import InProcessModel
+    from vit_service.serving.settings import Settings
+
+    settings = Settings.from_env({"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp32", **env})
+    model = InProcessModel(settings, str(model_dir), "tiny:test")
+    assert model.warm.wait(timeout=300)
+    return model
+
+
+def _concurrent_passes(model, n: int) -> list[int]:
+    """n one-image requests while the first forward pass is held: the sizes of the passes."""
+    release, sizes = threading.Event(), []
+    real = model.batcher.forward
+
+    def held(x):
+        release.wait(timeout=60)
+        sizes.append(len(x))
+        return real(x)
+
+    model.batcher.forward = held
+
+    async def main():
+        first = asyncio.ensure_future(model.predict(np.zeros((1, 3, 32, 32), np.uint8), {}))
+        await _yield()
+        rest = [asyncio.ensure_future(model.predict(np.zeros((1, 3, 32, 32), np.uint8), {})) for _ in range(n - 1)]
+        await _yield()
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    out = asyncio.run(main())
+    assert all(p.shape == (1, 4) for p in out)
+    return sizes
+
+
+def test_vit_batching_0_is_one_forward_pass_per_request(tiny_model_dir: Path) -> None:
+    assert _concurrent_passes(_in_process_model(tiny_model_dir, {}), 4) == [1, 3]  # batching: merged
+    assert _concurrent_passes(_in_process_model(tiny_model_dir, {"VIT_BATCHING": "0"}), 4) == [1, 1, 1, 1]
+
+
+def test_overloaded_batch_queue_is_a_503_with_its_message(tiny_model_dir: Path, monkeypatch) -> None:
+    from vit_service.serving.errors import OVERLOADED, RequestError
+
+    model = _in_process_model(tiny_model_dir, {"VIT_MAX_LATENCY_MS": "1000"})
+    assert model.batcher.max_latency_s == 1.0
+    now = [0.0]
+    monkeypatch.setattr(batcher_module.time, "perf_counter", lambda: now[0])
+    release = threading.Event()
+    real = model.batcher.forward
+
+    def held(x):
+        release.wait(timeout=60)
+        return real(x)
+
+    model.batcher.forward = held
+
+    async def main():
+        pixels = np.zeros((1, 3, 32, 32), np.uint8)
+        first = asyncio.ensure_future(model.predict(pixels, {}))
+        await _yield()
+        late = asyncio.ensure_future(model.predict(pixels, {}))
+        await _yield()
+        now[0] = 2.0
+        release.set()
+        return await asyncio.gather(first, late, return_exceptions=True)
+
+    first, late = asyncio.run(main())
+    assert first.shape == (1, 4)
+    assert isinstance(late, RequestError) and late.status == 503 and late.message == OVERLOADED
+    assert OVERLOADED == "the model is overloaded; retry shortly"  # the README's 503 "overloaded"
+
+
+# ------------------------------------------------------------------------- host decisions
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_mode_and_host_defaults_follow_cuda(monkeypatch, cuda: bool) -> None:
+    from vit_service.serving import settings as settings_module
+    from vit_service.serving.settings import Settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(settings_module, "host_cores", lambda: 8)
+    s = Settings.from_env({})
+    if cuda:  # README: split chosen automatically with CUDA; the GPU defaults
+        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("split", 7, 2, 64)
+    else:
+        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, 2, 16)  # decode: cores // 4
+    # An explicit mode, or VIT_DEVICE=cpu on a CUDA host, wins over the host.
+    assert Settings.from_env({"VIT_MODE": "inprocess"}).mode == "inprocess"
+    assert Settings.from_env({"VIT_DEVICE": "cpu"}).mode == "inprocess"
+    assert Settings.from_env({"VIT_TORCH_THREADS": "3"}).torch_threads == 3
+    assert Settings.from_env({}).torch_threads is None  # unset: torch's own (one per core)
+
+
+class _Recorder:
+    """Records the CUDA-only calls of the Predictor's GPU path and runs the rest on the CPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple] = []
+        real_to = torch.Tensor.to
+        recorder = self
+
+        def tensor_to(t, *args, **kwargs):
+            if any(isinstance(a, torch.device) and a.type == "cuda" for a in args):
+                recorder.calls.append(("to", str(args[0]), kwargs.get("non_blocking", False)))
+                return t
+            return real_to(t, *args, **kwargs)
+
+        def pin_memory(t, *args, **kwargs):
+            recorder.calls.append(("pin_memory",))
+            return t
+
+        real_contiguous = torch.Tensor.contiguous
+
+        def contiguous(t, *args, **kwargs):
+            if kwargs.get("memory_format") is torch.channels_last:
+                recorder.calls.append(("contiguous", "channels_last"))
+            return real_contiguous(t, *args, **kwargs)
+
+        real_autocast = torch.autocast
+
+        def autocast(device_type, dtype=None, enabled=True, **kwargs):
+            recorder.calls.append(("autocast", device_type, dtype, enabled))
+            return real_autocast("cpu", dtype=torch.bfloat16, enabled=False)
+
+        monkeypatch.setattr(torch.Tensor, "to", tensor_to)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+        monkeypatch.setattr(torch, "autocast", autocast)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_backend_flags():
+    """The GPU path sets cuDNN benchmark and TF32 globally: put them back after each test."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _predictor(device: str, precision: str, monkeypatch, bf16_supported: bool = True):
+    from service_fixtures import build_tiny_model
+    from vit_service.inference import Predictor
+
+    model, artifact = build_tiny_model()
+    moved = []
+    real_module_to = torch.nn.Module.to
+
+    def module_to(m, *args, **kwargs):  # the model stays on the CPU; where it was sent is recorded
+        moved.append((args, kwargs))
+        if any(isinstance(a, torch.device) and a.type == "cuda" for a in args):
+            return m
+        if kwargs.get("memory_format") is torch.channels_last:
+            return m
+        return real_module_to(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", module_to)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    return Predictor(model, artifact, torch.device(device), precision=precision), moved
+
+
+@pytest.mark.parametrize("bf16_supported, dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_gpu_path_autocasts_channels_last_pinned_non_blocking(monkeypatch, bf16_supported: bool, dtype) -> None:
+    predictor, moved = _predictor("cuda", "auto", monkeypatch, bf16_supported)
+    assert predictor.precision == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    assert predictor.channels_last and predictor.describe()["channels_last"] is True
+    assert ((torch.device("cuda"),), {}) in moved and ((), {"memory_format": torch.channels_last}) in moved
+    assert torch.backends.cudnn.benchmark is True
+    rec = _Recorder(monkeypatch)
+    probs = predictor.predict_proba(np.zeros((2, 3, 32, 32), np.uint8))
+    assert probs.shape == (2, 4) and probs.dtype == np.float32
+    assert rec.calls == [("pin_memory",), ("to", "cuda", True), ("contiguous", "channels_last"),
+                         ("autocast", "cuda", dtype, True)]
+
+
+def test_cpu_path_has_none_of_the_gpu_steps(monkeypatch) -> None:
+    predictor, moved = _predictor("cpu", "fp32", monkeypatch)
+    assert not predictor.channels_last and predictor.describe()["channels_last"] is False
+    assert all(kwargs.get("memory_format") is None for _, kwargs in moved)
+    rec = _Recorder(monkeypatch)
+    predictor.predict_proba(np.zeros((2, 3, 32, 32), np.uint8))
+    assert rec.calls == [("autocast", "cpu", torch.float32, False)]
