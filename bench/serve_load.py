@@ -44,7 +44,6 @@ import shutil
 import signal
 import statistics
 import sys
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from vit_service.host import describe_host, host_line
-from vit_service.serving.local_server import free_port, local_server
+from vit_service.serving.local_server import free_port, local_server, server_process
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -430,31 +429,9 @@ def litserve_server(log_path: Path, model_dir: Path, env: dict[str, str], device
     accelerator = {"auto": "auto", "cpu": "cpu"}.get(device, "cuda")
     cmd = [sys.executable, str(REPO / "bench" / "litserve_service.py"), "--model-dir", str(model_dir),
            "--port", str(port), "--accelerator", accelerator]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + ready_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the LitServe server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"LitServe not ready in {ready_timeout} s:\n{log_path.read_text()[-4000:]}")
-                time.sleep(0.25)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    # /health answers 200 once LitServe's workers have run setup
+    with server_process(cmd, port, log_path, env, ready_timeout, REPO, "/health", name="the LitServe server") as url:
+        yield url
 
 
 def served_precision(url: str) -> str | None:

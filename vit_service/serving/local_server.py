@@ -55,8 +55,18 @@ def local_server(log_path: Path, env: dict[str, str] | None = None, target: str 
     The server runs in its own process group, which is always terminated afterwards.
     """
     port = free_port()
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    with server_process(cmd, port, log_path, {"BENTOML_DO_NOT_TRACK": "true", **(env or {})}, ready_timeout, cwd,
+                        ready_path, name="bentoml serve") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], port: int, log_path: Path, env: dict[str, str], ready_timeout: float,
+                   cwd: Path = REPO, ready_path: str = "/readyz", name: str = "the server") -> Iterator[str]:
+    """Runs `cmd` (a server listening on 127.0.0.1:`port`) in its own process group, logging to
+    `log_path`; yields its URL once `ready_path` answers 200, and always terminates the group."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -65,12 +75,12 @@ def local_server(log_path: Path, env: dict[str, str] | None = None, target: str 
             deadline = time.monotonic() + ready_timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not ready in {ready_timeout} s:\n{log_path.read_text()[-4000:]}")
+                    raise TimeoutError(f"{name} not ready in {ready_timeout} s:\n{log_path.read_text()[-4000:]}")
                 time.sleep(0.25)
             yield url
         finally:
