@@ -220,12 +220,18 @@ def test_mode_and_host_defaults_follow_cuda(monkeypatch, cuda: bool) -> None:
     if cuda:  # README: split chosen automatically with CUDA; the GPU defaults
         assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("split", 7, 2, 64)
     else:
-        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", 1, 2, 16)  # decode: cores // 4
+        # two workers where memory allows (tests/test_faults.py tests that rule), each with its share of the
+        # cores: a quarter of it decoding, the rest the model's
+        workers = settings_module.cpu_workers(8, settings_module.available_memory(), 0)
+        decode = max(1, (8 // workers) // 4)
+        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", workers, decode, 16)
+        assert s.torch_threads == max(1, 8 // workers - decode)
     # An explicit mode, or VIT_DEVICE=cpu on a CUDA host, wins over the host.
     assert Settings.from_env({"VIT_MODE": "inprocess"}).mode == "inprocess"
     assert Settings.from_env({"VIT_DEVICE": "cpu"}).mode == "inprocess"
     assert Settings.from_env({"VIT_TORCH_THREADS": "3"}).torch_threads == 3
-    assert Settings.from_env({}).torch_threads is None  # unset: torch's own (one per core)
+    if cuda:  # unset on a GPU host: torch's own (one per core); on a CPU the share above
+        assert Settings.from_env({}).torch_threads is None
 
 
 class _Recorder:
