@@ -178,10 +178,13 @@ def test_threads_never_oversubscribe_the_cores(monkeypatch) -> None:
     for var in ("VIT_DECODE_THREADS", "VIT_TORCH_THREADS", "VIT_MODE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("VIT_DEVICE", "cpu")
-    for cores, decode, model in ((2, 1, 1), (4, 1, 3), (8, 2, 6), (16, 4, 12)):
+    # Each front worker gets its share of the cores (cores / workers): a quarter decoding, the rest the model's.
+    for workers, cores, decode, model in ((1, 2, 1, 1), (1, 4, 1, 3), (1, 8, 2, 6), (1, 16, 4, 12),
+                                          (2, 2, 1, 1), (2, 8, 1, 3), (2, 16, 2, 6)):
+        monkeypatch.setenv("VIT_WORKERS", str(workers))
         monkeypatch.setattr(settings, "host_cores", lambda c=cores: c)
         s = settings.Settings.from_env()
-        assert (s.decode_threads, s.model_threads) == (decode, model)
+        assert (s.decode_threads, s.model_threads) == (decode, model), (workers, cores)
         assert s.describe()["torch_threads"] == model
     monkeypatch.setenv("VIT_TORCH_THREADS", "2")
     assert settings.Settings.from_env().model_threads == 2  # an explicit setting wins
