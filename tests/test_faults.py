@@ -151,7 +151,9 @@ def test_two_workers_absorb_a_worker_crash(store, tmp_path):
     probe_answers = [s for _, s in load.probes if s != 0]
     assert probe_answers and set(probe_answers) == {200}, load.probes
     assert sum(1 for _, s in load.probes if s == 0) <= 1  # at most the one probe in flight at the kill
-    assert log.read_text().count("warming up before accepting connections") == 2  # worker 2, the replacement
+    # worker 2 and the replacement at least (under a loaded CI host worker 1 can lose the race to be
+    # the first warm one and then warm up before accepting too; the answers above are what matters)
+    assert log.read_text().count("warming up before accepting connections") >= 2
     assert_clean_log(log)
 
 
@@ -190,6 +192,7 @@ def test_one_worker_is_unready_until_the_new_worker_is_warm(store, tmp_path):
     assert_clean_log(log)
 
 
+@pytest.mark.slow  # a third gated two-worker server (~1 min); the kill tests above stay in the fast set
 def test_first_start_a_cold_worker_holds_requests_once_another_serves(store, tmp_path):
     """Two workers, each with its own warm-up gate: worker 2 (warming before it takes a
     connection) gets warm first while worker 1 (the one taking connections while it warms) is
@@ -229,6 +232,7 @@ def test_first_start_a_cold_worker_holds_requests_once_another_serves(store, tmp
     assert_clean_log(log)
 
 
+@pytest.mark.slow  # split mode's two services and a kill (~1 min); bentoml_compat's unit test covers its /readyz patch
 def test_split_mode_front_answers_when_a_model_worker_dies(store, tmp_path):
     """Split mode on a CPU: two model-service workers. A model worker killed mid-request is a
     dropped connection to the front, which calls the other worker again (the call is idempotent)

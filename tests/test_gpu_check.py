@@ -4,6 +4,7 @@ every number finite, the rates above zero, the table beside it."""
 
 from __future__ import annotations
 
+import pytest
 import json
 import math
 import os
@@ -73,6 +74,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert "DRY RUN" in table and "| ours | compile | bf16 |" in table and "| split | 1 |" in table
 
 
+@pytest.mark.slow  # a second dry run cut by its time limit (~40 s of CPU); the dry run itself stays in the fast set
 def test_time_limit_keeps_the_finished_sections(tmp_path: Path) -> None:
     """SIGTERM (what gpu_check.sh's `timeout` sends) during a section: the sections before it stay
     in the JSON, the cut one is named, the exit status is 124, and no server is left behind."""

@@ -81,6 +81,7 @@ def test_pinned_starts_processes_on_the_given_core_and_restores() -> None:
 
 
 @TWO_CORES
+@pytest.mark.slow  # a pinned load run with two servers (~1 min); pinned() and the peer's answers stay in the fast set
 def test_pinned_run_with_the_litserve_peer(tmp_path: Path) -> None:
     out = tmp_path / "serve_load.json"
     proc = run_serve_load("--pin", "--raw-int8", "--setups", "raw,litserve", "--preset", "vit_demo_patch8_64", "--clients", "1",
