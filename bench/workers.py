@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from serve_load import DEFAULT_IMAGES, load_images, load_level, machine_info, prepare_model  # noqa: E402
+from serve_load import IMAGES_ENV, load_images, load_level, machine_info, prepare_model  # noqa: E402
 
 from vit_service.serving.local_server import local_server, server_processes  # noqa: E402
 
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["compare", "kill"])
     p.add_argument("--preset", default="vit_tiny_patch16_224")
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of JPEGs (searched recursively)")
+    p.add_argument("--images", type=Path, default=os.environ.get(IMAGES_ENV) or None,
+                   help=f"folder of JPEGs (searched recursively); default ${IMAGES_ENV}, else generated images")
     p.add_argument("--image-kind", default="mix", choices=["small", "photo", "mix"])
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--precision", default="fp32", help="VIT_PRECISION of the servers (fp32: no timing at warm-up)")
