@@ -87,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of raw,batched,unbatched,naive,split,litserve")
     p.add_argument("--raw-int8", action="store_true",
                    help="also run the raw loop on onnxruntime dynamic int8 (what vit-export --int8 writes): "
-                        "the int8 ceiling beside the peers, until the service serves int8 here")
+                        "the int8 ceiling beside the peers")
+    p.add_argument("--int8", action="store_true",
+                   help="the generated model also holds model.int8.onnx with its record (vit-export --int8's), "
+                        "agreement measured on the benchmark's JPEGs; then --precision int8 serves it")
     p.add_argument("--pin", action="store_true",
                    help="servers and the raw loop on one core with one torch thread, the load client on another")
     p.add_argument("--precision", default="auto",
@@ -124,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--pin runs one torch thread: leave out --threads")
         args.threads = 1
         args.server_cores, args.client_cores = {cores[0]}, {cores[1]}
+    if args.int8 and args.model_tag:
+        p.error("--int8 adds int8 to the generated model; for a store model, export it with vit-export --int8")
     if args.images is not None and not args.images.exists():
         p.error(f"--images {args.images}: no such file or folder")
     if max(args.clients) >= args.max_concurrency:
@@ -189,8 +194,11 @@ def load_images(source: Path | None, kind: str, n: int) -> list[tuple[str, bytes
     return out
 
 
-def prepare_model(args: argparse.Namespace, home: Path) -> tuple[str, Path]:
-    """(model tag, model directory). Sets BENTOML_HOME to `home` unless --model-tag is given."""
+def prepare_model(args: argparse.Namespace, home: Path,
+                  images: list[tuple[str, bytes]] | None = None) -> tuple[str, Path]:
+    """(model tag, model directory). Sets BENTOML_HOME to `home` unless --model-tag is given.
+    With --int8, the model also holds model.int8.onnx and its record, as `vit-export --int8`
+    writes them, the agreement with fp32 measured on `images` (the benchmark's JPEGs)."""
     if args.model_tag:
         import bentoml
 
@@ -212,10 +220,22 @@ def prepare_model(args: argparse.Namespace, home: Path) -> tuple[str, Path]:
                              preprocessing=Preprocessing(image_size=config.image_size),
                              metadata={"trained_by": "bench/serve_load.py (random init)"})
     write_onnx = None
-    if args.onnx:  # model.onnx beside the weights, for --server-env VIT_BACKEND=onnxruntime|auto
+    if args.onnx or getattr(args, "int8", False):  # model.onnx beside the weights (VIT_BACKEND=onnxruntime|auto)
         from vit_service.formats.onnx_export import export_onnx
 
-        write_onnx = lambda folder: export_onnx(model, folder)  # noqa: E731
+        staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=home.parent))
+        onnx_file = export_onnx(model, staging)
+        if getattr(args, "int8", False):
+            from vit_service.quantize import build_int8
+
+            calib = staging / "calib"  # measure_agreement reads files: the benchmark's JPEGs, unlabelled
+            calib.mkdir()
+            for name, data in images or []:
+                (calib / name).write_bytes(data)
+            artifact.int8 = build_int8(model, artifact, onnx_file, staging,
+                                       [(str(p), None) for p in sorted(calib.iterdir())],
+                                       "bench/serve_load.py's JPEGs", log=lambda line: print(f"  {line}"))
+        write_onnx = lambda folder: [shutil.copy(f, folder) for f in staging.glob("*.onnx")]  # noqa: E731
     tag = save_to_bentoml("vit-bench", model, artifact, write_extra=write_onnx).tag
     return str(tag), Path(bentoml.models.get(tag).path)  # its path in the store, not the staging one
 
@@ -607,12 +627,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
     with tempfile.TemporaryDirectory(prefix="vit-serve-load-") as tmp:
-        tag, model_dir = prepare_model(args, Path(tmp) / "bentoml")
+        images = load_images(args.images, args.image_kind, args.num_images)
+        tag, model_dir = prepare_model(args, Path(tmp) / "bentoml", images)
         if not args.model_tag:
             print(f"saved random-init {args.preset} as {tag} in the temporary BENTOML_HOME {tmp}/bentoml")
         machine = machine_info(args.device)
         print(machine["host_line"])
-        images = load_images(args.images, args.image_kind, args.num_images)
         mean_kb = statistics.mean(len(d) for _, d in images) / 1024
         print(f"{len(images)} JPEGs in memory ({args.image_kind}, mean {mean_kb:.0f} KiB); {machine}")
         log_dir = args.log_dir or Path(tmp)
