@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml
 	  echo "==> installed in $$((SECONDS - start)) s"
 	@touch $(STAMP)
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures such as a served model
+# stay in one process): most tests wait on one core (a subprocess, a server start), so two keep
+# both cores busy. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" --durations=25
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -43,7 +43,7 @@ def test_make_serve_and_test_slow_targets_parse_and_select_the_slow_set() -> Non
     assert "bentoml serve vit_service.serving.service:ViTClassifier" in _make_n("serve")
     assert "VIT_MODEL_TAG=vit-classifier:latest" in _make_n("serve")
     assert re.search(r"python -m pytest -m slow$", _make_n("test-slow"), re.M)
-    assert re.search(r'python -m pytest -m "not slow"( --durations=\d+)?$', _make_n("test"), re.M)
+    assert re.search(r'python -m pytest -m "not slow" -n 2 --dist loadfile( --durations=\d+)?$', _make_n("test"), re.M)
     # The marker really splits the suite: the slow set holds the long tests, the fast set none of them.
     slow = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow", "tests/test_demo_command.py",
                            "tests/test_readme_promises.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
