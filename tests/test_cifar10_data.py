@@ -106,6 +106,7 @@ class _Evil:
     (lambda d: _tar_with(d, {f"cifar-10-batches-py/{n}": pickle.dumps(_Evil()) for n in
                              [*TRAIN_BATCHES, "test_batch", "batches.meta"]}), "refusing to load"),
 ])
+@pytest.mark.slow  # vit-data subprocesses for each wrong input (~25 s); the archive conversion stays fast
 def test_wrong_input_is_one_clear_error(tmp_path: Path, make, message: str) -> None:
     path = make(tmp_path)
     result = run_cli("vit-data", "cifar10", str(path), "--out", str(tmp_path / "out"))

@@ -65,6 +65,7 @@ def test_validate_reproduces_the_recorded_val_metrics(trained_run: Path, demo_da
     assert _column(rows, "val/loss") == [pytest.approx(recorded["val_loss"], abs=1e-5)]
 
 
+@pytest.mark.slow  # CLI runs (~35 s)
 def test_test_needs_and_uses_test_dir(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     last = trained_run / "checkpoints/last.ckpt"
     config = demo_config(tmp_path, demo_data)

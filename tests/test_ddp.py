@@ -23,6 +23,7 @@ def _full_set_metrics(ckpt_path: Path) -> dict[str, float]:
             "val/loss": float(F.cross_entropy(logits, y))}
 
 
+@pytest.mark.slow  # two DDP processes (~40 s); the DDP time-budget test stays fast
 def test_ddp_two_cpu_processes_sync_metrics(demo_data: Path, tmp_path: Path) -> None:
     probe = [{"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(tmp_path)}}]
     config = demo_config(tmp_path, demo_data, callbacks=probe, limit_train_batches=3, max_epochs=1)

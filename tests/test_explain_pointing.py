@@ -17,7 +17,10 @@ from training.pointing_game import PROBE_SPLIT, SHAPE_CLASSES, VARIANTS, pointin
 from vit_service.explain import Explainer
 from vit_service.formats.sources import load_model_source
 
-# Kept small for the default run: about a minute of CPU on 2 cores (data, 12 epochs, scoring).
+# A training run of its own (~90 s on an AVX2-only 2-core host): the slow set. The attention-map
+# methods themselves are tested fast in test_explain.py.
+pytestmark = pytest.mark.slow
+# Kept small: about a minute of CPU on 2 cores (data, 12 epochs, scoring).
 TRAIN_PER_CLASS, VAL_PER_CLASS, PROBE_PER_CLASS, EPOCHS = 60, 10, 10, 12
 
 

@@ -157,6 +157,7 @@ def test_two_workers_absorb_a_worker_crash(store, tmp_path):
     assert_clean_log(log)
 
 
+@pytest.mark.slow  # a gated one-worker server and a kill (~40 s); the two-worker kill test (the CPU default) stays fast
 def test_one_worker_is_unready_until_the_new_worker_is_warm(store, tmp_path):
     gate = tmp_path / "warmup-gate"
     log = tmp_path / "serve.log"

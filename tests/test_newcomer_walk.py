@@ -85,6 +85,7 @@ def test_the_docs_have_examples_and_the_old_failing_one_is_gone() -> None:
             assert split_line(line)[1] == 3, line
 
 
+@pytest.mark.slow  # every README command line run as a new user would (~3 min of subprocesses); each command's behaviour also has a fast test of its own
 @pytest.mark.parametrize("line", CHEAP)
 def test_readme_example_runs_on_the_demo_model(line: str, sandbox: tuple[Path, dict]) -> None:
     cwd, env = sandbox
@@ -104,6 +105,7 @@ def test_readme_example_runs_on_the_demo_model(line: str, sandbox: tuple[Path, d
         assert result.stdout.strip().startswith("vit-classifier:")  # the BentoML model was saved anyway
 
 
+@pytest.mark.slow  # CLI exports (~20 s); export's outputs are tested fast in test_training.py and test_run_layout.py
 def test_export_says_where_and_keeps_the_other_outputs(sandbox: tuple[Path, dict], tmp_path: Path) -> None:
     cwd, env = sandbox
     out = tmp_path / "out"
@@ -119,6 +121,7 @@ def test_export_says_where_and_keeps_the_other_outputs(sandbox: tuple[Path, dict
     assert re.search(r"note: the same weights were exported before as vit-classifier:\w+", result.stderr)
 
 
+@pytest.mark.slow  # a CLI run (~10 s); test_explain.py's CLI tests stay fast
 def test_explain_prints_the_explained_class_and_its_score(sandbox: tuple[Path, dict], tmp_path: Path) -> None:
     cwd, env = sandbox
     image = "data/demo/val/circle/00000.jpg"
@@ -170,6 +173,7 @@ def _fit_last(config: Path, root: Path, *extra: str) -> subprocess.CompletedProc
                    "--ckpt_path", "last", *extra)
 
 
+@pytest.mark.slow  # CLI runs (~35 s); the resume rules are tested in-process in test_run_layout.py
 def test_resuming_a_finished_run_is_refused_and_leaves_no_folder(trained_run: Path, demo_data: Path,
                                                                  tmp_path: Path) -> None:
     root = _copy_root(trained_run, tmp_path)  # version_0: 2 epochs of 2, finished
@@ -192,6 +196,7 @@ def test_resuming_a_finished_run_is_refused_and_leaves_no_folder(trained_run: Pa
     assert last["epoch"] == 1  # untouched
 
 
+@pytest.mark.slow  # CLI fits (~20 s); resume continuing the step count stays fast (test_training.py)
 def test_extending_a_run_says_so_and_epochs_are_numbered_from_0_everywhere(trained_run: Path, demo_data: Path,
                                                                           tmp_path: Path) -> None:
     root = _copy_root(trained_run, tmp_path)
@@ -217,6 +222,7 @@ def test_extending_a_run_says_so_and_epochs_are_numbered_from_0_everywhere(train
     assert "Total FLOPs: 0" not in result.stdout and "Total FLOPs:" in result.stdout
 
 
+@pytest.mark.slow  # a CLI run (~15 s); test_cli_promises.py keeps the test-dir rule
 def test_a_failed_test_command_leaves_no_run_folder(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     root = _copy_root(trained_run, tmp_path)
     before = sorted(p.name for p in root.iterdir())
@@ -227,6 +233,7 @@ def test_a_failed_test_command_leaves_no_run_folder(trained_run: Path, demo_data
     assert sorted(p.name for p in root.iterdir()) == before
 
 
+@pytest.mark.slow  # a CLI fit on shards (~25 s); test_shards.py::test_vit_train_fits_on_shards stays fast
 def test_training_from_shards_has_no_duplicate_data_warning(demo_data: Path, tmp_path: Path) -> None:
     for split in ("train", "val"):
         result = run_cli("vit-data", "optimize", str(demo_data / split), str(tmp_path / "shards" / split))

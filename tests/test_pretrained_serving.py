@@ -50,6 +50,7 @@ def assert_same_top_k(served: list[dict], probs: torch.Tensor, labels: list[str]
     assert np.allclose([p["score"] for p in served], expected.values.tolist(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # a server start (~50 s); loading a timm name from the cache stays fast in test_hub.py
 def test_serve_a_timm_name_without_training(tmp_path: Path) -> None:
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
 

@@ -52,6 +52,7 @@ def test_make_serve_and_test_slow_targets_parse_and_select_the_slow_set() -> Non
     assert "test_port_3000_by_default" not in slow.stdout
 
 
+@pytest.mark.slow  # vit-train --print_config through the script (~30 s)
 def test_slurm_script_parses_and_its_flags_are_real(tmp_path: Path) -> None:
     script = REPO / "scripts/slurm_train.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0

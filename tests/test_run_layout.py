@@ -54,6 +54,7 @@ def test_two_runs_write_only_under_their_own_root(runs: dict) -> None:
     assert "] step 1  train/loss " in runs["stdout"]["b"] and "] step 1 " not in runs["stdout"]["a"]
 
 
+@pytest.mark.slow  # two fits with validation (~70 s); test_newcomer_walk.py's --ckpt_path best test stays fast
 def test_ckpt_path_best_picks_the_best_checkpoint_not_the_last(runs: dict, demo_data: Path, tmp_path: Path) -> None:
     # A copy of run "a" (best: epoch 0, last: epoch 1), so the shared folder stays as fit left it.
     root = tmp_path / "root"

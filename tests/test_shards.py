@@ -179,6 +179,7 @@ def test_vit_train_fits_on_shards(shards: Path, demo_data: Path, tmp_path: Path)
     assert last["hyper_parameters"]["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())
 
 
+@pytest.mark.slow  # two CLI runs for two error messages (~30 s)
 def test_shards_need_a_val_dir_and_in_memory_refuses_them(shards: Path, demo_data: Path, tmp_path: Path) -> None:
     from tests.conftest import demo_config
 

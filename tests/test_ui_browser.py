@@ -121,6 +121,7 @@ def test_api_docs_are_local_and_ours(page, url) -> None:
     assert_only_local(page.requested, url)
 
 
+@pytest.mark.slow  # a second server with keys and a browser (~55 s); API keys over HTTP stay fast in test_auth.py
 def test_page_asks_for_the_api_key_once(browser, keyed_model_server, tmp_path: Path) -> None:
     """With API keys on (conftest.keyed_model_server), the page's first call gets a 401: it asks for
     the key, refuses a wrong one, keeps the right one in this tab's sessionStorage and sends it
