@@ -200,9 +200,11 @@ def test_shards_need_a_val_dir_and_in_memory_refuses_them(shards: Path, demo_dat
 @pytest.mark.slow  # ~45 s of three CLI runs for a known bug (strict xfail); the in-process resume test above stays fast
 @pytest.mark.xfail(strict=True, reason=(
     "found by this test (issue 18): resumed in a new `vit-train fit --ckpt_path last` process, the shard "
-    "loader sees the right number of batches (5) but other images than the rest of the epoch (repeats and "
-    "gaps); two fresh runs with the same seed also start with different batches, so the epoch order is not "
-    "reproducible across processes. The in-process resume test above passes. strict: fixing it turns this red."))
+    "loader sees the right number of batches (5) but replays the epoch's order from its start (its first "
+    "3 batches equal a fresh run's first 3) instead of after the 40 samples last.ckpt records (LitData's "
+    "state: num_samples_yielded 40 at step 4, one prefetched batch ahead). Fresh runs with the same seed do "
+    "give identical batches (checked 2026-12-02, 1 and 0 loader workers). The in-process resume test above "
+    "passes. strict: fixing it turns this red."))
 def test_vit_train_fit_ckpt_path_last_resumes_mid_epoch_without_repeats(shards: Path, demo_data: Path,
                                                                         tmp_path: Path) -> None:
     # Through the real CLI: a run killed at step 6 of an epoch's 9 (last.ckpt written at step 4),
