@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Two pytest-xdist workers, a test file each at a time (module fixtures such as a served model
-# stay in one process): most tests wait on one core (a subprocess, a server start), so two keep
-# both cores busy. TEST_WORKERS=0 runs them in this process.
+# stay in one process): one pytest process kept ~1.1 of 2 cores busy (most tests run a subprocess
+# or a server start on one core). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=25

@@ -220,12 +220,12 @@ def prepare_model(args: argparse.Namespace, home: Path,
                              preprocessing=Preprocessing(image_size=config.image_size),
                              metadata={"trained_by": "bench/serve_load.py (random init)"})
     write_onnx = None
-    if args.onnx or getattr(args, "int8", False):  # model.onnx beside the weights (VIT_BACKEND=onnxruntime|auto)
+    if args.onnx or args.int8:  # model.onnx beside the weights (VIT_BACKEND=onnxruntime|auto)
         from vit_service.formats.onnx_export import export_onnx
 
         staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=home.parent))
         onnx_file = export_onnx(model, staging)
-        if getattr(args, "int8", False):
+        if args.int8:
             from vit_service.quantize import build_int8
 
             calib = staging / "calib"  # measure_agreement reads files: the benchmark's JPEGs, unlabelled

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     if unknown := set(args.layouts) - set(LAYOUTS):
         p.error(f"unknown layout(s) {sorted(unknown)}")
-    args.model_tag, args.onnx = None, False  # what serve_load.prepare_model reads
+    args.model_tag, args.onnx, args.int8 = None, False, False  # what serve_load.prepare_model reads
     return args
 
 
