@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -115,6 +116,35 @@ def _served_top1(url: str, files: list[Path]) -> dict[str, str]:
             assert len(results) == len(chunk)
             labels.update({str(f): res["predictions"][0]["label"] for f, res in zip(chunk, results)})
     return labels
+
+
+def test_predict_sees_the_tensors_the_service_sees(tmp_path: Path) -> None:
+    """The fast, deterministic half of the skew check (it needs no trained model): for the skew
+    test's resized files, `vit-train predict`'s dataset gives bit for bit the tensor the service
+    builds from the same upload bytes (its `decode_upload`, JPEG draft on, then normalise), and
+    both equal PIL + torchvision alone. A decode that differs (no JPEG draft offline, another
+    resize) changes the input; a barely trained model's top-1 would hide it, this cannot."""
+    from training.demo_data import generate_demo_dataset
+    from training.predict import PredictFolderDataset
+    from vit_service.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing
+    from vit_service.serving.validation import decode_upload
+
+    from tests.conftest import reference_eval_transform
+
+    generate_demo_dataset(tmp_path / "src", seed=3, train_per_class=1, val_per_class=2)
+    files = _resized_copies(tmp_path / "src/val", tmp_path / "resized")
+    pre = Preprocessing(64, 1.0)  # resize 64: the 200x150 copies decode at half scale (draft)
+    dataset = PredictFolderDataset(tmp_path / "resized", pre)
+    assert [Path(p) for p in dataset.paths] == files and len(files) >= 8
+    assert any(min(Image.open(f).size) >= 2 * pre.resize_size for f in files)  # draft decoding in play
+    for i, path in enumerate(files):
+        offline, index, error = dataset[i]
+        _, served_u8 = decode_upload(path.name, path.read_bytes(), pre, DEFAULT_MAX_PIXELS, jpeg_draft=True)
+        served = pre.normalize(torch.from_numpy(served_u8)[None])[0]
+        assert (index, error) == (i, "")
+        torch.testing.assert_close(offline, served, rtol=0, atol=0, msg=f"{path.name}: predict != service")
+        torch.testing.assert_close(offline, reference_eval_transform(path, 64, pre.mean, pre.std),
+                                   rtol=0, atol=1e-5, msg=f"{path.name}: predict != PIL + torchvision")
 
 
 def skew_check(tmp_path: Path, config: Path, run: Path, heldout: Path) -> dict:

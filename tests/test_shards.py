@@ -19,6 +19,7 @@ from torch import nn
 from tests.conftest import run_cli
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError, ImageFolderDataset
+from training.module import ViTClassifier
 from training.shards import ShardDataset, optimize_folder
 from vit_service.serving.local_server import free_port
 
@@ -142,25 +143,51 @@ class _KillAtStep(Callback):
             raise _Killed(f"killed at step {self.step}")
 
 
-def _fit(shards: Path, root: Path, callbacks: list[Callback], ckpt_path: str | None = None) -> _RecordIds:
-    dm = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **{**DATA_ARGS, "num_workers": 2})
-    dm.setup("fit")
-    dm.datasets["train"].return_ids = True
-    model = _RecordIds()
+class _ShardsWithIds(ImageFolderDataModule):
+    """The DataModule as vit-train builds it (Lightning calls setup), its train samples carrying ids."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.datasets["train"].return_ids = True
+
+
+class _ViTRecordIds(ViTClassifier):
+    """The real module (its optimizer and schedule ask Lightning for the run's step count, as
+    `vit-train fit` does), recording which samples each training step saw."""
+
+    def __init__(self, class_names: list[str]) -> None:
+        super().__init__(preset="vit_demo_patch8_64", num_classes=len(class_names), class_names=class_names)
+        self.seen: list[int] = []
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y, ids = batch
+        self.seen += ids.tolist()
+        return super().training_step((x, y), batch_idx)
+
+
+def _fit(shards: Path, root: Path, callbacks: list[Callback], ckpt_path: str | None = None,
+         module: str = "plain") -> _RecordIds | _ViTRecordIds:
+    dm = _ShardsWithIds(str(shards / "train"), str(shards / "val"), **{**DATA_ARGS, "num_workers": 2})
+    model = _RecordIds() if module == "plain" else _ViTRecordIds(dm.class_names)
     trainer = L.Trainer(default_root_dir=root, max_epochs=1, limit_val_batches=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     try:
-        trainer.fit(model, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     except _Killed:
         pass
     return model
 
 
-def test_run_killed_mid_epoch_resumes_without_repeating_or_dropping_samples(shards: Path, tmp_path: Path) -> None:
+# "vit": the real ViTClassifier, whose configure_optimizers asks for the step count before the
+# checkpoint's loader state is restored; Lightning then dropped that state (Lightning #20550) and
+# the resumed run replayed the epoch from its start (training/lightning_compat.py).
+@pytest.mark.parametrize("module", ["plain", "vit"])
+def test_run_killed_mid_epoch_resumes_without_repeating_or_dropping_samples(shards: Path, tmp_path: Path,
+                                                                            module: str) -> None:
     every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    first = _fit(shards, tmp_path, [every, _KillAtStep(9)])  # 18 steps an epoch; dies at step 9
+    first = _fit(shards, tmp_path, [every, _KillAtStep(9)], module=module)  # 18 steps an epoch; dies at step 9
     assert len(first.seen) == 9 * BATCH
-    resumed = _fit(shards, tmp_path, [], ckpt_path=str(tmp_path / "step=6.ckpt"))
+    resumed = _fit(shards, tmp_path, [], ckpt_path=str(tmp_path / "step=6.ckpt"), module=module)
     done_before_checkpoint = first.seen[: 6 * BATCH]
     assert len(resumed.seen) == 12 * BATCH  # the rest of the epoch, not a whole new one
     assert sorted(done_before_checkpoint + resumed.seen) == list(range(72))  # no repeats, no gaps
@@ -197,22 +224,28 @@ def test_shards_need_a_val_dir_and_in_memory_refuses_them(shards: Path, demo_dat
     assert not list(tmp_path.rglob("*.ckpt"))  # refused before any training
 
 
-@pytest.mark.slow  # ~45 s of three CLI runs for a known bug (strict xfail); the in-process resume test above stays fast
-@pytest.mark.xfail(strict=True, reason=(
-    "found by this test (issue 18): resumed in a new `vit-train fit --ckpt_path last` process, the shard "
-    "loader sees the right number of batches (5) but replays the epoch's order from its start (its first "
-    "3 batches equal a fresh run's first 3) instead of after the 40 samples last.ckpt records (LitData's "
-    "state: num_samples_yielded 40 at step 4, one prefetched batch ahead). Fresh runs with the same seed do "
-    "give identical batches (checked 2026-12-02, 1 and 0 loader workers). The in-process resume test above "
-    "passes. strict: fixing it turns this red."))
-def test_vit_train_fit_ckpt_path_last_resumes_mid_epoch_without_repeats(shards: Path, demo_data: Path,
-                                                                        tmp_path: Path) -> None:
+@pytest.mark.slow  # ~25-45 s of three CLI runs; test_run_killed_mid_epoch_resumes_...[vit] above guards the fix in-process
+def test_vit_train_fit_ckpt_path_last_resumes_mid_epoch_without_repeats(demo_data: Path, tmp_path: Path) -> None:
     # Through the real CLI: a run killed at step 6 of an epoch's 9 (last.ckpt written at step 4),
     # then `vit-train fit --ckpt_path last`. With the random crop and flip turned off, each image
     # reaches the model unchanged, so its pixel sum names it: the first 4 steps and the resumed
     # run together must see every training image exactly once (no repeats, no gaps), and the
-    # resumed run only the rest of the epoch (5 steps).
+    # resumed run only the rest of the epoch (5 steps). This test found Lightning #20550 (the resumed
+    # run replayed the epoch from its start); training/lightning_compat.py works around it.
+    from PIL import Image
+
     from tests.conftest import REPO, demo_config
+
+    # Square 64 px copies: a scale-1, ratio-1 random crop of a near-square image still moves by a
+    # pixel at random, which would change its pixel sum between processes.
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        for src in (demo_data / split).glob("*/*.jpg"):
+            dest = tmp_path / "square" / split / src.parent.name / src.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as img:
+                img.convert("RGB").resize((64, 64), Image.BICUBIC).save(dest, quality=95)
+        optimize_folder(str(tmp_path / "square" / split), str(shards / split), workers=1)
 
     def fit(root: Path, *args: str, kill_at: int | None = None) -> list[list[float]]:
         probe = [{"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(root)}}]

@@ -18,6 +18,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from training.lightning_compat import estimated_stepping_batches
 from vit_service.formats.checkpoints import load_weights
 from vit_service.formats.pretrained import build_model_config, init_weights_source
 from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
@@ -166,7 +167,9 @@ class ViTClassifier(L.LightningModule):
             g["lr"] = lr * g.pop("lr_scale", 1.0)
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.betas))
 
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        # Not trainer.estimated_stepping_batches itself: asked here, it loses a resumed run's loader
+        # position (Lightning #20550); the wrapper keeps it.
+        total_steps = max(1, int(estimated_stepping_batches(self.trainer)))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
         # LambdaLR rather than timm's schedulers: Lightning steps it per optimizer step natively.
