@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.fit_loop import _FitLoop
 
-from tests.test_shards import BATCH, DATA_ARGS, _KillAtStep, _Killed, _RecordIds, _ShardsWithIds, shards  # noqa: F401
+from tests.test_shards import BATCH, _fit, _KillAtStep, _RecordIds, shards  # noqa: F401
 
 
 class _AsksForStepCount(_RecordIds):
@@ -22,24 +22,13 @@ class _AsksForStepCount(_RecordIds):
         return super().configure_optimizers()
 
 
-def _fit(shards: Path, root: Path, callbacks: list, ckpt_path: str | None = None) -> _AsksForStepCount:
-    dm = _ShardsWithIds(str(shards / "train"), str(shards / "val"), **DATA_ARGS)
-    model = _AsksForStepCount()
-    trainer = L.Trainer(default_root_dir=root, max_epochs=1, limit_val_batches=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    try:
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    except _Killed:
-        pass
-    return model
-
-
 def test_lightning_still_drops_the_loader_state_after_an_early_step_count(shards: Path, tmp_path: Path) -> None:
     # Lightning #20550: without the workaround, a run resumed at step 6 of 18 replays the epoch
     # from its start (the checkpoint's LitData position is never loaded).
     every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
-    first = _fit(shards, tmp_path, [every, _KillAtStep(9)])
-    resumed = _fit(shards, tmp_path, [], ckpt_path=str(tmp_path / "step=6.ckpt"))
+    first = _fit(shards, tmp_path, [every, _KillAtStep(9)], module=lambda class_names: _AsksForStepCount())
+    resumed = _fit(shards, tmp_path, [], ckpt_path=str(tmp_path / "step=6.ckpt"),
+                   module=lambda class_names: _AsksForStepCount())
     assert len(resumed.seen) == 12 * BATCH  # the right number of steps ...
     assert resumed.seen[:6 * BATCH] == first.seen[:6 * BATCH], (
         "Lightning now restores the loader state after an early estimated_stepping_batches: "

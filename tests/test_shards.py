@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import lightning as L
 import pytest
@@ -166,9 +167,11 @@ class _ViTRecordIds(ViTClassifier):
 
 
 def _fit(shards: Path, root: Path, callbacks: list[Callback], ckpt_path: str | None = None,
-         module: str = "plain") -> _RecordIds | _ViTRecordIds:
+         module: Callable[[list[str]], L.LightningModule] = lambda class_names: _RecordIds()) -> Any:
+    """One epoch of `module(class_names)` on the shards by trainer.fit(datamodule=...), as vit-train
+    runs it (stopped by a _KillAtStep callback, or resumed from ckpt_path); returns the module."""
     dm = _ShardsWithIds(str(shards / "train"), str(shards / "val"), **{**DATA_ARGS, "num_workers": 2})
-    model = _RecordIds() if module == "plain" else _ViTRecordIds(dm.class_names)
+    model = module(dm.class_names)
     trainer = L.Trainer(default_root_dir=root, max_epochs=1, limit_val_batches=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     try:
@@ -181,9 +184,9 @@ def _fit(shards: Path, root: Path, callbacks: list[Callback], ckpt_path: str | N
 # "vit": the real ViTClassifier, whose configure_optimizers asks for the step count before the
 # checkpoint's loader state is restored; Lightning then dropped that state (Lightning #20550) and
 # the resumed run replayed the epoch from its start (training/lightning_compat.py).
-@pytest.mark.parametrize("module", ["plain", "vit"])
+@pytest.mark.parametrize("module", [lambda class_names: _RecordIds(), _ViTRecordIds], ids=["plain", "vit"])
 def test_run_killed_mid_epoch_resumes_without_repeating_or_dropping_samples(shards: Path, tmp_path: Path,
-                                                                            module: str) -> None:
+                                                                            module: Callable) -> None:
     every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
     first = _fit(shards, tmp_path, [every, _KillAtStep(9)], module=module)  # 18 steps an epoch; dies at step 9
     assert len(first.seen) == 9 * BATCH
