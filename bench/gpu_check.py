@@ -28,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,30 @@ SECTIONS = ("parity", "throughput", "serving", "decode")
 
 class TimeLimit(BaseException):
     """SIGTERM (gpu_check.sh's `timeout`): record the section cut short, keep the rest, stop."""
+
+
+_TERM = {"deferred": False, "pending": False}
+
+
+def on_term(signum: int, frame: Any) -> None:
+    if _TERM["deferred"]:
+        _TERM["pending"] = True
+        return
+    raise TimeLimit()
+
+
+@contextmanager
+def time_limit_deferred() -> Iterator[None]:
+    """A SIGTERM while a child process starts is raised when the block ends, once its Popen is
+    known and can be stopped: raised inside Popen, after the fork, it left serve_load running."""
+    _TERM["deferred"] = True
+    try:
+        yield
+    finally:
+        _TERM["deferred"] = False
+    if _TERM["pending"]:
+        _TERM["pending"] = False
+        raise TimeLimit()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -164,15 +189,19 @@ def run_serving(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if args.dry_run:  # one torch thread: on a loaded CI machine 2 OpenMP threads wait on each other
         cmd += ["--threads", "1"]
     print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = None
     try:
+        with time_limit_deferred():
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output, _ = proc.communicate()
     except BaseException:  # the time limit or Ctrl-C: let serve_load stop its servers (SIGTERM), then go
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()  # gone before this process exits and reports
         raise
     if proc.returncode != 0:
         raise RuntimeError(f"serve_load.py exited with {proc.returncode}:\n{output[-4000:]}")
@@ -258,9 +287,6 @@ def main(argv: list[str] | None = None) -> int:
                                "torch": torch.__version__, "model": args.model, "section_s": {}, "errors": {}}
     print(results["host_line"], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise TimeLimit()
 
     signal.signal(signal.SIGTERM, on_term)
 

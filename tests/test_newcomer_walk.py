@@ -37,9 +37,11 @@ NOISE = ("Traceback", "The dirpath has changed", "Create an account", "lightning
          "\x1b[", "\r", "💡 Tip")
 
 
-def example_lines() -> list[str]:
-    """Every vit-* command in a ```bash block of README.md and docs/*.md, continuations joined."""
-    texts = [(REPO / "README.md").read_text()] + [p.read_text() for p in sorted((REPO / "docs").glob("*.md"))]
+def example_lines(files: list[Path] | None = None) -> list[str]:
+    """Every vit-* command in a ```bash block of README.md and docs/*.md (or of `files`), in
+    order, continuations joined."""
+    files = files or [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    texts = [p.read_text() for p in files]
     lines: list[str] = []
     for text in texts:
         for block in re.findall(r"```bash\n(.*?)```", text, re.S):
@@ -292,13 +294,14 @@ def test_make_serve_binds_where_told() -> None:
 
 @pytest.mark.slow
 def test_readme_train_block_in_order(demo_data: Path, tmp_path: Path) -> None:
-    """The Train block's fit lines as written (30 epochs, then 5, then extend to 10), on the small
+    """docs/training.md's Train block's fit lines as written (30 epochs, then 5, then extend to 10), on the small
     demo data: then `validate --ckpt_path best` must evaluate the 30-epoch run's best checkpoint."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data/demo").symlink_to(demo_data)
     (tmp_path / "configs").symlink_to(REPO / "configs")
     block, seen = [], set()
-    for line in example_lines():  # the README's quick-start fit line repeats docs/training.md's first
+    # docs/training.md's Train block, in its order (other pages repeat some of its lines earlier)
+    for line in example_lines([REPO / "docs/training.md"]):
         command = line.split("#")[0].strip()
         if ("runs/demo" in line and line.startswith("vit-train") and "shards/" not in line and "..." not in line
                 and command not in seen):
