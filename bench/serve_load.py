@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 from vit_service.host import describe_host, host_line
-from vit_service.serving.local_server import free_port, local_server, server_process
+from local_server import free_port, local_server, server_process
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

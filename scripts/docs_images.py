@@ -32,7 +32,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from test_ui_browser import CHROMIUM, LAUNCH_ARGS
-    from vit_service.serving.local_server import local_server
+    from bench.local_server import local_server
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

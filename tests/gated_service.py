@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vit_service.serving import local_model
+from vit_service.serving import model_handle
 from vit_service.serving.service import ViTClassifier  # noqa: F401  (the service to serve)
 
-_warm_up = local_model.warm_up
+_warm_up = model_handle.warm_up
 
 
 def gated_warm_up(*args: Any, **kwargs: Any) -> None:
-    from vit_service.serving.restarts import worker_index
+    from vit_service.serving.bentoml_compat import worker_index
 
     gate = Path(os.environ["WARMUP_GATE"].format(worker=worker_index()))  # "{worker}": one gate per worker
     while not gate.exists():
@@ -29,4 +29,4 @@ def gated_warm_up(*args: Any, **kwargs: Any) -> None:
     _warm_up(*args, **kwargs)
 
 
-local_model.warm_up = gated_warm_up
+model_handle.warm_up = gated_warm_up

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps, features
 
-from vit_service.serving.local_server import DEFAULT_TARGET, local_server
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python tests/service_fixtures.py` imports bench/ too
+
+from bench.local_server import DEFAULT_TARGET, local_server  # noqa: E402
 BIN = Path(sys.executable).parent
 MODEL_NAME = "vit-classifier"  # the service's default tag, so VIT_MODEL_TAG can stay unset
 CLASS_NAMES = ["circle", "square", "triangle", "star"]

@@ -48,9 +48,26 @@ def assert_401(r: httpx.Response, reason: str) -> None:
 
 # --------------------------------------------------------------------- with keys, over HTTP
 
-PROTECTED = [("POST", "/classify"), ("POST", "/classify_batch"), ("POST", "/explain"), ("GET", "/model_info"),
-             ("POST", "/model_info"), ("GET", "/docs.json"), ("GET", "/schema.json"), ("GET", "/metrics"),
-             ("GET", "/no/such/path")]
+def protected_routes() -> list[tuple[str, str]]:
+    """Every route the service serves itself that is not open (read from the service, so a new
+    route is covered without editing this list), plus BentoML's spec and metrics and an unknown path."""
+    from vit_service.serving.auth import AuthConfig
+    from vit_service.serving.http import served_routes
+    from vit_service.serving.service import ViTClassifier, pages_app
+
+    config = AuthConfig((b"key digest",), protect_metrics=True)
+    ours = [(method, path) for path, methods in sorted(served_routes(ViTClassifier, pages_app).items())
+            for method in sorted(methods) if not config.is_open(path)]
+    return [*ours, ("GET", "/schema.json"), ("GET", "/metrics"), ("GET", "/no/such/path")]
+
+
+PROTECTED = protected_routes()
+
+
+def test_the_protected_routes_are_read_from_the_service():
+    assert {("POST", "/classify"), ("POST", "/classify_batch"), ("POST", "/explain"), ("GET", "/model_info"),
+            ("POST", "/model_info"), ("GET", "/docs.json")} <= set(PROTECTED)
+    assert not {("GET", "/"), ("GET", "/ui"), ("GET", "/docs")} & set(PROTECTED)  # the open shells
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)

@@ -1,8 +1,7 @@
 """One test per patch of BentoML's private API (vit_service/serving/bentoml_compat.py): each checks
 that what the patch relies on is still there and still does what the patch assumes, so a BentoML
 upgrade that moves it fails here. (The patches' effects are also tested on a real server:
-test_service.py checks service_version and the folded unknown paths, test_service_modes.py the
-one model connection.)"""
+test_service.py checks service_version and the folded unknown paths.)"""
 
 from __future__ import annotations
 
@@ -24,19 +23,6 @@ def test_label_metrics_with_model_sets_what_the_metrics_read(monkeypatch: pytest
     assert server_context.bento_version == "vit-classifier:abc"
     bentoml_compat.label_metrics_with_model("other:def")  # a built Bento's own version stays
     assert server_context.bento_version == "vit-classifier:abc"
-
-
-def test_keep_one_session_reaches_the_dependency_clients_session_manager() -> None:
-    from _bentoml_impl.client.proxy2 import RemoteProxy
-
-    proxy = RemoteProxy("http://127.0.0.1:1")  # nothing is connected until a call
-    manager = proxy.to_async._session_manager
-    assert manager.max_requests == 100 and manager.max_age == 300.0  # BentoML's swapping defaults
-    bentoml_compat.keep_one_session(proxy)
-    assert manager.max_requests == manager.max_age == float("inf")
-    manager._request_count, manager._created_at = 10**9, 0.0  # many calls, long ago
-    manager._session = object()
-    assert manager._should_refresh() is False  # the method that decides a swap honours them
 
 
 def test_fold_unknown_paths_wraps_the_metrics_middleware_that_reads_the_path() -> None:
@@ -64,31 +50,20 @@ def test_fold_unknown_paths_wraps_the_metrics_middleware_that_reads_the_path() -
     assert seen == ["/classify", bentoml_compat.UNKNOWN_PATH, "/static_content/x.css", "/metrics"]
 
 
-def test_probe_survives_dropped_connections_wraps_what_readyz_awaits() -> None:
-    import aiohttp
-    from _bentoml_impl.client import proxy2
-    from _bentoml_impl.server import app
+def test_worker_index_reads_the_server_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bentoml._internal.context import server_context
 
-    assert list(inspect.signature(proxy2.AsyncClient.is_ready).parameters) == ["self", "timeout"]
-    assert ".is_ready(" in inspect.getsource(app.ServiceAppFactory.readyz)  # the server asks its dependencies
-    saved = proxy2.AsyncClient.is_ready
-    answers: list[object] = []
+    monkeypatch.setattr(server_context, "worker_index", 2)
+    assert bentoml_compat.worker_index() == 2
+    monkeypatch.setattr(server_context, "worker_index", None)  # outside a BentoML worker
+    assert bentoml_compat.worker_index() == 1
 
-    async def original(self, timeout=None):  # type: ignore[no-untyped-def]
-        answer = answers.pop(0)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
 
-    proxy2.AsyncClient.is_ready = original  # type: ignore[method-assign]
-    try:
-        bentoml_compat.probe_survives_dropped_connections()
-        client = object.__new__(proxy2.AsyncClient)
-        answers[:] = [aiohttp.ServerDisconnectedError(), True]  # a dead worker's connection, then a live one
-        assert asyncio.run(client.is_ready(5)) is True
-        answers[:] = [aiohttp.ClientOSError(104, "Connection reset by peer")] * bentoml_compat.PROBE_ATTEMPTS
-        assert asyncio.run(client.is_ready(5)) is False  # not ready (503), not an exception (500)
-        answers[:] = [False]
-        assert asyncio.run(client.is_ready(5)) is False
-    finally:
-        proxy2.AsyncClient.is_ready = saved  # type: ignore[method-assign]
+def test_api_paths_are_the_post_operations_bentoml_documents() -> None:
+    from vit_service.serving.service import ViTClassifier
+
+    paths = bentoml_compat.api_paths(ViTClassifier)
+    assert set(paths) == {api.route for api in ViTClassifier.apis.values()}
+    assert set(paths["/model_info"]) == {"post"} and paths["/classify"]["post"]["x-bentoml-name"] == "classify"
+    # what docs_json restores: BentoML's spec keeps only the mounted app's GET on /model_info
+    assert set(ViTClassifier.openapi_spec.asdict()["paths"]["/model_info"]) == {"get"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vit_service.serving.local_server import free_port
+from bench.local_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

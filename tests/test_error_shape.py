@@ -132,17 +132,19 @@ def test_good_answers_pass_untouched(url, server):
     assert "API keys: off: the API is open to anyone who can reach this port" in server[1].read_text()
 
 
-def test_bentoml_validation_error_body_is_reshaped():
-    """BentoML's typed routes answer a body they cannot parse with {"error", "detail": [...]} (this
-    one is what POST /model_info with body `{` answers; not sent to the server above because
-    BentoML also logs a traceback for it, which the server fixture forbids)."""
-    from vit_service.serving.errors import error_message
+def test_other_error_bodies_are_reshaped():
+    """What the frameworks answer around our code keeps its status and gets our shape: BentoML's
+    JSON with an "error" text (POST /model_info with body `{`; not sent to the server above
+    because BentoML also logs a traceback for it, which the server fixture forbids), plain text,
+    HTML."""
+    from vit_service.serving.errors import shaped_message
 
     body = (b'{"error":"1 validation error for Input","detail":[{"type":"json_invalid","loc":[],'
             b'"msg":"Invalid JSON: EOF while parsing an object at line 1 column 1","url":"https://errors.pydantic.dev"}]}')
-    message = error_message(400, "application/json", body, {"method": "POST", "path": "/model_info"}, {})
-    assert message == "1 validation error for Input: Invalid JSON: EOF while parsing an object at line 1 column 1"
-    assert error_message(400, "application/json", b'{"error": "fine"}', {}, {}) is None
-    assert error_message(400, "application/json", b'[{"error": "bad input"}]', {}, {}) == "bad input"
-    assert error_message(500, "text/plain", b"Internal Server Error", {}, {}) == "internal error; see the server log"
-    assert error_message(502, "text/html", b"<html>Bad gateway</html>", {}, {}) == "Bad Gateway"
+    assert shaped_message(400, "application/json", body, {}, None) == "1 validation error for Input"
+    assert shaped_message(400, "application/json", b'{"error": "fine"}', {}, None) is None
+    assert shaped_message(500, "text/plain", b"Internal Server Error", {}, None) == "internal error; see the server log"
+    assert shaped_message(502, "text/html", b"<html>Bad gateway</html>", {}, None) == "Bad Gateway"
+    assert shaped_message(404, "text/plain", b"Not Found", {}, None) == "no such path (the API is described at /docs)"
+    assert shaped_message(405, "text/plain", b"Method Not Allowed", {"method": "PUT", "path": "/x"}, "GET") == \
+        "method PUT is not allowed on /x; use GET"

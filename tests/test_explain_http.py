@@ -161,20 +161,3 @@ def test_docs_are_ours_and_local(url: str) -> None:
         page = httpx.get(url + path)
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert "googletagmanager" not in page.text and "https://" not in page.text and "http://" not in page.text
-
-
-@pytest.mark.slow  # a second server (two processes); the default run covers the in-process mode
-def test_explain_in_split_mode(tmp_path_factory: pytest.TempPathFactory, jpeg: Path) -> None:
-    from service_fixtures import bentoml_server, save_tiny_model
-
-    home = tmp_path_factory.mktemp("bentoml_home_split")
-    save_tiny_model(home)
-    log = tmp_path_factory.mktemp("split") / "serve.log"
-    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32", "VIT_MODE": "split"}) as url:
-        assert httpx.get(f"{url}/model_info").json()["serving"]["mode"] == "split"
-        body = post(url, jpeg, method="grad").json()
-        assert body["method"] == "grad" and body["grid_shape"] == [4, 4]
-        png = post(url, jpeg, format="png")
-        assert png.headers["content-type"] == "image/png"
-        assert post(url, jpeg, class_name="giraffe").status_code == 400
-    assert "Traceback" not in log.read_text()

@@ -23,7 +23,7 @@ import pytest
 
 from service_fixtures import REPO, bentoml_server, encode, picture, poll
 from service_fixtures import store  # noqa: F401  (session fixture)
-from vit_service.serving.local_server import server_processes
+from bench.local_server import server_processes
 
 PNG = encode(picture(5), "PNG")
 READY = "model vit-classifier:"  # the start of the per-worker "model ... ready on ..." log line
@@ -233,37 +233,6 @@ def test_first_start_a_cold_worker_holds_requests_once_another_serves(store, tmp
     assert_clean_log(log)
 
 
-@pytest.mark.slow  # split mode's two services and a kill (~1 min); bentoml_compat's unit test covers its /readyz patch
-def test_split_mode_front_answers_when_a_model_worker_dies(store, tmp_path):
-    """Split mode on a CPU: two model-service workers. A model worker killed mid-request is a
-    dropped connection to the front, which calls the other worker again (the call is idempotent)
-    or answers 503: the client always gets an HTTP answer, never a reset."""
-    home, _ = store
-    env = {"VIT_MODE": "split", "VIT_DEVICE": "cpu", "VIT_WORKERS": "1", "VIT_MODEL_WORKERS": "2",
-           "VIT_TORCH_THREADS": "1", "VIT_PRECISION": "fp32", "VIT_MAX_LATENCY_MS": "20000"}
-    log = tmp_path / "serve.log"
-    with bentoml_server(home, log, env=env) as url:
-        _, model_workers = server_processes(url, "vit_model")
-        assert len(model_workers) == 2, model_workers
-        load = Load(url, clients=4).start()
-        try:
-            time.sleep(5)
-            t_kill = load.now()
-            os.kill(model_workers[0].pid, signal.SIGKILL)
-            old = [w.pid for w in model_workers]
-            assert poll(lambda: [w for w in server_processes(url, "vit_model")[1] if w.pid not in old], until=bool,
-                        attempts=1200)
-            time.sleep(8)
-        finally:
-            load.finish()
-    statuses = [s for _, s in load.answers]
-    assert statuses and set(statuses) <= {200, 503}, sorted(set(statuses))  # always an answer from the front
-    assert statuses.count(200) >= 0.95 * len(statuses), (len(statuses), statuses.count(503))
-    assert any(t > t_kill + 1 and s == 200 for t, s in load.answers)
-    assert {s for _, s in load.probes} == {200}, load.probes
-    assert_clean_log(log)
-
-
 @pytest.mark.slow
 def test_two_workers_a_minute_around_a_crash(store, tmp_path):
     """The issue's figure: the minute around the kill, real warm-up timing (no gate)."""
@@ -308,20 +277,17 @@ def test_two_workers_on_a_cpu_where_memory_allows():
 def test_cpu_defaults_follow_the_rule(monkeypatch):
     from vit_service.serving.settings import Settings, available_memory, cpu_workers, host_cores
 
-    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_MODEL_WORKERS", "VIT_TORCH_THREADS", "VIT_DECODE_THREADS"):
+    for name in ("VIT_WORKERS", "VIT_TORCH_THREADS", "VIT_DECODE_THREADS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VIT_DEVICE", "cpu")
     monkeypatch.setenv("VIT_MODEL_TAG", "no-such-model:v1")  # size unknown: counted as 0
     s = Settings.from_env()
     cores = host_cores()
     expected = cpu_workers(cores, available_memory(), 0)
-    assert (s.mode, s.workers) == ("inprocess", expected)
+    assert s.workers == expected
     if expected > 1:  # the cores split between the workers
         assert (s.torch_threads, s.decode_threads) == (cores // expected, cores // expected)
-    monkeypatch.setenv("VIT_MODE", "split")
-    s = Settings.from_env()
-    assert (s.workers, s.model_workers) == (1, expected)
-    monkeypatch.setenv("VIT_MODEL_WORKERS", "3")
     monkeypatch.setenv("VIT_WORKERS", "2")
+    monkeypatch.setenv("VIT_TORCH_THREADS", "3")
     s = Settings.from_env()
-    assert (s.workers, s.model_workers, s.torch_threads) == (2, 3, max(1, cores // 3))
+    assert (s.workers, s.torch_threads) == (2, 3)

@@ -210,7 +210,7 @@ def test_model_info(client, store):
     assert "_instantiator" not in info["metadata"]  # internal keys stay inside
     # The settings' effect, reported by the live objects: the decode pool's own size and
     # torch.get_num_threads() in the model's process (not the settings echoed back).
-    assert info["serving"]["mode"] == "inprocess" and info["serving"]["workers"] == 1
+    assert info["serving"]["workers"] == 1
     assert info["serving"]["decode_threads"] == 3
     assert len(os.sched_getaffinity(0)) >= 2  # so torch's default (one thread per core) is not 1
     assert info["serving"]["torch_threads"] == 1
@@ -241,16 +241,16 @@ def test_stage_metrics_and_server_timing(client, store):
     bad_field = client.post("/classify", files={"file": ("a.jpg", encode(picture(61), "JPEG"), "image/jpeg")})
     assert (ok.status_code, bad_image.status_code, bad_field.status_code) == (200, 400, 400)
     timing = dict(re.findall(r"(\w+);dur=([\d.]+)", ok.headers["server-timing"]))
-    assert {"read", "parse", "bentoml", "decode", "queue", "forward", "serialize"} <= set(timing), timing
+    assert {"read", "parse", "decode", "queue", "forward", "serialize"} <= set(timing), timing
     assert "decode" in bad_image.headers["server-timing"]  # stages also on errors
     batch = client.post("/classify_batch", files=[("images", ("a.jpg", encode(picture(62), "JPEG"), "image/jpeg")),
                                                   ("images", ("b.png", encode(picture(63), "PNG"), "image/png"))])
     assert batch.status_code == 200, batch.text
     batch_timing = dict(re.findall(r"(\w+);dur=([\d.]+)", batch.headers["server-timing"]))
-    assert {"read", "parse", "bentoml", "decode", "queue", "forward", "serialize"} <= set(batch_timing), batch_timing
+    assert {"read", "parse", "decode", "queue", "forward", "serialize"} <= set(batch_timing), batch_timing
     assert all(float(v) >= 0 for v in batch_timing.values())
     after = client.get("/metrics").text
-    for stage in ("read", "parse", "bentoml", "decode", "queue", "forward", "serialize"):
+    for stage in ("read", "parse", "decode", "queue", "forward", "serialize"):
         assert metric_value(after, "vit_stage_seconds_count", stage=stage) > metric_value(before, "vit_stage_seconds_count", stage=stage), stage
     assert metric_value(after, "vit_batch_size_count") > metric_value(before, "vit_batch_size_count")
     for labels in ({"endpoint": "classify", "outcome": "ok"}, {"endpoint": "classify", "outcome": "rejected"}):
@@ -502,15 +502,17 @@ def test_upload_cut_short_is_408(url, client):
 
 
 def test_upload_cut_short_is_answered_408_json():
-    """The upload middleware itself, driven as uvicorn drives it: half the declared body, then
+    """The HTTP front itself, driven as uvicorn drives it: half the declared body, then
     `http.disconnect`. It must answer 408 with the JSON error and count the rejection, and never
     call the app behind it."""
-    from vit_service.serving.uploads import UploadMiddleware, UploadRoute
+    from vit_service.serving import metrics
+    from vit_service.serving.http import HttpFront
+    from vit_service.serving.service import ViTClassifier
 
     part = (b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
             b"Content-Type: image/png\r\n\r\n" + PNG_1)
     incoming = [{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}]
-    sent, rejected = [], []
+    sent = []
 
     async def receive():
         return incoming.pop(0)
@@ -521,16 +523,17 @@ def test_upload_cut_short_is_answered_408_json():
     async def app(scope, receive, send):
         raise AssertionError("an incomplete upload reached the app")
 
-    middleware = UploadMiddleware(app, max_bytes=MAX_BODY, routes={"/classify": UploadRoute("image")},
-                                  max_files=lambda: MAX_IMAGES, on_reject=rejected.append)
-    scope = {"type": "http", "method": "POST", "path": "/classify",
+    rejected = metrics.rejected_uploads_total.labels(reason="incomplete_body")
+    before = rejected._value.get()
+    front = HttpFront(app, service=ViTClassifier, max_bytes=MAX_BODY, max_files=MAX_IMAGES)
+    scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"",
              "headers": [(b"content-type", b"multipart/form-data; boundary=zz"),
                          (b"content-length", str(2 * len(part)).encode())]}
-    asyncio.run(middleware(scope, receive, send))
+    asyncio.run(front(scope, receive, send))
     start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
     assert start["type"] == "http.response.start" and start["status"] == 408
     assert json.loads(body) == {"error": "the request body ended before it was complete"}
-    assert rejected == ["incomplete_body"] and incoming == []
+    assert rejected._value.get() == before + 1 and incoming == []
 
 
 def test_server_still_serves_after_everything(client, reference):
@@ -545,48 +548,51 @@ def test_server_still_serves_after_everything(client, reference):
 
 @pytest.fixture(scope="module")
 def services(store):
-    """A ViTClassifier (in-process mode) and a ViTModel in this process, reading the temporary
-    model store, both in fp32 (the reference's precision)."""
+    """A ViTClassifier in this process, reading the temporary model store, in fp32 (the
+    reference's precision)."""
     import dataclasses
 
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.models import ModelStore
 
-    from vit_service.serving import model_service, service
+    from vit_service.serving import service
     from vit_service.serving.model_handle import InProcessModel
 
     home, _ = store
     BentoMLContainer.model_store.set(ModelStore(home / "models"))
     saved = service.SETTINGS
-    service.SETTINGS = model_service.SETTINGS = dataclasses.replace(saved, precision="fp32", mode="inprocess")
+    service.SETTINGS = dataclasses.replace(saved, precision="fp32")
     try:
         front = service.ViTClassifier()
         assert isinstance(front.model, InProcessModel)
         assert front.model.warm.wait(timeout=300), "warm-up did not finish"
-        yield front, model_service.ViTModel()
+        yield front
     finally:
-        service.SETTINGS = model_service.SETTINGS = saved
+        service.SETTINGS = saved
         BentoMLContainer.model_store.reset()
 
 
 def test_in_process_classify_images(services, reference):
-    front, _ = services
-    images = [("a.jpg", encode(picture(80), "JPEG")), ("b.png", encode(picture(81), "PNG"))]
+    from vit_service.serving.http import UploadedFile
+
+    front = services
+    images = [UploadedFile("a.jpg", encode(picture(80), "JPEG")), UploadedFile("b.png", encode(picture(81), "PNG"))]
     results = asyncio.run(front.classify_images(images, top_k=2))
     assert len(results) == 2
-    for preds, (_, data) in zip(results, images):
+    for preds, (_, data) in zip(results, [(i.name, i.data) for i in images]):
         check_predictions(preds, k=2)
         assert_matches(preds, reference(data))
 
 
 def test_in_process_errors_carry_status(services):
     from vit_service.serving.errors import RequestError
+    from vit_service.serving.http import UploadedFile
 
-    front, _ = services
-    ok = ("a.jpg", encode(picture(82), "JPEG"))
+    front = services
+    ok = UploadedFile("a.jpg", encode(picture(82), "JPEG"))
     for images, top_k, status, fragment in [
         ([ok], 0, 400, "between 1 and 4"),
-        ([ok, ("broken.gif", b"GIF89a")], None, 400, "broken.gif"),
+        ([ok, UploadedFile("broken.gif", b"GIF89a")], None, 400, "broken.gif"),
         ([], None, 400, "no images"),
     ]:
         with pytest.raises(RequestError) as e:
@@ -594,24 +600,24 @@ def test_in_process_errors_carry_status(services):
         assert e.value.status == status and fragment in e.value.message
 
 
-def test_model_service_predict_and_info(services, reference):
-    import bentoml
-
-    _, model = services
+def test_model_handle_predict_and_describe(services, reference):
+    front = services
     data = encode(picture(83), "PNG")
-    pre = model.predictor.preprocessing
+    info = asyncio.run(front.model.describe())
+    pre = info.preprocessing
     batch = np.stack([pre.to_uint8(decode_image(data, draft_size=pre.resize_size)).numpy()] * 3)
-    probs = model.predict(batch)
-    assert probs.shape == (3, 4) and probs.dtype == np.float32
+    timings: dict[str, float] = {}
+    probs = asyncio.run(front.model.predict(batch, timings))
+    assert probs.shape == (3, 4) and probs.dtype == np.float32 and {"queue", "forward"} <= set(timings)
     np.testing.assert_allclose(probs, np.stack([reference(data)] * 3), atol=1e-5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
-    assert model.predict(np.zeros((0, 3, 32, 32), np.uint8)).shape == (0, 4)
+    predict_proba = front.model.batcher.forward  # the predictor the batcher calls
+    assert predict_proba(np.zeros((0, 3, 32, 32), np.uint8)).shape == (0, 4)
     for wrong in (np.zeros((2, 3, 16, 16), np.uint8), np.zeros((2, 3, 32, 32), np.float32), np.zeros((3, 32, 32), np.uint8)):
-        with pytest.raises(bentoml.exceptions.InvalidArgument):
-            model.predict(wrong)
-    info = model.info()
-    assert info["class_names"] == CLASS_NAMES and info["input_size"] == [3, 32, 32]
-    assert model.__is_ready__()
+        with pytest.raises(ValueError):
+            predict_proba(wrong)
+    assert info.class_names == CLASS_NAMES and info.description["input_size"] == [3, 32, 32]
+    assert asyncio.run(front.__is_ready__())
 
 
 def test_serving_imports_no_training_stack():
@@ -626,18 +632,16 @@ def test_serving_imports_no_training_stack():
 def test_settings_from_env(monkeypatch):
     from vit_service.serving.settings import Settings, available_memory, cpu_workers, host_cores
 
-    for name in ("VIT_MODE", "VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE", "VIT_MODEL_TAG"):
+    for name in ("VIT_WORKERS", "VIT_DECODE_THREADS", "VIT_MAX_BATCH_SIZE", "VIT_MODEL_TAG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VIT_DEVICE", "cpu")  # defaults derived for a CPU-only host
     s = Settings.from_env()
     workers = cpu_workers(host_cores(), available_memory(), 0)  # the rule (test_faults.py tests it)
     decode = max(1, (host_cores() // workers) // 4)  # settings.py: a worker's share of the cores, a quarter decoding
-    assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", workers, decode, 16)
+    assert (s.workers, s.decode_threads, s.max_batch_size) == (workers, decode, 16)
     assert s.torch_threads == max(1, host_cores() // workers - decode)
-    monkeypatch.setenv("VIT_MODE", "split")
     monkeypatch.setenv("VIT_DECODE_THREADS", "7")
-    s = Settings.from_env()
-    assert (s.mode, s.decode_threads) == ("split", 7)
+    assert Settings.from_env().decode_threads == 7
     monkeypatch.delenv("VIT_DEVICE")
 
     monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "8")
@@ -646,7 +650,7 @@ def test_settings_from_env(monkeypatch):
     s = Settings.from_env()
     assert (s.max_batch_size, s.compile_mode, s.model_tag) == (8, "max-autotune", "other:v1")
     for name, value in [("VIT_MAX_BATCH_SIZE", "1"), ("VIT_TIMEOUT", "soon"), ("VIT_MAX_BODY_BYTES", "0"),
-                        ("VIT_MODE", "fast"), ("VIT_DECODE_THREADS", "many"), ("VIT_BATCHING", "maybe")]:
+                        ("VIT_DEVICE", "tpu"), ("VIT_DECODE_THREADS", "many"), ("VIT_BATCHING", "maybe")]:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=name):
             Settings.from_env()
@@ -667,7 +671,8 @@ def test_bentoml_build_packs_the_service_and_model(store, tmp_path):
     name, version = bento_tag.split(":")
     bento = env_home / "bentos" / name / version
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    assert "vit_service/serving/service.py" in sources and "vit_service/serving/uploads.py" in sources
+    assert "vit_service/serving/service.py" in sources and "vit_service/serving/http.py" in sources
+    assert not any(s.startswith("bench/") for s in sources), sources  # the test harness stays out
     assert not any(s.startswith(("training/", "tests/", "configs/")) for s in sources), sources
     # BentoML 1.4 records the model (resolved from vit-classifier:latest) in bento.yaml and copies
     # it from the model store on `bentoml containerize` / `export`.

@@ -210,28 +210,25 @@ def test_overloaded_batch_queue_is_a_503_with_its_message(tiny_model_dir: Path, 
 # ------------------------------------------------------------------------- host decisions
 
 @pytest.mark.parametrize("cuda", [True, False])
-def test_mode_and_host_defaults_follow_cuda(monkeypatch, cuda: bool) -> None:
+def test_host_defaults_follow_cuda(monkeypatch, cuda: bool) -> None:
     from vit_service.serving import settings as settings_module
     from vit_service.serving.settings import Settings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(settings_module, "host_cores", lambda: 8)
     s = Settings.from_env({})
-    if cuda:  # README: split chosen automatically with CUDA; the GPU defaults
-        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("split", 7, 2, 64)
+    if cuda:  # one worker owns the GPU and decodes with the other cores
+        assert (s.workers, s.decode_threads, s.max_batch_size, s.torch_threads) == (1, 7, 64, None)
     else:
         # two workers where memory allows (tests/test_faults.py tests that rule), each with its share of the
         # cores: a quarter of it decoding, the rest the model's
         workers = settings_module.cpu_workers(8, settings_module.available_memory(), 0)
         decode = max(1, (8 // workers) // 4)
-        assert (s.mode, s.workers, s.decode_threads, s.max_batch_size) == ("inprocess", workers, decode, 16)
+        assert (s.workers, s.decode_threads, s.max_batch_size) == (workers, decode, 16)
         assert s.torch_threads == max(1, 8 // workers - decode)
-    # An explicit mode, or VIT_DEVICE=cpu on a CUDA host, wins over the host.
-    assert Settings.from_env({"VIT_MODE": "inprocess"}).mode == "inprocess"
-    assert Settings.from_env({"VIT_DEVICE": "cpu"}).mode == "inprocess"
+    # VIT_DEVICE=cpu on a CUDA host wins over the host.
+    assert Settings.from_env({"VIT_DEVICE": "cpu"}).max_batch_size == 16
     assert Settings.from_env({"VIT_TORCH_THREADS": "3"}).torch_threads == 3
-    if cuda:  # unset on a GPU host: torch's own (one per core); on a CPU the share above
-        assert Settings.from_env({}).torch_threads is None
 
 
 class _Recorder:

@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import REPO, run_cli
-from vit_service.serving.local_server import local_server
+from bench.local_server import local_server
 
 AGREEMENT = 0.99
 SIZES = [(77, 64), (128, 96), (45, 45), (200, 150)]  # (w, h): up, down-and-up, non-square, >= 2x (draft)

@@ -185,7 +185,7 @@ def test_threads_never_oversubscribe_the_cores(monkeypatch) -> None:
         monkeypatch.setenv("VIT_WORKERS", str(workers))
         monkeypatch.setattr(settings, "host_cores", lambda c=cores: c)
         s = settings.Settings.from_env()
-        assert (s.decode_threads, s.model_threads) == (decode, model), (workers, cores)
+        assert (s.decode_threads, s.torch_threads) == (decode, model), (workers, cores)
         assert s.describe()["torch_threads"] == model
     monkeypatch.setenv("VIT_TORCH_THREADS", "2")
-    assert settings.Settings.from_env().model_threads == 2  # an explicit setting wins
+    assert settings.Settings.from_env().torch_threads == 2  # an explicit setting wins

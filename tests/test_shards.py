@@ -22,7 +22,7 @@ from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError, ImageFolderDataset
 from training.module import ViTClassifier
 from training.shards import ShardDataset, optimize_folder
-from vit_service.serving.local_server import free_port
+from bench.local_server import free_port
 
 BATCH = 4
 DATA_ARGS = dict(image_size=64, crop_pct=1.0, batch_size=BATCH, num_workers=0, color_jitter=None,

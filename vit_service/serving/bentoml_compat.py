@@ -28,20 +28,14 @@ def label_metrics_with_model(tag: Any) -> None:
         server_context.bento_version = str(tag)
 
 
-def keep_one_session(dependency: Any) -> None:
-    """Stops BentoML's dependency client from replacing its HTTP session every 100 calls.
+def worker_index() -> int:
+    """This worker's index among its service's workers (1, 2, ...; a replacement takes the dead
+    worker's); 1 outside a BentoML worker.
 
-    BentoML 1.4.30+ (proxy2) swaps the aiohttp session every 100 calls and 5 minutes and closes
-    the old one under the calls still in flight; the caller retries those, but at 32 concurrent
-    requests that redoes up to a third of the work. To a local model service one session is fine.
+    Relies on: `bentoml._internal.context.server_context.worker_index`, set in each worker."""
+    from bentoml._internal.context import server_context
 
-    Relies on: `dependency.to_async._session_manager` with attributes `max_requests` and `max_age`.
-    A no-op in-process, or if BentoML's client changes (the test says so). (bentoml 1.4.40 also
-    reads a `runner_connection` service config with the same two values; 1.4.30, the oldest
-    version pyproject.toml allows, has neither that config nor the session swapping.)"""
-    manager = getattr(getattr(dependency, "to_async", None), "_session_manager", None)
-    if manager is not None and hasattr(manager, "max_requests") and hasattr(manager, "max_age"):
-        manager.max_requests = manager.max_age = float("inf")
+    return server_context.worker_index or 1
 
 
 def fold_unknown_paths(known_paths: set[str]) -> None:
@@ -73,36 +67,16 @@ def fold_unknown_paths(known_paths: set[str]) -> None:
     RunnerTrafficMetricsMiddleware.__call__ = folding_call  # type: ignore[method-assign]
 
 
-PROBE_ATTEMPTS = 3
+def api_paths(service: Any) -> dict[str, dict[str, Any]]:
+    """The OpenAPI path items BentoML writes for `service`'s typed APIs (their POST operations).
 
+    BentoML's spec merges a mounted FastAPI app's paths over the APIs' paths, so a path served by
+    both (GET and POST /model_info) keeps only the app's GET; pages.docs_json puts these back.
 
-def probe_survives_dropped_connections() -> None:
-    """Makes /readyz answer (200 or 503) when a dependency's worker has just died, instead of 500.
+    Relies on: `_bentoml_sdk.service.openapi._get_api_routes(svc) -> {route: PathItem}`, whose
+    items unstructure to dicts (`bentoml_cattr.unstructure`)."""
+    from _bentoml_sdk.service.openapi import _get_api_routes
 
-    BentoML's /readyz also asks every dependency's /readyz (its `runner_probe`, on by default)
-    through the dependency client's pooled connections, and `AsyncClient.is_ready` catches only
-    a timeout: a pooled connection to a model-service worker that was just killed (reset, server
-    disconnected) escapes as an exception, and the front's /readyz answers 500. Wrapped here: a
-    dropped connection is asked again (the pool drops it; a new connection reaches a live worker),
-    up to PROBE_ATTEMPTS times, and then counts as not ready (503).
+    from bentoml._internal.utils.cattr import bentoml_cattr
 
-    Relies on: `_bentoml_impl.client.proxy2.AsyncClient.is_ready(self, timeout=None) -> bool`, an
-    async method the server's readyz awaits (through `RemoteProxy.is_ready`), raising aiohttp's
-    `ClientConnectionError` family on a dropped connection."""
-    import aiohttp
-    from _bentoml_impl.client.proxy2 import AsyncClient
-
-    is_ready = AsyncClient.is_ready
-    if getattr(is_ready, "survives_dropped_connections", False):
-        return
-
-    async def patched(self, timeout=None):  # type: ignore[no-untyped-def]
-        for _ in range(PROBE_ATTEMPTS):
-            try:
-                return await is_ready(self, timeout=timeout)
-            except aiohttp.ClientConnectionError:
-                continue
-        return False
-
-    patched.survives_dropped_connections = True  # type: ignore[attr-defined]
-    AsyncClient.is_ready = patched  # type: ignore[method-assign]
+    return {route: bentoml_cattr.unstructure(item) for route, item in _get_api_routes(service).items()}

@@ -1,18 +1,11 @@
 """One error shape: every non-2xx answer of the service is `{"error": "<what was wrong>"}` JSON.
 
-The client's mistakes are one exception, `RequestError`, raised by every route and the upload
-middleware; `error_response` is the one place that turns it into a response (auth.py answers its
-401 the same way).
-
-Everything else is caught on its way out by `ErrorShapeMiddleware`. BentoML's 429
-(max_concurrency) and 504 (timeout) are JSON already; what is not: Starlette's plain-text `Not
-Found` (unknown path) and `Method Not Allowed`, BentoML's plain-text 503 from /readyz and /livez,
-the list-shaped `[{"error": ...}]` of `BadInput`, `{"error": ..., "detail": [...]}` from a typed
-route's validation, and the plain-text 500 of an exception nobody caught. The middleware rewrites
-those bodies, keeping the status and every other header; a body already in our shape passes
-untouched. Registered with `Service.add_asgi_middleware` before the other middlewares of ours, so
-it sits outside them (BentoML puts user middlewares inside its timeout and concurrency limits)
-and sees every answer from the routes and from our own checks.
+Errors are shaped where they are raised: the client's mistakes are `RequestError`, raised by the
+routes and the HTTP front (http.py) and answered there with `error_response`; auth.py answers its
+401 the same way. What the frameworks answer around our code (Starlette's 404 and 405, /readyz's
+503, BentoML's 429 over max_concurrency and 504 past the timeout, a 500 from an exception nobody
+caught) passes `ErrorShapeMiddleware`, the outermost layer: a JSON body with an "error" text is
+kept, anything else (plain text, HTML) becomes `{"error": ...}` with the status and headers kept.
 """
 
 from __future__ import annotations
@@ -22,12 +15,16 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("bentoml.vit_service.errors")
 MAX_MESSAGE_CHARS = 300  # a plain-text body longer than this is not a message: the status says it
 MAX_PATH_CHARS = 100  # a path echoed back in a 405 message is cut to this length
+
+OVERLOADED = "the model is overloaded; retry shortly"
+NOT_READY = "the model is still warming up; retry shortly"
+NO_SUCH_PATH = "no such path (the API is described at /docs)"
 
 
 class RequestError(Exception):
@@ -40,84 +37,54 @@ class RequestError(Exception):
         self.reason = reason  # a short fixed label for the rejected-uploads metric
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-OVERLOADED = "the model is overloaded; retry shortly"
-NOT_READY = "the model is still warming up; retry shortly"
-TIMED_OUT = "the model did not answer in time"
-
-
 def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def reason_phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return f"HTTP {status}"
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(message), status_code=status, headers=headers, media_type="application/json")
 
 
-def error_message(status: int, content_type: str, body: bytes, scope: Scope,
-                  headers: dict[str, str]) -> str | None:
-    """The message for an error answer, or None when `body` is already `{"error": "<str>"}`."""
+def not_allowed(method: str, path: str, allow: str | None) -> str:
+    return f"method {method} is not allowed on {path[:MAX_PATH_CHARS]}" + (f"; use {allow}" if allow else "")
+
+
+def shaped_message(status: int, content_type: str, body: bytes, scope: Scope, allow: str | None) -> str | None:
+    """The message for an error answer from outside our code, or None when it already has our shape."""
     text = body.decode("utf-8", "replace").strip()
     media = content_type.split(";")[0].strip().lower()
-    if media == "application/json" or media.endswith("+json"):
+    if media == "application/json":
         try:
             data: Any = json.loads(text)
         except ValueError:
             data = None
         if isinstance(data, dict) and set(data) == {"error"} and isinstance(data["error"], str) and data["error"]:
             return None
-        if isinstance(data, dict) and data.get("detail"):
-            # BentoML's typed routes: {"error": "1 validation error for Input", "detail": [pydantic errors]};
-            # FastAPI / Starlette style: {"detail": "..."}
-            detail = data["detail"]
-            if isinstance(detail, list):
-                detail = "; ".join(_pydantic_error(d) for d in detail)
-            head = f"{data['error']}: " if isinstance(data.get("error"), str) and data["error"] else ""
-            return f"{head}{detail}"[:MAX_MESSAGE_CHARS]
-        if isinstance(data, list):  # BentoML's BadInput: [{"error": ...}, ...]
-            found = [str(d["error"]) for d in data if isinstance(d, dict) and d.get("error")]
-            if found:
-                return "; ".join(found)[:MAX_MESSAGE_CHARS]
-        if isinstance(data, dict) and data.get("error"):
-            return str(data["error"])[:MAX_MESSAGE_CHARS]
-        text = ""  # JSON of another shape: say what the status says
+        text = str(data["error"]) if isinstance(data, dict) and data.get("error") else ""
     elif media != "text/plain":
         text = ""  # HTML or bytes: not a message
-    method, path = scope.get("method", ""), str(scope.get("path", ""))[:MAX_PATH_CHARS]
     if status == 404 and text in ("", "Not Found"):
-        # (not echoing the path: BentoML's metrics see unknown paths folded into one, and so do we)
-        return "no such path (the API is described at /docs)"
+        return NO_SUCH_PATH  # (not echoing the path: unknown paths are one metrics label too)
     if status == 405 and text in ("", "Method Not Allowed"):
-        allow = headers.get("allow")
-        return f"method {method} is not allowed on {path}" + (f"; use {allow}" if allow else "")
-    if status == 503 and "__is_ready__" in text:
-        return "not ready: the model is still warming up; retry shortly"
+        return not_allowed(scope.get("method", ""), str(scope.get("path", "")), allow)
+    if status == 503 and "__is_ready__" in text:  # BentoML's /readyz
+        return NOT_READY
     if status == 500 and text in ("", "Internal Server Error"):
         return "internal error; see the server log"
     if text and len(text) <= MAX_MESSAGE_CHARS and "\n" not in text:
-        return text
-    return reason_phrase(status)
-
-
-def _pydantic_error(d: Any) -> str:
-    if not isinstance(d, dict):
-        return str(d)
-    where = ".".join(str(part) for part in d.get("loc", ()))
-    return f"{where}: {d.get('msg', '')}" if where else str(d.get("msg", d))
+        return text[:MAX_MESSAGE_CHARS]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
 
 
 class ErrorShapeMiddleware:
-    """Rewrites every error answer (status >= 400) that is not `{"error": "<str>"}` JSON into it.
+    """Rewrites an error answer (status >= 400) that is not `{"error": "<str>"}` JSON into it.
 
     Only error answers are held back (their body is small); any other answer streams through
     untouched. An exception escaping the app before an answer began becomes a 500 in our shape
-    (logged with its traceback), rather than Starlette's plain-text one.
+    (logged with its traceback).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -132,11 +99,10 @@ class ErrorShapeMiddleware:
 
         async def shaping_send(message: Message) -> None:
             nonlocal held, forwarded
-            if message["type"] == "http.response.start":
-                if message["status"] >= 400:
-                    held = message
-                    return
-            elif message["type"] == "http.response.body" and held is not None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held = message
+                return
+            if message["type"] == "http.response.body" and held is not None:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
@@ -158,7 +124,7 @@ class ErrorShapeMiddleware:
     async def _send_shaped(scope: Scope, start: Message, body: bytes, send: Send) -> None:
         raw_headers = list(start.get("headers", []))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
-        message = error_message(start["status"], headers.get("content-type", ""), body, scope, headers)
+        message = shaped_message(start["status"], headers.get("content-type", ""), body, scope, headers.get("allow"))
         if message is None:
             await send(start)
             await send({"type": "http.response.body", "body": body})

@@ -3,13 +3,11 @@
 Every request to an upload route (/classify, /classify_batch, /explain) is split into stages, each
 observed in `vit_stage_seconds{stage=...}` and listed in the response's `Server-Timing` header:
     read        body read off the socket
-    parse       multipart parsed and checked (UploadMiddleware)
-    bentoml     BentoML's own parsing and hand-off to the API method
+    parse       multipart parsed and checked (http.py)
     decode      decode + resize + crop of the request's images (thread pool)
-    hop         the call to the model service, minus its forward pass (split mode only)
-    queue       wait for the model in the in-process batcher (in-process mode only)
+    queue       wait for the model in the batcher
     forward     the forward pass this request was part of
-    serialize   from the API method's return to the response's first byte
+    serialize   the answer encoded as JSON
 Label values are fixed sets, so the number of series stays bounded whatever clients send.
 """
 
@@ -17,7 +15,7 @@ from __future__ import annotations
 
 import bentoml
 
-STAGES = ("read", "parse", "bentoml", "decode", "hop", "queue", "forward", "serialize")
+STAGES = ("read", "parse", "decode", "queue", "forward", "serialize")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 stage_seconds = bentoml.metrics.Histogram(

@@ -1,13 +1,8 @@
-"""One model handle per mode, with the same async methods; the front picks one at start-up.
+"""The model behind the routes: `ModelHandle` is what they call, `InProcessModel` the one there is.
 
-    InProcessModel  VIT_MODE=inprocess: the model in the front process, behind the in-process
-                    adaptive batcher (batcher.py); /explain in its own single thread beside it.
-    RemoteModel     VIT_MODE=split: the model service (model_service.ViTModel) through
-                    `bentoml.depends`, with retries on dropped connections and its errors mapped
-                    to the front's 503/504.
-
-Routes call `predict`, `explain`, `describe` and `ready` and never ask which mode they are in.
-Failures the client should see raise `RequestError` (503 overloaded or warming up, 504 timeout).
+Routes call `predict`, `explain`, `describe` and `ready` and never ask where the model runs, so a
+GPU model service can come back as a second handle where a GPU run shows it wins. Failures the
+client should see raise `RequestError` (503 overloaded or warming up).
 """
 
 from __future__ import annotations
@@ -15,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
-import httpx
 import numpy as np
 
+from vit_service.predictor import ImagePredictor
 from vit_service.preprocessing import Preprocessing
-from vit_service.serving import local_model, metrics, restarts
+from vit_service.serving import metrics, restarts
+from vit_service.serving.bentoml_compat import worker_index
 from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
-from vit_service.serving.bentoml_compat import keep_one_session
-from vit_service.serving.errors import NOT_READY, OVERLOADED, TIMED_OUT, RequestError
+from vit_service.serving.errors import NOT_READY, OVERLOADED, RequestError
 from vit_service.serving.settings import Settings
 
 logger = logging.getLogger("bentoml.vit_service")
@@ -39,10 +32,6 @@ class ModelInfo:
     description: dict[str, Any]  # what /model_info shows, before the front adds its own limits
     class_names: list[str]
     preprocessing: Preprocessing
-
-    @classmethod
-    def from_description(cls, description: dict[str, Any]) -> ModelInfo:
-        return cls(description, list(description["class_names"]), Preprocessing.from_dict(description["preprocessing"]))
 
 
 @dataclass(frozen=True)
@@ -67,13 +56,14 @@ class ModelHandle(Protocol):
 
 
 class InProcessModel:
-    """The model in this process. Loads at once; worker 1 (when no sibling serves) warms up in the
-    background, so /readyz answers 503 meanwhile (and stays 503, with the reason in the log, if
-    the warm-up fails); any other worker warms up before it takes a connection (restarts.py)."""
+    """The model in this worker, behind the adaptive batcher; /explain in its own single thread
+    beside it. Loads at once; worker 1 (when no sibling serves) warms up in the background, so
+    /readyz answers 503 meanwhile (and stays 503, with the reason in the log, if the warm-up
+    fails); any other worker warms up before it takes a connection (restarts.py)."""
 
     def __init__(self, settings: Settings, model_path: str, tag: Any) -> None:
-        predictor = local_model.load_predictor(settings, model_path)
-        self.explainer = local_model.make_explainer(predictor, model_path)
+        predictor = load_predictor(settings, model_path)
+        self.explainer = make_explainer(predictor, model_path)
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")  # beside, never inside, the batcher
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=settings.max_batch_size if settings.batching else 1,
@@ -85,19 +75,20 @@ class InProcessModel:
 
         def warm() -> None:
             try:
-                local_model.warm_up(predictor, settings, tag)
+                warm_up(predictor, settings, tag)
             except Exception:
                 logger.exception("warm-up of %s failed; the service stays unready", tag)
                 self.failed = True
                 return
-            self._info = ModelInfo.from_description(local_model.describe_model(predictor, settings, tag))
+            description = describe_model(predictor, settings, tag)
+            self._info = ModelInfo(description, list(predictor.artifact.class_names), predictor.preprocessing)
             self.warm.set()
             restarts.mark_warm()
 
         if restarts.warm_in_background():  # the one worker that answers 503 (and /readyz 503) meanwhile
             threading.Thread(target=warm, name="warmup", daemon=True).start()
         else:  # another worker answers: take no connection before warm
-            logger.info("warming up before accepting connections (worker %d)", restarts.worker_index())
+            logger.info("warming up before accepting connections (worker %d)", worker_index())
             warm()
 
     async def describe(self) -> ModelInfo:
@@ -130,90 +121,53 @@ class InProcessModel:
         return Explained(np.asarray(probs[0], np.float32), int(target[0]), np.asarray(maps[0], np.float32))
 
 
-# Errors of the inter-service client: aiohttp in BentoML >= 1.4.30 (proxy2), httpx before.
-# Timeouts first: aiohttp's ServerTimeoutError is also a connection error.
-_TIMEOUTS = (TimeoutError, httpx.TimeoutException)
-_DISCONNECTS = (aiohttp.ClientConnectionError, httpx.TransportError)
-MODEL_CALL_ATTEMPTS = 3
+def load_predictor(settings: Settings, model_path: str) -> ImagePredictor:
+    """The exported model on its device (not yet warmed up), with the configured threads and backend."""
+    from vit_service.backend import load_backend
+
+    threads = settings.torch_threads  # the rule in settings.py: decode + model threads <= cores
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return load_backend(model_path, backend=settings.backend, device=settings.device, precision=settings.precision,
+                        compile_mode=settings.compile_mode, threads=threads)
 
 
-class RemoteModel:
-    """The split-mode model service, reached through its `bentoml.depends` client."""
-
-    def __init__(self, service: Any) -> None:
-        self.service = service
-        self._info: ModelInfo | None = None
-        keep_one_session(service)
-
-    async def describe(self) -> ModelInfo:
-        if self._info is None:
-            self._info = ModelInfo.from_description(await self.service.to_async.info())
-        return self._info
-
-    async def ready(self) -> bool:
-        # Until the model service answers, a call to it hangs in its socket's backlog: a short bound.
-        try:
-            await asyncio.wait_for(self.describe(), timeout=2)
-        except Exception:
-            return False
-        return True
-
-    async def predict(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
-        from bentoml.exceptions import BentoMLException
-
-        start = time.perf_counter()
-        try:
-            for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
-                try:
-                    return await self.service.to_async.predict(batch)
-                except BentoMLException as e:
-                    status = int(e.error_code)
-                    if status in (429, 503):
-                        raise RequestError(503, OVERLOADED, "overloaded") from None
-                    if status == 504:
-                        raise RequestError(504, TIMED_OUT) from None
-                    raise
-                except _TIMEOUTS:
-                    raise RequestError(504, TIMED_OUT) from None
-                except _DISCONNECTS as e:
-                    # A dropped connection to the model service: its worker restarted, or BentoML's
-                    # client closed its session under this call (see keep_one_session). predict is
-                    # idempotent, so call again.
-                    logger.info("model call failed (%r), attempt %d of %d", e, attempt, MODEL_CALL_ATTEMPTS)
-            raise RequestError(503, "the model service is unavailable; retry shortly")
-        finally:
-            timings["hop"] = time.perf_counter() - start
-
-    async def explain(self, pixels: np.ndarray, method: str, class_index: int | None) -> Explained:
-        from bentoml.exceptions import BentoMLException
-
-        try:
-            result = await self.service.to_async.explain(pixels, method=method, class_index=class_index)
-        except BentoMLException as e:
-            logger.warning("explain call failed: %r", e)
-            if int(e.error_code) == 504:
-                raise RequestError(504, TIMED_OUT) from None
-            raise RequestError(503, "the model service could not explain this image now; retry shortly") from None
-        except TimeoutError:
-            raise RequestError(504, TIMED_OUT) from None
-        return Explained(np.asarray(result["probs"], np.float32), int(result["class_index"]),
-                         np.asarray(result["grid"], np.float32))
+def warm_up(predictor: ImagePredictor, settings: Settings, tag: Any) -> None:
+    seconds = predictor.warmup(settings.max_batch_size)
+    logger.info("model %s ready on %s in %.1f s", tag, predictor.describe(), seconds)
 
 
-# ------------------------------------------------------------------ the one mode switch
+def make_explainer(predictor: ImagePredictor, model_path: str) -> Any:
+    """The /explain engine. Attention maps need the torch model (its attention and gradients), so
+    when onnxruntime serves /classify (VIT_BACKEND) the torch model is loaded beside it."""
+    from vit_service.artifact import load_model
+    from vit_service.explain import Explainer
 
-def model_dependency(settings: Settings) -> Any:
-    """For the front's class scope: `bentoml.depends(ViTModel)` in split mode (BentoML then starts
-    the model service), else None."""
-    if settings.mode != "split":
-        return None
-    import bentoml
-
-    from vit_service.serving.model_service import ViTModel
-
-    return bentoml.depends(ViTModel)
+    model = getattr(predictor, "model", None)
+    if model is None:
+        model, _ = load_model(model_path)
+        return Explainer(model, predictor.artifact, "cpu")  # onnxruntime runs on CPU-only hosts
+    return Explainer(model, predictor.artifact, getattr(predictor, "device", "cpu"))
 
 
-def open_model(settings: Settings, model_path: str, tag: Any, dependency: Any) -> ModelHandle:
-    """The handle for this process: the model service when there is one, else the model here."""
-    return RemoteModel(dependency) if dependency is not None else InProcessModel(settings, model_path, tag)
+def describe_model(predictor: ImagePredictor, settings: Settings, tag: Any) -> dict[str, Any]:
+    """What /model_info shows of the model and how it is served."""
+    import torch
+
+    artifact = predictor.artifact
+    S = artifact.preprocessing.image_size
+    return {
+        "model_tag": str(tag),
+        "class_names": list(artifact.class_names),
+        "num_classes": len(artifact.class_names),
+        "input_size": [3, S, S],
+        "preprocessing": artifact.preprocessing.to_dict(),
+        "model_config": artifact.config.to_dict(),
+        # Keys starting with "_" (e.g. Lightning's "_instantiator") are internal.
+        "metadata": {k: v for k, v in artifact.metadata.items() if not str(k).startswith("_")},
+        # torch_threads: the intra-op threads torch really uses in this process (VIT_TORCH_THREADS).
+        "serving": {**predictor.describe(), "torch_threads": torch.get_num_threads(), "batching": settings.batching,
+                    "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms},
+    }

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 import vit_service
+from vit_service.serving.bentoml_compat import api_paths
 
 UI_FILE = Path(__file__).parent / "ui" / "index.html"
 TITLE = "vit-service"
@@ -64,20 +65,15 @@ def docs_page() -> Response:
     return HTMLResponse(SWAGGER_PAGE, headers={"content-security-policy": CSP})
 
 
-def docs_json(spec: dict[str, Any], get_routes: set[str]) -> Response:
-    """BentoML's OpenAPI spec (`spec`) with our own info, and the routes in `get_routes` that
-    also have a POST API (/model_info: BentoML's client POSTs) documented as the GET they are."""
+def docs_json(service: Any) -> Response:
+    """BentoML's OpenAPI spec of `service` with our own info. BentoML documents the typed APIs and
+    the GET routes of the mounted FastAPI app, but a path with both (/model_info) keeps only the
+    GET: its POST (BentoML's client, `client.model_info()`, POSTs) is put back."""
+    spec = service.openapi_spec.asdict()
     spec["info"] = {"title": TITLE, "description": DESCRIPTION, "version": vit_service.__version__}
     spec.pop("servers", None)  # BentoML's info has version "None" and its team as the contact
-    for path in get_routes & set(spec.get("paths", {})):
-        operations = spec["paths"][path]
-        post = operations.get("post")
-        if post is not None and "get" not in operations:
-            get = {k: v for k, v in post.items() if k != "requestBody"}
-            if "operationId" in get:  # unique per operation
-                get["operationId"] += "__get"
-            post = {**post, "description": "The same as GET, for BentoML's client (`client.model_info()` POSTs)."}
-            spec["paths"][path] = {"get": get, "post": post}
+    for path, operations in api_paths(service).items():
+        spec["paths"][path] = {**operations, **spec["paths"].get(path, {})}
     return JSONResponse(spec)
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import psutil
 
+from vit_service.serving.bentoml_compat import worker_index
+
 
 def marker_dir(parent: int | None = None) -> Path:
     """The folder shared by the workers of one `bentoml serve` (children of one arbiter)."""
@@ -56,14 +58,6 @@ def sibling_serving() -> bool:
         with contextlib.suppress(OSError):
             marker.unlink()  # a dead worker's
     return False
-
-
-def worker_index() -> int:
-    """This worker's index among its service's workers (1, 2, ...; a replacement takes the dead
-    worker's); 1 outside a BentoML worker."""
-    from bentoml._internal.context import server_context
-
-    return server_context.worker_index or 1
 
 
 def warm_in_background() -> bool:

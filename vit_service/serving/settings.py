@@ -1,31 +1,17 @@
 """Service settings: environment variables read once at start-up, each declared once below with its
 default and one line of documentation (`python -m vit_service.serving.settings` prints the table
-the README shows; a test keeps the two equal).
+docs/serving.md shows; a test keeps the two equal). Any variable set overrides its derived default;
+a bad value is a start-up error naming it.
 
-Defaults marked "host" follow the host's CPU cores and device (see bench/README.md, "GPU on paper"):
-    CPU only  VIT_MODE=inprocess: the model runs in the front process behind an in-process
-              batcher. Two workers where memory allows (`cpu_workers`), else one, the cores split
-              between them; max batch 16 (the CPU's best raw batch). Two, so that a worker that
-              dies (killed, out of memory, a crash in native code) is no outage: the other answers
-              while the arbiter starts a replacement, which warms up before it takes a connection
-              (restarts.py). On 2 cores, 2 workers x 1 thread gave no less throughput at 16 clients
-              than 1 worker x 2 threads (bench/README.md, "Workers and faults"); a lone request runs
-              on one core, though. Split mode on a CPU gives its model service the same two workers.
-              Threads never oversubscribe a worker's share of the cores (cores / workers): decode
-              threads = max(1, share // 4), model threads (torch and onnxruntime intra-op) = share -
-              decode threads, at least 1; 2 cores, 2 workers: 1 + 1 each (was 2 decode + torch's 2).
-              Why: decoding is ~2 ms of CPU a photo against ~16 ms for a vit_tiny forward at one
-              thread (Server-Timing stages, bench/README.md), so one decode thread per four cores
-              keeps up; and OpenMP threads spin-wait, so a forward pass whose thread loses its core
-              to a decode thread stalls as a whole (measured on the 2-core EPYC: 1 torch thread
-              p50 23.0 ms against 29.0 ms with 2 at one client, quiet; under load 2 threads fell to
-              1.1 img/s at batch 1). The price measured there: 58-61 against 74-79 img/s at 16-32
-              clients with one worker and the load client on the same 2 cores; set
-              VIT_TORCH_THREADS=2 where throughput matters more than latency on such a small host.
-    CUDA      VIT_MODE=split: a model service owns the GPU, front workers decode. The GPU does
-              thousands of images/s and one core decodes ~100-200 photos/s, so every core but one
-              (left to the model process) runs a front worker with 2 decode threads; max batch 64.
-Any variable set overrides its derived default; a bad value is a start-up error naming it.
+Defaults marked "host" follow the host's cores, memory and device. The model runs in every front
+worker, behind the in-process batcher (model_handle.py):
+    CPU   two workers where memory allows (`cpu_workers`), so a worker that dies is no outage, and
+          each worker's share of the cores split so threads never oversubscribe it: a quarter
+          decodes (at least one thread), the rest runs the model (OpenMP threads spin-wait: a
+          forward pass whose thread loses its core to a decode thread stalls as a whole). Max
+          batch 16. The measurements behind these choices: bench/README.md, "Workers and faults".
+    CUDA  one worker owns the GPU (a second would hold a second copy of the model on it) and
+          decodes with every core but one; max batch 64.
 """
 
 from __future__ import annotations
@@ -35,15 +21,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from vit_service.host import host_cores
 from vit_service.preprocessing import DEFAULT_MAX_PIXELS
 from vit_service.serving.auth import read_key_file, read_key_list
 from vit_service.serving.store import DEFAULT_MODEL_TAG
-
-Mode = Literal["inprocess", "split"]
-MODES = ("auto", "inprocess", "split")
-
 
 @dataclass(frozen=True)
 class Host:
@@ -98,13 +81,6 @@ def flag(default: bool) -> Callable[[str, str, Host], bool]:
     return read
 
 
-def read_mode(name: str, raw: str, host: Host) -> Mode:
-    mode = raw or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {mode!r}")
-    return ("split" if host.gpu else "inprocess") if mode == "auto" else mode  # type: ignore[return-value]
-
-
 def read_compile(name: str, raw: str, host: Host) -> str | None:
     return None if raw in ("", "0") else ("default" if raw == "1" else raw)
 
@@ -113,16 +89,8 @@ def read_optional_int(name: str, raw: str, host: Host) -> int | None:
     return integer(1)(name, raw, host) if raw else None
 
 
-def host_cores() -> int:
-    """CPU cores this process may run on (a container's CPU set, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-# Memory of one worker before its model: torch, BentoML and the service (RSS 644-743 MiB measured
-# serving vit_tiny, bench/README.md "Workers and faults"), rounded up.
+# Memory of one worker before its model: torch, BentoML and the service, rounded up from the RSS
+# measured serving vit_tiny (bench/README.md, "Workers and faults").
 WORKER_BASE_BYTES = 768 * 2**20
 
 
@@ -188,9 +156,6 @@ def cuda_wanted(device: str) -> bool:
 class Settings:
     model_tag: str = setting("VIT_MODEL_TAG", f"`{DEFAULT_MODEL_TAG}`", "model in the BentoML model store",
                              text(DEFAULT_MODEL_TAG))
-    mode: Mode = setting("VIT_MODE", "`auto`", "`inprocess` (auto on CPU-only hosts): the model in the front process "
-                         "behind an in-process batcher; `split` (auto with CUDA): a model service (`bentoml.depends`) "
-                         "owns the GPU while front workers decode", read_mode)
     device: str = setting("VIT_DEVICE", "`auto`", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`", text("auto"))
     precision: str = setting("VIT_PRECISION", "`auto`", "`fp32`, `bf16`, `fp16`, `int8` (`model.int8.onnx` from "
                              "`vit-export --int8`, on onnxruntime; refused if its recorded top-1 agreement with fp32 "
@@ -219,20 +184,15 @@ class Settings:
     timeout: int = setting("VIT_TIMEOUT", "30", "seconds per request, else 504", integer(30))
     max_concurrency: int = setting("VIT_MAX_CONCURRENCY", "64", "requests in flight on the front, beyond that 429",
                                    integer(64))
-    workers: int = setting("VIT_WORKERS", "host: 2 on CPU where memory allows, else 1 (and 1 in split mode); "
-                           "cores-1 on GPU",
-                           "front worker processes (a second one keeps serving when one dies)",
-                           integer(lambda host: max(1, host.cores - 1) if host.gpu else _cpu_workers(host)))
-    model_workers: int = setting("VIT_MODEL_WORKERS", "host: 1 on GPU, 2 on CPU where memory allows",
-                                 "split mode: model-service processes",
-                                 integer(lambda host: 1 if host.gpu else _cpu_workers(host)))
-    decode_threads: int = setting("VIT_DECODE_THREADS", "host: max(1, (cores / workers) // 4) on CPU, 2 on GPU",
-                                  "decoding threads per front worker",
-                                  integer(lambda host: 2 if host.gpu else host.cores))  # split by from_env
-    torch_threads: int | None = setting("VIT_TORCH_THREADS", "host on CPU: in-process cores / workers - decode "
-                                        "threads, split cores / model processes; else torch's (one per core)",
-                                        "intra-op threads of each model process (torch and onnxruntime)",
-                                        read_optional_int)
+    workers: int = setting("VIT_WORKERS", "host: 2 on CPU where memory allows, else 1; 1 on GPU",
+                           "worker processes, each with the model (a second one keeps serving when one dies)",
+                           integer(lambda host: 1 if host.gpu else _cpu_workers(host)))
+    decode_threads: int = setting("VIT_DECODE_THREADS", "host: max(1, (cores / workers) // 4) on CPU, cores - 1 on GPU",
+                                  "decoding threads per worker",
+                                  integer(lambda host: max(1, host.cores - 1) if host.gpu else host.cores))  # see from_env
+    torch_threads: int | None = setting("VIT_TORCH_THREADS", "host on CPU: cores / workers - decode threads; "
+                                        "else torch's (one per core)",
+                                        "intra-op threads of the model (torch and onnxruntime)", read_optional_int)
     api_keys: tuple[bytes, ...] = setting("VIT_API_KEY", "unset: the API is open", "API key(s), comma-separated: "
                                           "requests then need `Authorization: Bearer <key>` (docs/serving.md, "
                                           "API keys)", read_key_list, repr=False)
@@ -242,6 +202,7 @@ class Settings:
     protect_metrics: bool = setting("VIT_PROTECT_METRICS", "`0`", "`1`: `/metrics` needs an API key too",
                                     flag(False))
     cores: int = field(default=1)  # the host's, not a setting
+    gpu: bool = field(default=False)  # VIT_DEVICE resolves to CUDA here
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -254,37 +215,20 @@ class Settings:
         model_tag = variables["model_tag"].read(variables["model_tag"].env, raw(variables["model_tag"]), Host(gpu, 0))
         host = Host(gpu=gpu, cores=host_cores(), memory=None if gpu else available_memory(),
                     model_size=0 if gpu else model_bytes(model_tag))
-        settings = cls(**{name: var.read(var.env, raw(var), host) for name, var in variables.items()}, cores=host.cores)
-        # On a CPU the cores are split between the processes holding a model (and between the
-        # front workers for decoding), unless set: 2 workers x 1 thread on 2 cores, not 2 x 2.
+        settings = cls(**{name: var.read(var.env, raw(var), host) for name, var in variables.items()},
+                       cores=host.cores, gpu=gpu)
         if gpu:
             return settings
-        split: dict[str, Any] = {}
-        if settings.mode == "split" and not raw(variables["workers"]):
-            # split mode on a CPU: one front decoding, the model service holds the two workers
-            settings = replace(settings, workers=1)
-        share = max(1, host.cores // settings.workers)  # each front worker's cores
+        # On a CPU each worker's share of the cores: a quarter decodes, the rest runs the model.
+        share = max(1, host.cores // settings.workers)
         decode = settings.decode_threads if raw(variables["decode_threads"]) else max(1, share // 4)
-        split["decode_threads"] = decode
-        if not raw(variables["torch_threads"]):
-            split["torch_threads"] = (max(1, share - decode) if settings.mode == "inprocess"
-                                      else max(1, host.cores // settings.model_workers))
-        return replace(settings, **split)
-
-    @property
-    def model_threads(self) -> int | None:
-        """Intra-op threads of the model: VIT_TORCH_THREADS, else in-process the cores the decode
-        threads leave (never oversubscribed), else None (torch's default: one per core)."""
-        if self.torch_threads:
-            return self.torch_threads
-        share = max(1, self.cores // max(1, self.workers))
-        return max(1, share - self.decode_threads) if self.mode == "inprocess" else None
+        torch_threads = settings.torch_threads or max(1, share - decode)
+        return replace(settings, decode_threads=decode, torch_threads=torch_threads)
 
     def describe(self) -> dict[str, object]:
         """What /model_info shows under "serving" about the process layout."""
-        return {"mode": self.mode, "workers": self.workers, "model_workers": self.model_workers,
-                "decode_threads": self.decode_threads, "torch_threads": self.model_threads, "host_cores": self.cores,
-                "api_keys": self.api_keys_enabled}
+        return {"workers": self.workers, "decode_threads": self.decode_threads, "torch_threads": self.torch_threads,
+                "host_cores": self.cores, "api_keys": self.api_keys_enabled}
 
     @property
     def api_keys_enabled(self) -> bool:

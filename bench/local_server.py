@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TARGET = "vit_service.serving.service:ViTClassifier"
 
 
