@@ -124,10 +124,15 @@ def test_raw_int8_model_is_quantized_and_agrees(model_dir: Path, tmp_path: Path)
 
     from vit_service.onnx_backend import OnnxPredictor
 
-    int8_dir = serve_load.int8_model_dir(model_dir, tmp_path / "int8")
-    ops = {node.op_type for node in onnx.load(str(int8_dir / "model.onnx")).graph.node}
+    from vit_service.quantize import INT8_FILE
+
+    images = [(f"x{i}.jpg", jpeg(i)) for i in range(4)]  # what vit-export --int8 measures its agreement on
+    int8_dir = serve_load.int8_model_dir(model_dir, tmp_path / "int8", images)
+    assert not (model_dir / INT8_FILE).exists()  # the served model is left as it was
+    ops = {node.op_type for node in onnx.load(str(int8_dir / INT8_FILE)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, sorted(ops)  # int8 matmuls, not fp32 ones
-    int8 = OnnxPredictor(int8_dir, threads=1)
+    assert serve_load.int8_model_dir(int8_dir, tmp_path / "again", images) == int8_dir  # an int8 model is reused
+    int8 = OnnxPredictor(int8_dir, threads=1, path=int8_dir / INT8_FILE, precision="int8")
     fp32 = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
     pixels = np.stack([fp32.preprocessing.to_uint8(Image.open(io.BytesIO(jpeg(i))).convert("RGB")).numpy()
                        for i in range(8)])

@@ -2,8 +2,9 @@
 
 The images are the probe set of `training.demo_data.generate_pointing_probe`: circle, square,
 triangle and cross drawn off-centre, in one quadrant of a square image (in the demo's own val
-images the shape always covers the centre, so a centre guess would score 98% there). The peak
-patch of the map is a hit when its centre lies inside the shape's recorded box (`boxes.json`).
+images the shape always covers the centre, so a centre guess would nearly always hit there;
+bench/README.md, "Attention maps: the pointing game"). The peak patch of the map is a hit when its
+centre lies inside the shape's recorded box (`boxes.json`).
 Baselines on the same images: a uniformly random patch, the centre patch, and (in the command's
 output) the same methods on an untrained model of the same architecture.
 

@@ -7,7 +7,8 @@ Trainer is built (training/cli.py) and saved in the run's config.yaml as the val
                                         model, timed for a few seconds, is at least 10% faster
                                         under bf16 autocast (vit_service.host.faster); else 32-true
     CPU without them                    32-true, without timing: oneDNN emulates bf16 there and
-                                        autocast is several times slower (5.4x on an AVX2 EPYC)
+                                        autocast is several times slower (bench/README.md,
+                                        "The AVX2-only host, measured")
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from vit_service.host import CpuInfo, Race, cpu_can_accelerate_bf16, faster, rea
 AUTO = "auto"
 TIMING_BUDGET_S = 3.0
 TOKENS_PER_TIMING_BATCH = 2048  # batch = this / tokens per image (31 CIFAR images, 3 at 384 px): the bf16
-# gain shows at this size (1.56x here against 1.13x at 512 tokens) and a step stays ~0.1-0.3 s on an idle core
+# gain shows at this size, not at 512 tokens, and a step stays short on an idle core (bench/README.md,
+# "CIFAR-10 train step: fp32 vs bf16")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     read_cpu()                 CPU model and the flags that matter (avx2, avx512f, avx512_bf16,
                                avx512_vnni, amx_bf16, amx_tile), from /proc/cpuinfo
-    cpu_can_accelerate_bf16()  bf16 has hardware (AVX512-BF16 or AMX) or it is emulated, 2-5x slower
+    cpu_can_accelerate_bf16()  bf16 has hardware (AVX512-BF16 or AMX) or it is emulated, much slower
     faster()                   times a candidate against a baseline in a short budget; the candidate
                                wins only if at least MIN_GAIN (10%) faster: the one rule for bf16 vs
                                fp32, onnxruntime vs torch, int8 vs fp32, in training and serving
@@ -67,7 +67,8 @@ def read_cpu(text: str | None = None) -> CpuInfo:
 
 def cpu_can_accelerate_bf16(flags: frozenset[str] | set[str] | CpuInfo) -> bool:
     """Whether bf16 matmuls run in hardware: AVX512-BF16 or AMX. Without them oneDNN emulates bf16
-    and autocast is slower than fp32 (5.4x measured on an AVX2-only EPYC), so it is never timed."""
+    and autocast is slower than fp32 (bench/README.md, "The AVX2-only host, measured"), so it is never
+    timed."""
     flags = flags.flags if isinstance(flags, CpuInfo) else flags
     return any(f in flags for f in BF16_FLAGS)
 

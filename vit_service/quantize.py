@@ -4,18 +4,13 @@ real images: top-1 agreement and both top-1 accuracies. Serving uses the figures
 only where the recorded agreement is >= MIN_AGREEMENT (99%).
 
 Which int8: onnxruntime *dynamic* quantization (weights int8, activations uint8 with a range taken
-per batch). Measured on the AMD EPYC (Zen 4, avx512_vnni) at one thread, thread CPU clock:
-    model                  batch  torch fp32  torch.ao int8  ort fp32  ort dynamic int8
-    CIFAR ViT (128 wide)       1      4.2 ms         3.5 ms    1.7 ms          1.2 ms
-                              16     30.7 ms        16.1 ms   15.9 ms         10.6 ms
-    vit_tiny_patch16_224       1     44.3 ms        20.8 ms   20.1 ms         13.6 ms
-                              16      539 ms         243 ms    348 ms          247 ms
-onnxruntime int8 is the fastest or tied everywhere, is a plain file any onnxruntime loads, and
-torch.ao's eager quantization is deprecated (torch 2.14 warns it will be removed). Static
-quantization was not taken: it needs representative images at export and fixes activation ranges
-after LayerNorm/GELU/softmax, where ViTs have outliers; dynamic needs no data to build.
-Weights are quantized per tensor first; if that misses the agreement threshold, per output channel
-is tried and the better-agreeing one kept (per channel cost up to 12% more time at batch 16 here).
+per batch). Against torch.ao dynamic int8 and both fp32 runtimes it was the fastest or tied in every
+cell measured (bench/README.md, "Which int8: onnxruntime dynamic"), it is a plain file any
+onnxruntime loads, and torch.ao's eager quantization is deprecated (torch 2.14 warns it will be
+removed). Static quantization was not taken: it needs representative images at export and fixes
+activation ranges after LayerNorm/GELU/softmax, where ViTs have outliers; dynamic needs no data to
+build. Weights are quantized per tensor first; if that misses the agreement threshold, per output
+channel is tried and the better-agreeing one kept (per channel is slower, so it is the fallback).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Fewer tokens early: train at a lower input resolution first, the full one at the end.
 
-With 4 px patches a 16 px input is 16 tokens instead of 64 (about 4x cheaper per image, measured
-in bench/README.md), and early training learns coarse features that transfer to the full size;
-the ViT resamples its position embeddings to the input grid (`VisionTransformer._pos_embed`).
-The batch is downscaled in the training process (antialiased bilinear) rather than in the data
-pipeline, so the loader, its transform and the eval preprocessing stay those of the full size.
+With 4 px patches a 16 px input is 16 tokens instead of 64 (step rates per input size:
+bench/README.md, "CIFAR-10 train step: fp32 vs bf16"), and early training learns coarse features
+that transfer to the full size; the ViT resamples its position embeddings to the input grid
+(`VisionTransformer._pos_embed`). The batch is downscaled in the training process (antialiased
+bilinear) rather than in the data pipeline, so the loader, its transform and the eval
+preprocessing stay those of the full size.
 """
 
 from __future__ import annotations
