@@ -6,7 +6,7 @@ written to the JSON file as soon as it is done (so a run cut short keeps what it
                 fp32 logits to 1e-4 (TF32 off), top-1 agreement under bf16 autocast
     throughput  vit_base_patch16_224 forward at batch 256 under bf16 autocast, eager and
                 torch.compile, ours beside timm's own model, alternating (median of rounds)
-    serving     bench/serve_load.py --device cuda: the in-process service vs split mode at
+    serving     bench/serve_load.py --device cuda: the service batched vs unbatched at
                 1/16/64/256 clients (and the raw decode + forward loop)
     decode      JPEG decode + resize + crop per CPU core (from serve_load's raw phase) against
                 the GPU's forward rate: how many cores it takes to feed the GPU
@@ -176,10 +176,10 @@ def measure_throughput(args: argparse.Namespace, models: dict[str, torch.nn.Modu
 
 
 def run_serving(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """bench/serve_load.py in its own process: in-process (batched) vs split, plus the raw loop."""
+    """bench/serve_load.py in its own process: the service batched vs unbatched, plus the raw loop."""
     out = tmp / "serve_load.json"
     cmd = [sys.executable, str(REPO / "bench" / "serve_load.py"), "--device", args.device.type,
-           "--preset", args.serve_preset, "--setups", "raw,batched,split", "--mode", "inprocess",
+           "--preset", args.serve_preset, "--setups", "raw,batched,unbatched",
            "--clients", args.clients, "--duration", str(args.level_s), "--warmup", "0.2" if args.dry_run else "3",
            "--raw-batch-sizes", "1" if args.dry_run else "1,64,256",
            "--raw-seconds", "0.2" if args.dry_run else "3", "--image-kind", "photo",

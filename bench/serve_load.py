@@ -4,11 +4,9 @@ Setups, measured in one run on the same model and the same JPEGs:
     (a) raw       decode + resize/crop + forward in this process, one thread of calls, at several
                   batch sizes (`vit_service.inference.Predictor`, the code the service runs)
     (b) batched   `bentoml serve vit_service.serving.service:ViTClassifier` with adaptive batching
-                  (VIT_MODE from --mode: auto picks inprocess on a CPU-only host)
     (c) unbatched the same server with VIT_BATCHING=0: one forward pass per request
     (d) naive     bench/naive_service.py: one batchable BentoML API on PIL images with per-request
                   torchvision transforms, the baseline to beat
-    (e) split     (b) with VIT_MODE=split: front and model service in two processes
     (f) litserve  bench/litserve_service.py: a LitServe LitAPI as LitServe's docs show (timm's eval
                   transform per request, max_batch_size=16, batch_timeout=0.01), the other peer
 With --pin, every server and the raw loop run on one core with one torch thread and this process's
@@ -63,7 +61,7 @@ IMAGES_ENV = "VIT_CIFAR10_DIR"  # a folder of JPEGs (e.g. CIFAR-10's test/ class
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_KINDS = {"small": (224, 224), "photo": (500, 375)}  # CIFAR-10 upscaled (bicubic), JPEG q90
 SETUP_NAMES = {"raw": "(a) raw", "batched": "(b) service, adaptive batching", "unbatched": "(c) service, batching off",
-               "naive": "(d) naive BentoML service", "split": "(e) service, split mode",
+               "naive": "(d) naive BentoML service",
                "litserve": "(f) LitServe service"}
 PEERS = ("naive", "litserve")  # what a user would pick instead of our service
 
@@ -84,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--raw-batch-sizes", default="1,8,16,32")
     p.add_argument("--raw-seconds", type=float, default=None, help="seconds per raw batch size (default: --duration / 2)")
     p.add_argument("--setups", default="raw,batched,unbatched,naive",
-                   help="comma-separated subset of raw,batched,unbatched,naive,split,litserve")
+                   help="comma-separated subset of raw,batched,unbatched,naive,litserve")
     p.add_argument("--raw-int8", action="store_true",
                    help="also run the raw loop on onnxruntime dynamic int8 (what vit-export --int8 writes): "
                         "the int8 ceiling beside the peers")
@@ -95,7 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="servers and the raw loop on one core with one torch thread, the load client on another")
     p.add_argument("--precision", default="auto",
                    help="VIT_PRECISION of our servers and the raw loop's precision (the peers run fp32)")
-    p.add_argument("--mode", default="auto", help="VIT_MODE of (b) and (c): auto | inprocess | split")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (VIT_DEVICE)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in the raw run and the server (OMP_NUM_THREADS); default: torch's")
@@ -472,7 +469,7 @@ def run_server(setup: str, model_tag: str, model_dir: Path, images: list[tuple[s
                args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     env = {"VIT_MODEL_TAG": model_tag, "VIT_DEVICE": args.device, "VIT_MAX_CONCURRENCY": str(args.max_concurrency),
            "VIT_BATCHING": "0" if setup == "unbatched" else "1",
-           "VIT_MODE": "split" if setup == "split" else args.mode, "VIT_PRECISION": args.precision,
+           "VIT_PRECISION": args.precision,
            **({"VIT_TORCH_THREADS": "1"} if args.pin else {}),
            **dict(kv.split("=", 1) for kv in args.server_env)}
     kind = setup if setup in PEERS else "ours"
@@ -529,7 +526,7 @@ def ratio_lines(results: Results) -> list[str]:
     best1 = min(peers1, key=lambda r: r["p50_ms"]) if peers1 else None
 
     out = []
-    for setup in ("batched", "split"):
+    for setup in ("batched",):
         name = SETUP_NAMES[setup]
         if (setup, 16) in by and raw16:
             r = by[setup, 16]

@@ -116,7 +116,7 @@ def compare(args: argparse.Namespace, tag: str, images: list[tuple[str, bytes]],
     for round_ in range(args.rounds):
         order = args.layouts if round_ % 2 == 0 else args.layouts[::-1]  # alternated against drift
         for name, layout in ((n, LAYOUTS[n]) for n in order):
-            env = {"VIT_MODEL_TAG": tag, "VIT_MODE": "inprocess", "VIT_DEVICE": "cpu", "VIT_PRECISION": args.precision,
+            env = {"VIT_MODEL_TAG": tag, "VIT_DEVICE": "cpu", "VIT_PRECISION": args.precision,
                    **layout}
             log = log_dir / f"compare_{name}_{round_}.log"
             print(f"round {round_ + 1}: {name} (log {log})", flush=True)
@@ -230,7 +230,7 @@ async def kill_run(url: str, log: Path, images: list[tuple[str, bytes]], args: a
 def kill(args: argparse.Namespace, tag: str, images: list[tuple[str, bytes]], log_dir: Path) -> dict[str, Any]:
     runs = []
     for n in args.workers:
-        env = {"VIT_MODEL_TAG": tag, "VIT_MODE": "inprocess", "VIT_DEVICE": "cpu", "VIT_PRECISION": args.precision,
+        env = {"VIT_MODEL_TAG": tag, "VIT_DEVICE": "cpu", "VIT_PRECISION": args.precision,
                "VIT_WORKERS": str(n)}
         log = log_dir / f"kill_{n}_workers.log"
         print(f"{n} worker(s): {args.kill_clients} clients, SIGKILL after {args.before:g} s, "

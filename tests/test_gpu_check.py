@@ -53,7 +53,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert {(r["impl"], r["mode"]) for r in data["throughput"]} == {
         ("ours", "eager"), ("timm", "eager"), ("ours", "compile"), ("timm", "compile")}
     served = {(r["setup"], r["clients"]) for r in data["serving"]["served"]}
-    assert {s for s, _ in served} == {"batched", "split"}, served  # in-process vs split
+    assert {s for s, _ in served} == {"batched", "unbatched"}, served
     assert all(r["errors"] == 0 for r in data["serving"]["served"])
 
     found = dict(numbers(data))
@@ -71,7 +71,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert not nulls, nulls
 
     table = out.with_suffix(".md").read_text()
-    assert "DRY RUN" in table and "| ours | compile | bf16 |" in table and "| split | 1 |" in table
+    assert "DRY RUN" in table and "| ours | compile | bf16 |" in table and "| unbatched | 1 |" in table
 
 
 @pytest.mark.slow  # a second dry run cut by its time limit (~40 s of CPU); the dry run itself stays in the fast set
