@@ -88,10 +88,10 @@ def test_missing_exporter_dependency_saves_nothing(tmp_path: Path) -> None:
 
 
 def test_vit_backend_auto_times_both_and_serves_with_the_one_it_measured_faster(exported: Path) -> None:
-    from vit_service.backend import FasterOfTwo, load_backend
+    from vit_service.backend import Fastest, load_backend
 
     predictor = load_backend(exported, backend="auto", device="cpu", precision="fp32")
-    assert isinstance(predictor, FasterOfTwo)
+    assert isinstance(predictor, Fastest)
     predictor.warmup(2)
     t = predictor.backend_timings
     assert set(t) == {"torch", "onnxruntime"} and all(v > 0 for v in t.values())

@@ -318,3 +318,44 @@ def test_cpu_path_has_none_of_the_gpu_steps(monkeypatch) -> None:
     rec = _Recorder(monkeypatch)
     predictor.predict_proba(np.zeros((2, 3, 32, 32), np.uint8))
     assert rec.calls == [("autocast", "cpu", torch.float32, False)]
+
+
+# ------------------------------------------------------------------ warm siblings (restarts.py)
+
+def _as_worker(index: int, job: str, conn) -> None:
+    """In a forked child (a sibling of the others, as BentoML's workers are): be worker `index`."""
+    from bentoml._internal.context import server_context
+
+    from vit_service.serving import restarts
+
+    server_context.worker_index = index
+    if job == "serve":
+        restarts.mark_warm()
+        conn.send("warm")
+        conn.recv()  # held until the test lets it die
+    else:
+        conn.send((restarts.sibling_serving(2), restarts.warm_in_background(2)))
+
+
+def test_a_warm_sibling_is_seen_while_it_lives_and_not_after() -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+
+    def ask(index: int) -> tuple[bool, bool]:
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_as_worker, args=(index, "ask", child))
+        p.start()
+        answer = parent.recv()
+        p.join(30)
+        return answer
+
+    assert ask(1) == (False, True)  # nobody warm: worker 1 warms up in the background
+    parent, child = ctx.Pipe()
+    warm = ctx.Process(target=_as_worker, args=(2, "serve", child))
+    warm.start()
+    assert parent.recv() == "warm"
+    assert ask(1) == (True, False)  # worker 2 serves: worker 1 (a replacement) warms before accepting
+    parent.send("die")
+    warm.join(30)
+    assert ask(1) == (False, True)  # the name went with the process: nothing stale to clean up

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from vit_service.formats.onnx_export import ONNX_FILE
-from vit_service.host import faster
+from vit_service.host import faster, importable
 from vit_service.inference import RACE_BATCH, RACE_BUDGET_S, Predictor
 from vit_service.predictor import ImagePredictor
 from vit_service.quantize import int8_guard
@@ -37,30 +37,17 @@ ONNX_CACHE = ".onnx-cache"
 logger = logging.getLogger("bentoml.vit_service")
 
 
-def _importable(*names: str) -> bool:
-    try:
-        for name in names:
-            __import__(name)
-    except ImportError:
-        return False
-    return True
-
-
-def onnxruntime_usable(directory: str | os.PathLike[str]) -> bool:
-    return (Path(directory) / ONNX_FILE).is_file() and _importable("onnxruntime")
-
-
 def onnx_graph(directory: str | os.PathLike[str], predictor: Predictor | None = None) -> Path | None:
     """model.onnx for the model in `directory`: the exported one, else the cached export, else one
     exported now into the cache (None where onnxruntime or the exporter is not installed). A
     read-only model folder gets a temporary cache for this process."""
     directory = Path(directory)
-    if not _importable("onnxruntime"):
+    if not importable("onnxruntime"):
         return None
     for path in (directory / ONNX_FILE, directory / ONNX_CACHE / ONNX_FILE):
         if path.is_file():
             return path
-    if predictor is None or not _importable("onnx", "onnxscript"):
+    if predictor is None or not importable("onnx", "onnxscript"):
         return None
     from vit_service.formats.onnx_export import export_onnx
 
@@ -88,7 +75,7 @@ def int8_predictor(directory: str | os.PathLike[str], threads: int | None = None
     refused = int8_guard(record)
     if refused:
         raise ValueError(f"VIT_PRECISION=int8 but {refused}; serve it with VIT_PRECISION=auto or fp32")
-    if not _importable("onnxruntime"):
+    if not importable("onnxruntime"):
         raise ValueError("VIT_PRECISION=int8 runs on onnxruntime, which is not installed: pip install -e '.[onnx]'")
     from vit_service.onnx_backend import OnnxPredictor
 
@@ -106,7 +93,7 @@ def load_backend(directory: str | os.PathLike[str], backend: str = "auto", devic
         return int8_predictor(directory, threads)
     from vit_service.onnx_backend import OnnxPredictor
 
-    int8_ok = precision == "auto" and _importable("onnxruntime") and _int8_passes(directory)
+    int8_ok = precision == "auto" and importable("onnxruntime") and _int8_passes(directory)
     if backend == "onnxruntime":
         if not (Path(directory) / ONNX_FILE).is_file():
             raise ValueError(f"VIT_BACKEND=onnxruntime but the model has no {ONNX_FILE}: export it with vit-export --onnx")
@@ -179,6 +166,4 @@ class Fastest:
         return {**self.chosen.describe(), "backend_choice": self.backend, "backend_timings_s": self.backend_timings}
 
 
-FasterOfTwo = Fastest  # the earlier name (torch against onnxruntime)
-
-__all__ = ["BACKENDS", "Fastest", "FasterOfTwo", "int8_predictor", "load_backend", "onnx_graph", "onnxruntime_usable"]
+__all__ = ["BACKENDS", "Fastest", "int8_predictor", "load_backend", "onnx_graph"]

@@ -18,7 +18,7 @@ import torch
 from vit_service.artifact import ModelArtifact, load_model
 from vit_service.host import cpu_can_accelerate_bf16, faster, read_cpu
 from vit_service.model import VisionTransformer
-from vit_service.predictor import check_batch, clearly_faster, warm_up
+from vit_service.predictor import check_batch, warm_up
 
 Precision = Literal["fp32", "bf16", "fp16"]
 # Warm-up races (precision here, backends in backend.py) time batches of at most RACE_BATCH images
@@ -135,18 +135,13 @@ class Predictor:
         race = faster(run("bf16"), run("fp32"), budget_s=RACE_BUDGET_S)
         self.precision_timings = race.timings("bf16", "fp32")
         self.precision_reason = "bf16 measured >= 10% faster" if race else "bf16 not measured >= 10% faster"
-        return choose_cpu_precision(self.precision_timings)
+        return "bf16" if race else "fp32"  # the race's verdict, never re-decided from rounded timings
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "torch", "device": str(self.device), "precision": self.precision,
                 "precision_timings_s": self.precision_timings,
                 **({"precision_reason": self.precision_reason} if self.precision_reason else {}),
                 "compile": self.compile_mode or False, "channels_last": self.channels_last}
-
-
-def choose_cpu_precision(seconds: dict[str, float]) -> Precision:
-    """bf16 autocast on the CPU only where it was measured at least 10% faster than fp32."""
-    return "bf16" if clearly_faster(seconds["bf16"], seconds["fp32"]) else "fp32"
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -160,4 +155,4 @@ def top_k_predictions(probs: np.ndarray, class_names: list[str], k: int) -> list
     return [{"label": class_names[i], "index": int(i), "score": float(probs[i])} for i in order]
 
 
-__all__ = ["Predictor", "choose_cpu_precision", "resolve_device", "resolve_precision", "top_k_predictions"]
+__all__ = ["Predictor", "resolve_device", "resolve_precision", "top_k_predictions"]

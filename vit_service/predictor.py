@@ -3,7 +3,8 @@
 A predictor turns a (B, 3, S, S) uint8 batch (resized and cropped, not normalised) into
 (B, num_classes) float32 softmax probabilities. `inference.Predictor` (torch),
 `onnx_backend.OnnxPredictor` (onnxruntime) and `backend.Fastest` (the fastest of those)
-keep it; the serving layer uses nothing else of them.
+keep it. Serving uses this contract, plus the torch model itself for /explain where the
+predictor has one (serving/model_handle.make_explainer).
 """
 
 from __future__ import annotations
@@ -14,14 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from vit_service.artifact import ModelArtifact
-from vit_service.host import MIN_GAIN, is_faster
 from vit_service.preprocessing import Preprocessing
-
-# A faster alternative (bf16 autocast on a CPU, onnxruntime against torch, int8) is taken only when
-# it is measured at least this much faster: below it, timing noise decides. The rule and the timing
-# helper live in vit_service/host.py, shared with training's `precision: auto`.
-MIN_SPEEDUP = MIN_GAIN
-
 
 @runtime_checkable
 class ImagePredictor(Protocol):
@@ -50,8 +44,3 @@ def warm_up(predict_proba: Callable[[np.ndarray], Any], input_shape: tuple[int, 
     """One call at each batch size the server sees first: 1, 2 and the largest."""
     for n in sorted({1, 2, max_batch_size}):
         predict_proba(np.zeros((n, *input_shape), dtype=np.uint8))
-
-
-def clearly_faster(candidate_s: float, baseline_s: float) -> bool:
-    """Whether `candidate_s` seconds beat `baseline_s` by at least MIN_SPEEDUP."""
-    return is_faster(candidate_s, baseline_s, MIN_SPEEDUP)

@@ -1,22 +1,10 @@
 """API keys: with `VIT_API_KEY` or `VIT_API_KEY_FILE` set, every request needs `Authorization: Bearer <key>`.
 
-    VIT_API_KEY=k1                 one key
-    VIT_API_KEY=k1,k2              several (e.g. one per client, or old and new while rotating)
-    VIT_API_KEY_FILE=/run/keys     one key a line (blank lines and lines starting with # ignored)
-Both may be set; their keys add up (settings.py reads them, with the parsing here). Neither set:
-authentication is off and the service says so in its start-up log. The header is what
-`bentoml.SyncHTTPClient(url, token=key)` sends, and `curl -H "Authorization: Bearer $KEY"`.
-
-Open without a key: the probes `/livez`, `/readyz`, `/healthz` (orchestrators), `/metrics`
-(unless `VIT_PROTECT_METRICS=1`), and the static shells of the web page (`/`, `/ui`) and of the
-API docs (`/docs` and its Swagger assets): a browser cannot send a header when it navigates, and
-the shells hold no model data; the page asks for the key on its first 401 and sends it from then
-on. Everything else, every model route, `/model_info`, the spec (`/docs.json`, `/schema.json`),
-and unknown paths, answers 401 `{"error": ...}` with `WWW-Authenticate: Bearer` without it.
-
-Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured key
-(no early exit, no length leak), and never logged or put in a metric label; failures are counted
-by reason (`missing`, `malformed`, `invalid`: the keys of MESSAGES) through `on_failure`.
+Both may be set; their keys add up (settings.py reads them, with the parsing here). Which routes
+stay open without a key, and how clients send it: docs/serving.md, "API keys". Keys are compared
+as SHA-256 digests with `hmac.compare_digest`, against every configured key (no early exit, no
+length leak), and never logged or put in a metric label; failures are counted by reason
+(`missing`, `malformed`, `invalid`: the keys of MESSAGES) through `on_failure`.
 """
 
 from __future__ import annotations

@@ -10,16 +10,7 @@ against the method's signature, calls the method with the files already read (`U
 and answers its result as JSON, its `RequestError` as `{"error": ...}`. Every other route keeps
 BentoML's handling, under the same body limit.
 
-Status codes
-    400  not an image, empty, truncated or corrupt image, too many pixels, missing or misnamed
-         field, text instead of a file, bad `top_k`, malformed multipart body
-    405  not a POST to an upload route
-    408  the upload stopped before the body was complete (client gone, or too slow)
-    413  body over the size limit, more images than allowed in one request
-    415  not a multipart/form-data request
-    429  more requests in flight than `max_concurrency` (BentoML, before we see the request)
-    503  the model is overloaded (batch queue past `max_latency_ms`) or not up
-    504  the request took longer than the traffic timeout (BentoML)
+The status codes, each with when it is answered: docs/serving.md, "Errors and retries".
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ class InProcessModel:
         self.warm = threading.Event()
         self.failed = False
         self.wait_s = settings.timeout
+        self.workers = settings.workers
 
         def warm() -> None:
             try:
@@ -85,14 +86,14 @@ class InProcessModel:
             self.warm.set()
             restarts.mark_warm()
 
-        if restarts.warm_in_background():  # the one worker that answers 503 (and /readyz 503) meanwhile
+        if restarts.warm_in_background(self.workers):  # the one worker that answers 503 (and /readyz 503) meanwhile
             threading.Thread(target=warm, name="warmup", daemon=True).start()
         else:  # another worker answers: take no connection before warm
             logger.info("warming up before accepting connections (worker %d)", worker_index())
             warm()
 
     async def describe(self) -> ModelInfo:
-        if self._info is None and not self.failed and restarts.sibling_serving():
+        if self._info is None and not self.failed and restarts.sibling_serving(self.workers):
             # Another worker already serves, so /readyz said ready: this cold one (worker 1, warming
             # in the background at the first start) holds the request until it is warm, not a 503.
             deadline = asyncio.get_running_loop().time() + self.wait_s
@@ -104,7 +105,7 @@ class InProcessModel:
 
     async def ready(self) -> bool:
         # Ready when warm, or while warming if another worker serves (requests here then wait).
-        return self.warm.is_set() or (not self.failed and restarts.sibling_serving())
+        return self.warm.is_set() or (not self.failed and restarts.sibling_serving(self.workers))
 
     async def predict(self, batch: np.ndarray, timings: dict[str, float]) -> np.ndarray:
         try:

@@ -12,54 +12,57 @@ serves the socket). So the front decides where to warm up (`warm_in_background`)
 And at the first start worker 2 may get warm before worker 1: from then on worker 1 answers
 /readyz 200 and holds its requests until it is warm itself (model_handle.InProcessModel), so once
 /readyz has said 200 no request meets a 503 for warming up, at start-up or after a crash.
-Each warm worker leaves a marker file named after its pid in a folder its siblings share (named
-after their parent, the arbiter); a marker whose process is gone, or has another parent, is stale.
+
+The signal between siblings comes from the kernel: a warm worker listens on a Unix socket in
+Linux's abstract namespace, named after the arbiter's pid and the worker's index. The name exists
+exactly as long as the process does (no file to leave behind, nothing to clean up), and a sibling
+asks by connecting to it. Where there is no abstract namespace (not Linux), no worker sees a
+sibling: each warms up in the background, answering 503 meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from pathlib import Path
-
-import psutil
+import socket
 
 from vit_service.serving.bentoml_compat import worker_index
 
+_listening: socket.socket | None = None  # held for the life of this worker
 
-def marker_dir(parent: int | None = None) -> Path:
-    """The folder shared by the workers of one `bentoml serve` (children of one arbiter)."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"vit-service-workers-{uid}-{parent or os.getppid()}"
+
+def _name(index: int) -> str:
+    return f"\0vit-service-warm-{os.getppid()}-{index}"  # "\0": the abstract namespace
 
 
 def mark_warm() -> None:
     """Says this worker serves: its siblings' replacements will warm up before taking connections."""
-    folder = marker_dir()
-    folder.mkdir(mode=0o700, exist_ok=True)
-    (folder / str(os.getpid())).touch()
+    global _listening
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(_name(worker_index()))
+        sock.listen(8)
+    except OSError:  # not Linux, or a name still held: siblings then do not see this one
+        sock.close()
+        return
+    _listening = sock
 
 
-def sibling_serving() -> bool:
-    """Whether another worker of this server (same parent process) is warm and alive."""
-    folder, me, parent = marker_dir(), os.getpid(), os.getppid()
-    if not folder.is_dir():
-        return False
-    for marker in folder.iterdir():
-        if not marker.name.isdigit() or int(marker.name) == me:
+def sibling_serving(workers: int) -> bool:
+    """Whether another of this server's `workers` workers is warm and alive."""
+    me = worker_index()
+    for index in range(1, workers + 1):
+        if index == me:
             continue
-        try:
-            alive = psutil.Process(int(marker.name)).ppid() == parent
-        except psutil.Error:
-            alive = False
-        if alive:
+        with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.connect(_name(index))
+            except OSError:
+                continue
             return True
-        with contextlib.suppress(OSError):
-            marker.unlink()  # a dead worker's
     return False
 
 
-def warm_in_background() -> bool:
+def warm_in_background(workers: int) -> bool:
     """Whether this worker should take connections while it warms up (and answer 503)."""
-    return worker_index() <= 1 and not sibling_serving()
+    return worker_index() <= 1 and not sibling_serving(workers)
