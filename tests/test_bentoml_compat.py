@@ -67,3 +67,27 @@ def test_api_paths_are_the_post_operations_bentoml_documents() -> None:
     assert set(paths["/model_info"]) == {"post"} and paths["/classify"]["post"]["x-bentoml-name"] == "classify"
     # what docs_json restores: BentoML's spec keeps only the mounted app's GET on /model_info
     assert set(ViTClassifier.openapi_spec.asdict()["paths"]["/model_info"]) == {"get"}
+
+
+def test_cork_dispatcher_batches_splits_and_cancels_as_relied_on() -> None:
+    import numpy as np
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    assert {"max_latency_in_ms", "max_batch_size", "fallback", "get_batch_size"} <= set(
+        inspect.signature(CorkDispatcher.__init__).parameters)
+    seen: list[int] = []
+
+    async def run(arrays):
+        seen.append(sum(len(a) for a in arrays))
+        return [a * 2 for a in arrays]
+
+    class Late(Exception):
+        pass
+
+    async def main():
+        call = bentoml_compat.cork_dispatcher(run, 60_000, 4, Late)
+        return await asyncio.gather(*[call(np.full(3, v)) for v in range(3)])
+
+    out = asyncio.run(main())
+    assert [o.tolist() for o in out] == [[0] * 3, [2] * 3, [4] * 3]  # each call's own outputs, whole
+    assert max(seen) <= 4 and sum(seen) == 9  # batches capped, the 3-item calls split to fit

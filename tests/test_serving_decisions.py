@@ -1,11 +1,12 @@
 """The serving decisions as unit tests, on given inputs instead of the host and the clock:
 
-- the in-process batcher (batcher.py): a request that finds the model idle is forwarded at once
-  (no added wait), requests that queue during a pass merge into the next one up to the batch-size
-  cap, and a request queued past the latency limit gets 503 (a fake clock, a gated forward pass);
-- VIT_BATCHING=0 and VIT_MAX_LATENCY_MS through the real InProcessModel on the tiny model;
-- VIT_MODE=auto (split with CUDA), and the host-derived defaults, from the settings with CUDA
-  present or absent;
+- the batcher (batcher.py, BentoML's CorkDispatcher in process): a request that finds the model
+  idle is forwarded at once, requests that queue during a pass merge into the next one up to the
+  batch-size cap (a request split across passes gets its rows back whole), a gated forward pass;
+- VIT_BATCHING=0 and VIT_MAX_LATENCY_MS (503 past it, the batcher's clock moved on) through the
+  real InProcessModel on the tiny model;
+- the host-derived defaults, from the settings with CUDA present or absent;
+- which worker warms up in the background (restarts.py), with forked sibling processes;
 - the GPU path of the Predictor (autocast dtype, channels-last, pinned memory, non-blocking copy)
   on a host without a GPU, with the CUDA-only calls recorded instead of run.
 """
@@ -20,109 +21,63 @@ import numpy as np
 import pytest
 import torch
 
-from vit_service.serving import batcher as batcher_module
-from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
+from vit_service.serving.batcher import AdaptiveBatcher
 
 
 def _images(n: int, value: int = 0) -> np.ndarray:
     return np.full((n, 3, 4, 4), value, np.uint8)
 
 
-class _Harness:
-    """A forward pass that blocks until released, a recording executor, and a fake clock."""
+async def _until(event: threading.Event, seconds: float = 30.0) -> None:
+    """Lets the event loop run (the batcher polls on it) until `event` is set by the forward thread."""
+    for _ in range(int(seconds / 0.002)):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("the forward pass never started")
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.now = 0.0
-        monkeypatch.setattr(batcher_module.time, "perf_counter", lambda: self.now)
+
+class _Harness:
+    """A forward pass that blocks until released and records who was in it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()  # the first pass has started
         self.release = threading.Event()
         self.passes: list[list[int]] = []  # per forward pass: the first pixel of each image (who)
-        self.submitted = 0  # forward passes handed to the forward thread (synchronously, in the loop)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        self.entered.set()
         self.release.wait(timeout=60)
         self.passes.append(x[:, 0, 0, 0].tolist())
         return np.repeat(x[:, :1, 0, 0].astype(np.float32), 2, axis=1)  # (B, 2): echoes who
 
-    def batcher(self, max_batch_size: int, max_latency_s: float = 1.0) -> AdaptiveBatcher:
-        b = AdaptiveBatcher(self.forward, max_batch_size=max_batch_size, max_latency_s=max_latency_s)
-        real_submit = b._thread.submit
-
-        def submit(*args, **kwargs):
-            self.submitted += 1
-            return real_submit(*args, **kwargs)
-
-        b._thread.submit = submit  # type: ignore[method-assign]
-        return b
-
 
 async def _yield(times: int = 5) -> None:
     for _ in range(times):
-        await asyncio.sleep(0)  # give the loop a turn; no time passes (on any clock)
+        await asyncio.sleep(0)  # give the loop a turn
 
 
-def test_idle_model_forwards_at_once_and_queued_requests_merge_up_to_the_cap(monkeypatch) -> None:
-    h = _Harness(monkeypatch)
+def test_idle_model_forwards_at_once_and_queued_requests_merge_up_to_the_cap() -> None:
+    h = _Harness()
 
     async def main():
-        b = h.batcher(max_batch_size=8)
+        b = AdaptiveBatcher(h.forward, max_batch_size=8, max_latency_s=60)
         first = asyncio.ensure_future(b(_images(2, 1)))
-        await _yield()
-        # Idle: the pass was handed to the forward thread within a few loop turns, with no time
-        # passing and no second request to wait for.
-        assert h.submitted == 1
-        # While it runs (blocked), three requests of 3 images queue: the next pass takes the
-        # first two (6 images; a third would make 9 > 8), the one after that the last.
+        await _until(h.entered)  # idle: the first request went alone, waiting for no other
+        # While it runs (blocked), three requests of 3 images queue: the next pass takes 8 images
+        # (the third request split 2 + 1), the one after that the last image.
         queued = [asyncio.ensure_future(b(_images(3, v))) for v in (2, 3, 4)]
-        await _yield()
-        assert h.submitted == 1  # nothing more starts while the model is busy
+        await asyncio.sleep(0.05)
         h.release.set()
-        results = await asyncio.gather(first, *queued)
-        b.close()
-        return results
+        return await asyncio.gather(first, *queued)
 
     results = asyncio.run(main())
-    assert h.passes == [[1, 1], [2, 2, 2, 3, 3, 3], [4, 4, 4]]
+    assert h.passes == [[1, 1], [2, 2, 2, 3, 3, 3, 4, 4], [4]]
     (probs, timing), *rest = results
-    assert probs[:, 0].tolist() == [1.0, 1.0] and timing.queue_s == 0.0 and timing.batch_size == 2
-    assert [t.batch_size for _, t in rest] == [6, 6, 3]
-    assert [p[:, 0].tolist() for p, _ in rest] == [[2.0] * 3, [3.0] * 3, [4.0] * 3]  # each gets its own rows
-
-
-def test_a_request_larger_than_the_cap_still_goes_alone(monkeypatch) -> None:
-    h = _Harness(monkeypatch)
-    h.release.set()
-
-    async def main():
-        b = h.batcher(max_batch_size=4)
-        out = await b(_images(6, 7))
-        b.close()
-        return out
-
-    probs, timing = asyncio.run(main())
-    assert h.passes == [[7] * 6] and timing.batch_size == 6 and probs.shape == (6, 2)
-
-
-def test_queued_past_the_latency_limit_is_overloaded(monkeypatch) -> None:
-    h = _Harness(monkeypatch)
-
-    async def main():
-        b = h.batcher(max_batch_size=8, max_latency_s=1.0)
-        busy = asyncio.ensure_future(b(_images(1, 1)))
-        await _yield()
-        late = asyncio.ensure_future(b(_images(1, 2)))  # queued at t = 0
-        await _yield()
-        h.now = 1.5  # the running pass took 1.5 s: `late` waited past the 1 s limit
-        on_time = asyncio.ensure_future(b(_images(1, 3)))  # queued at t = 1.5
-        await _yield()
-        h.release.set()
-        results = await asyncio.gather(busy, late, on_time, return_exceptions=True)
-        b.close()
-        return results
-
-    busy, late, on_time = asyncio.run(main())
-    assert isinstance(late, Overloaded)
-    assert busy[0][0, 0] == 1.0 and on_time[0][0, 0] == 3.0 and on_time[1].queue_s == 0.0
-    assert h.passes == [[1], [3]]  # the late one never reached the model
+    assert probs[:, 0].tolist() == [1.0, 1.0] and timing.batch_size == 2
+    assert [t.batch_size for _, t in rest] == [8, 8, 1]  # the split request: the last pass it was in
+    assert [p[:, 0].tolist() for p, _ in rest] == [[2.0] * 3, [3.0] * 3, [4.0] * 3]  # each gets its own rows, whole
+    assert all(t.queue_s >= 0 and t.forward_s > 0 for _, t in results)
 
 
 # ------------------------------------------------------------ InProcessModel with real settings
@@ -147,10 +102,11 @@ def _in_process_model(model_dir: Path, env: dict[str, str]):
 
 def _concurrent_passes(model, n: int) -> list[int]:
     """n one-image requests while the first forward pass is held: the sizes of the passes."""
-    release, sizes = threading.Event(), []
+    entered, release, sizes = threading.Event(), threading.Event(), []
     real = model.batcher.forward
 
     def held(x):
+        entered.set()
         release.wait(timeout=60)
         sizes.append(len(x))
         return real(x)
@@ -159,9 +115,9 @@ def _concurrent_passes(model, n: int) -> list[int]:
 
     async def main():
         first = asyncio.ensure_future(model.predict(np.zeros((1, 3, 32, 32), np.uint8), {}))
-        await _yield()
+        await _until(entered)
         rest = [asyncio.ensure_future(model.predict(np.zeros((1, 3, 32, 32), np.uint8), {})) for _ in range(n - 1)]
-        await _yield()
+        await asyncio.sleep(0.05)
         release.set()
         return await asyncio.gather(first, *rest)
 
@@ -176,16 +132,21 @@ def test_vit_batching_0_is_one_forward_pass_per_request(tiny_model_dir: Path) ->
 
 
 def test_overloaded_batch_queue_is_a_503_with_its_message(tiny_model_dir: Path, monkeypatch) -> None:
+    """Requests that would wait past VIT_MAX_LATENCY_MS are cancelled by the batcher and answered
+    503 "overloaded" (the batcher's clock is moved on while a forward pass is held)."""
+    from bentoml._internal.marshal import dispatcher
+
     from vit_service.serving.errors import OVERLOADED, RequestError
 
     model = _in_process_model(tiny_model_dir, {"VIT_MAX_LATENCY_MS": "1000"})
     assert model.batcher.max_latency_s == 1.0
-    now = [0.0]
-    monkeypatch.setattr(batcher_module.time, "perf_counter", lambda: now[0])
-    release = threading.Event()
+    now = [1000.0]
+    monkeypatch.setattr(dispatcher.time, "time", lambda: now[0])
+    entered, release = threading.Event(), threading.Event()
     real = model.batcher.forward
 
     def held(x):
+        entered.set()
         release.wait(timeout=60)
         return real(x)
 
@@ -194,16 +155,19 @@ def test_overloaded_batch_queue_is_a_503_with_its_message(tiny_model_dir: Path, 
     async def main():
         pixels = np.zeros((1, 3, 32, 32), np.uint8)
         first = asyncio.ensure_future(model.predict(pixels, {}))
-        await _yield()
-        late = asyncio.ensure_future(model.predict(pixels, {}))
-        await _yield()
-        now[0] = 2.0
+        await _until(entered)
+        late = [asyncio.ensure_future(model.predict(pixels, {})) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        now[0] += 2.0  # the held pass took 2 s: the queued ones waited past the 1 s limit
+        await asyncio.sleep(0.05)
         release.set()
-        return await asyncio.gather(first, late, return_exceptions=True)
+        return await asyncio.gather(first, *late, return_exceptions=True)
 
-    first, late = asyncio.run(main())
+    first, *late = asyncio.run(main())
     assert first.shape == (1, 4)
-    assert isinstance(late, RequestError) and late.status == 503 and late.message == OVERLOADED
+    refused = [r for r in late if isinstance(r, RequestError)]
+    assert refused and all(r.status == 503 and r.message == OVERLOADED for r in refused), late
+    assert all(r.shape == (1, 4) for r in late if not isinstance(r, RequestError))
     assert OVERLOADED == "the model is overloaded; retry shortly"  # the README's 503 "overloaded"
 
 

@@ -7,6 +7,7 @@ undoing the patch.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 UNKNOWN_PATH = "/__unknown__"
@@ -36,6 +37,25 @@ def worker_index() -> int:
     from bentoml._internal.context import server_context
 
     return server_context.worker_index or 1
+
+
+def cork_dispatcher(callback: Callable[[Sequence[Any]], Awaitable[list[Any]]], max_latency_ms: int,
+                    max_batch_size: int, overloaded: type[Exception]) -> Callable[[Any], Awaitable[Any]]:
+    """BentoML's adaptive batcher, the one behind its batchable APIs, driven in this process:
+    returns `async call(array) -> output`, where `callback(arrays)` runs one batch and returns one
+    output per array (batched on axis 0; an array larger than what is left of a batch is split
+    and its outputs concatenated again). A call the batcher cancels (it would wait past the
+    latency limit) raises `overloaded`.
+
+    Relies on: `bentoml._internal.marshal.dispatcher.CorkDispatcher(max_latency_in_ms,
+    max_batch_size, *, fallback, get_batch_size)`, called with the async callback and returning
+    the per-call coroutine function; a cancelled call returns `fallback()`."""
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    def fallback() -> Any:
+        raise overloaded()
+
+    return CorkDispatcher(max_latency_ms, max_batch_size, fallback=fallback, get_batch_size=len)(callback)
 
 
 def fold_unknown_paths(known_paths: set[str]) -> None:
