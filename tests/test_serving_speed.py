@@ -162,9 +162,9 @@ def test_real_server_serves_int8_and_reports_it(int8_models: dict[str, Path], tm
         assert r.status_code == 200 and r.json()["predictions"]
 
 
-@pytest.mark.slow  # a server start that must fail (~30 s); the same start-up error is tested in-process above
 def test_real_server_refuses_to_start_int8_without_an_int8_model(int8_models: dict[str, Path], tmp_path: Path) -> None:
-    """The damaged model: int8 recorded below the guard. The server must not come up serving it."""
+    """The damaged model: int8 recorded below the guard. The server must not come up serving it:
+    `bentoml serve` exits before any worker starts (the check runs in its own process)."""
     env = {"VIT_MODEL_TAG": "vit-damaged", "VIT_PRECISION": "int8"}
     log = tmp_path / "serve.log"
     with pytest.raises((RuntimeError, TimeoutError)):

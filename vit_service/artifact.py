@@ -117,6 +117,28 @@ def is_artifact_dir(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and (p / MANIFEST_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
+def check_weights(directory: str | os.PathLike[str]) -> None:
+    """Raises ArtifactError unless model.safetensors holds exactly the tensors (names and shapes)
+    the artifact's config builds. Reads the file's header only: no weights are loaded."""
+    from safetensors import safe_open
+
+    artifact = ModelArtifact.read(directory)
+    with torch.device("meta"):  # shapes without memory
+        expected = {k: tuple(v.shape) for k, v in VisionTransformer(artifact.config).state_dict().items()}
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors' own errors for a damaged header
+        raise ArtifactError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or reshaped:
+        problems = [f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}" for name, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if keys]
+        raise ArtifactError(f"{path} does not match the model its {MANIFEST_FILE} describes: {'; '.join(problems)}")
+
+
 def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VisionTransformer, ModelArtifact]:
     """Builds the exported model in eval mode on `device`, with its artifact description."""
     artifact = ModelArtifact.read(directory)

@@ -67,36 +67,47 @@ def onnx_graph(directory: str | os.PathLike[str], predictor: Predictor | None = 
     return target
 
 
-def int8_predictor(directory: str | os.PathLike[str], threads: int | None = None) -> ImagePredictor:
-    """VIT_PRECISION=int8: the model's int8 graph, if it has one that passed the accuracy guard."""
-    from vit_service.artifact import ModelArtifact
+def check_servable(directory: str | os.PathLike[str], backend: str = "auto", precision: str = "auto") -> None:
+    """Raises ValueError, naming the problem and the fix, where the model in `directory` cannot be
+    served with this backend and precision. Cheap (no weights loaded): `bentoml serve` runs it
+    before any worker starts, and `load_backend` before it loads anything."""
+    from vit_service.artifact import ModelArtifact, check_weights
 
-    record = ModelArtifact.read(directory).int8
-    refused = int8_guard(record)
-    if refused:
-        raise ValueError(f"VIT_PRECISION=int8 but {refused}; serve it with VIT_PRECISION=auto or fp32")
-    if not importable("onnxruntime"):
-        raise ValueError("VIT_PRECISION=int8 runs on onnxruntime, which is not installed: pip install -e '.[onnx]'")
+    if backend not in BACKENDS:
+        raise ValueError(f"VIT_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_weights(directory)  # the manifest too
+    if precision == "int8":
+        if backend == "torch":
+            raise ValueError("VIT_PRECISION=int8 runs on onnxruntime: set VIT_BACKEND=auto or onnxruntime, not torch")
+        refused = int8_guard(ModelArtifact.read(directory).int8)
+        if refused:
+            raise ValueError(f"VIT_PRECISION=int8 but {refused}; serve it with VIT_PRECISION=auto or fp32")
+    if (precision == "int8" or backend == "onnxruntime") and not importable("onnxruntime"):
+        raise ValueError("onnxruntime is not installed (VIT_PRECISION=int8 and VIT_BACKEND=onnxruntime run on it): "
+                         "pip install -e '.[onnx]'")
+    if backend == "onnxruntime" and not (Path(directory) / ONNX_FILE).is_file():
+        raise ValueError(f"VIT_BACKEND=onnxruntime but the model has no {ONNX_FILE}: export it with vit-export --onnx")
+
+
+def int8_predictor(directory: str | os.PathLike[str], threads: int | None = None) -> ImagePredictor:
+    """The model's int8 graph (model.int8.onnx), on onnxruntime; `check_servable` says whether it may serve."""
+    from vit_service.artifact import ModelArtifact
     from vit_service.onnx_backend import OnnxPredictor
 
+    record = ModelArtifact.read(directory).int8
     return OnnxPredictor(directory, threads=threads, path=Path(directory) / record["file"], precision="int8")
 
 
 def load_backend(directory: str | os.PathLike[str], backend: str = "auto", device: str = "auto",
                  precision: str = "auto", compile_mode: str | None = None, threads: int | None = None) -> ImagePredictor:
     """A predictor for the exported model in `directory` on the backend VIT_BACKEND names."""
-    if backend not in BACKENDS:
-        raise ValueError(f"VIT_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_servable(directory, backend, precision)
     if precision == "int8":
-        if backend == "torch":
-            raise ValueError("VIT_PRECISION=int8 runs on onnxruntime: set VIT_BACKEND=auto or onnxruntime, not torch")
         return int8_predictor(directory, threads)
     from vit_service.onnx_backend import OnnxPredictor
 
     int8_ok = precision == "auto" and importable("onnxruntime") and _int8_passes(directory)
     if backend == "onnxruntime":
-        if not (Path(directory) / ONNX_FILE).is_file():
-            raise ValueError(f"VIT_BACKEND=onnxruntime but the model has no {ONNX_FILE}: export it with vit-export --onnx")
         fp32 = OnnxPredictor(directory, threads=threads)
         return Fastest({"onnxruntime": fp32, "onnxruntime int8": int8_predictor(directory, threads)}) if int8_ok else fp32
     torch_predictor = Predictor.from_directory(directory, device=device, precision=precision, compile_mode=compile_mode)
@@ -166,4 +177,4 @@ class Fastest:
         return {**self.chosen.describe(), "backend_choice": self.backend, "backend_timings_s": self.backend_timings}
 
 
-__all__ = ["BACKENDS", "Fastest", "int8_predictor", "load_backend", "onnx_graph"]
+__all__ = ["BACKENDS", "Fastest", "check_servable", "int8_predictor", "load_backend", "onnx_graph"]

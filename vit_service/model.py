@@ -239,7 +239,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + cfg.grid_size**2, D))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth decay rule
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # drop-path decay (on the CPU, also in a meta build)
         self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
         # timm's naming: with mean pooling the final norm is applied after pooling ("fc_norm").
         use_fc_norm = cfg.global_pool == "avg"

@@ -6,8 +6,8 @@ It forwards at once when the model is idle, merges what queues during a forward 
 next one (up to `max_batch_size` images, splitting a request that does not fit and joining its
 rows again), learns how long a pass takes, and cancels a request that would wait past the latency
 limit (`Overloaded`, answered 503). The forward pass runs in one dedicated thread (torch releases
-the GIL), so the event loop keeps parsing uploads while the model works. It replaced a
-hand-written batcher of the same rule, measured within 5% of it (bench/README.md, "Batching").
+the GIL), so the event loop keeps parsing uploads while the model works. Why BentoML's and not
+a hand-written one: bench/README.md, "Batching".
 With batching off (`max_batch_size` 1) every request is one forward pass, in arrival order.
 """
 

@@ -36,7 +36,10 @@ from vit_service.serving.settings import current_settings
 from vit_service.serving.validation import choice, class_index, decode_upload, top_k_or_default
 
 logger = logging.getLogger("bentoml.vit_service")
-SETTINGS = current_settings()
+try:
+    SETTINGS = current_settings()
+except ValueError as e:  # a bad VIT_* value: its one line, and `bentoml serve` exits non-zero
+    raise SystemExit(f"vit-service: {e}") from None
 AUTH = AuthConfig.from_settings(SETTINGS)  # VIT_API_KEY, VIT_API_KEY_FILE, VIT_PROTECT_METRICS (auth.py)
 pages_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # the GET routes below; BentoML's spec documents them
 
@@ -62,6 +65,18 @@ class ViTClassifier:
 
     async def __is_ready__(self) -> bool:  # /readyz: 503 until the model is warm
         return await self.model.ready()
+
+    @bentoml.on_deployment
+    def check_model() -> None:  # type: ignore[misc]
+        """In the `bentoml serve` process, before any worker starts: a model that cannot be served
+        with these settings stops the server with its one-line reason and a non-zero exit (a
+        worker failing in `__init__` would be restarted forever while clients wait)."""
+        from vit_service.backend import check_servable
+
+        try:
+            check_servable(bentoml.models.get(SETTINGS.model_tag).path, SETTINGS.backend, SETTINGS.precision)
+        except ValueError as e:
+            raise SystemExit(f"vit-service: cannot serve {SETTINGS.model_tag}: {e}") from None
 
     # ------------------------------------------------------------------------ upload routes
 
