@@ -58,7 +58,7 @@ def protected_routes() -> list[tuple[str, str]]:
     config = AuthConfig((b"key digest",), protect_metrics=True)
     ours = [(method, path) for path, methods in sorted(served_routes(ViTClassifier, pages_app).items())
             for method in sorted(methods) if not config.is_open(path)]
-    return [*ours, ("GET", "/schema.json"), ("GET", "/metrics"), ("GET", "/no/such/path")]
+    return [*ours, ("GET", "/metrics"), ("GET", "/no/such/path")]
 
 
 PROTECTED = protected_routes()
@@ -66,8 +66,8 @@ PROTECTED = protected_routes()
 
 def test_the_protected_routes_are_read_from_the_service():
     assert {("POST", "/classify"), ("POST", "/classify_batch"), ("POST", "/explain"), ("GET", "/model_info"),
-            ("POST", "/model_info"), ("GET", "/docs.json")} <= set(PROTECTED)
-    assert not {("GET", "/"), ("GET", "/ui"), ("GET", "/docs")} & set(PROTECTED)  # the open shells
+            ("POST", "/model_info")} <= set(PROTECTED)
+    assert not {("GET", "/"), ("GET", "/ui"), ("GET", "/docs"), ("GET", "/docs.json")} & set(PROTECTED)  # open
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)
@@ -119,10 +119,13 @@ def test_bentoml_client_with_token(url, tmp_path):
     with bentoml.SyncHTTPClient(url, token=API_KEYS[1]) as client:
         assert len(client.classify(image=image, top_k=2)["predictions"]) == 2
         assert client.model_info()["num_classes"] == 4
-    # Without the token the client cannot even read the API's schema; with a wrong one neither.
-    for token in (None, WRONG):
-        with pytest.raises(bentoml.exceptions.BentoMLException):
-            bentoml.SyncHTTPClient(url, token=token).close()
+    # Without the token (or with a wrong one) the client still reads the API's schema, and its
+    # first call fails with the 401 and the reason, not "Failed to fetch schema" and a 500.
+    for token, reason in ((None, "missing API key"), (WRONG, "wrong API key")):
+        with bentoml.SyncHTTPClient(url, token=token) as client:
+            with pytest.raises(bentoml.exceptions.BentoMLException) as e:
+                client.classify(image=image)
+        assert int(e.value.error_code) == 401 and reason in str(e.value), (e.value.error_code, str(e.value))
 
 
 def test_failed_attempts_are_counted_without_key_material(url, keyed):
@@ -181,9 +184,9 @@ def test_auth_is_off_by_default_and_open_paths():
     config = auth_config({})
     assert not config.enabled
     keyed = auth_config({"VIT_API_KEY": "k1"})
-    assert [p for p in ("/livez", "/readyz", "/healthz", "/metrics", "/", "/ui", "/docs") if not keyed.is_open(p)] == []
-    assert [p for p in ("/classify", "/classify_batch", "/explain", "/model_info", "/docs.json", "/schema.json", "/x")
-            if keyed.is_open(p)] == []
+    assert [p for p in ("/livez", "/readyz", "/healthz", "/metrics", "/", "/ui", "/docs", "/docs.json", "/schema.json")
+            if not keyed.is_open(p)] == []
+    assert [p for p in ("/classify", "/classify_batch", "/explain", "/model_info", "/x") if keyed.is_open(p)] == []
     assert not auth_config({"VIT_API_KEY": "k1", "VIT_PROTECT_METRICS": "1"}).is_open("/metrics")
 
 

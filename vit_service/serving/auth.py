@@ -24,7 +24,7 @@ from vit_service.serving.errors import error_body
 logger = logging.getLogger("bentoml.vit_service.auth")
 
 PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
-PUBLIC_PAGES = frozenset({"/", "/ui", "/docs"})  # static shells; their data calls carry the key
+PUBLIC_PAGES = frozenset({"/", "/ui", "/docs", "/docs.json", "/schema.json"})  # shells and the API's shape: no model data
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")  # BentoML's bundled Swagger UI / index assets
 METRICS_PATH = "/metrics"
 REALM = "vit-service"
@@ -110,7 +110,7 @@ class AuthConfig:
                     "(set VIT_API_KEY or VIT_API_KEY_FILE to require `Authorization: Bearer <key>`)")
         open_paths = sorted(PROBE_PATHS) + ([] if self.protect_metrics else [METRICS_PATH])
         return (f"API keys: on ({len(self.digests)} key{'s' if len(self.digests) != 1 else ''}); "
-                f"open without a key: {', '.join(open_paths)} and the page/docs shells")
+                f"open without a key: {', '.join(open_paths)}, the page, the docs and the API's spec")
 
 
 MESSAGES = {
