@@ -249,6 +249,25 @@ def test_vit_explain_imports_no_training_stack() -> None:
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_vit_explain_command_reads_run_folders_without_lightning(trained_run: Path, demo_data: Path,
+                                                                    tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # The installed command is training/explain_cli.py's: vit_service's CLI with run folders first.
+    code = ("import sys, training.explain_cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    from training.run_checkpoints import MODEL_FORMATS
+    from vit_service.explain_cli import main
+
+    image = demo_data / "val" / "circle" / "00000.jpg"
+    assert main([str(image), "--model", str(trained_run), "--out", str(tmp_path)], formats=MODEL_FORMATS) == 0
+    assert (tmp_path / "00000.png").is_file()
+
+
 def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     from vit_service.explain_cli import main
 

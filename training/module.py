@@ -20,8 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from training.lightning_compat import estimated_stepping_batches
 from vit_service.formats.checkpoints import load_weights
-from vit_service.formats.pretrained import build_model_config, init_weights_source
-from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
+from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY, build_model_config, init_from_source
 from vit_service.model import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class ViTClassifier(L.LightningModule):
             size = self.model.config.image_size
             self.example_input_array = torch.zeros(1, 3, size, size)
         if init_from:
-            report = load_weights(self.model, init_weights_source(init_from), prefer_ema=init_prefer_ema)
+            report = load_weights(self.model, init_from_source(init_from).weights, prefer_ema=init_prefer_ema)
             log.info(f"init_from: {report}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
