@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli
-from vit_service.explain import (Explainer, attention_rollout, crop_box, explain_batch, gradient_rollout,
+from vit_service.explain import (Explainer, attention_rollout, explain_batch, gradient_rollout,
                                  normalize_map, peak_point)
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
@@ -134,7 +134,7 @@ def test_grad_method_is_class_specific(model: VisionTransformer) -> None:
 def test_crop_box_is_the_region_the_model_sees(size: tuple[int, int], crop_pct: float, crop_mode: str,
                                                expected: tuple) -> None:
     pre = Preprocessing(image_size=32, crop_pct=crop_pct, crop_mode=crop_mode)
-    box = crop_box(pre, *size)
+    box = pre.crop_box(*size)
     assert np.allclose(box, expected, atol=1.0)
     # And it agrees with the transform itself: a white rectangle drawn exactly on the box fills the
     # crop, and one drawn everywhere but the box leaves the crop's inside black.

@@ -80,6 +80,16 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+def importable(*names: str) -> bool:
+    """Whether every named package imports here (optional runtimes: onnx, onnxruntime, ...)."""
+    try:
+        for name in names:
+            __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
 def cuda_info() -> dict[str, Any] | None:
     """The first CUDA device's name and bf16 support, or None without CUDA (or without torch)."""
     try:
@@ -160,4 +170,4 @@ def faster(candidate: Callable[[], Any], baseline: Callable[[], Any], min_gain: 
 
 
 __all__ = ["BF16_FLAGS", "CpuInfo", "FLAGS_THAT_MATTER", "MIN_GAIN", "Race", "cpu_can_accelerate_bf16",
-           "cuda_info", "describe_host", "faster", "host_cores", "host_line", "is_faster", "read_cpu"]
+           "cuda_info", "describe_host", "faster", "host_cores", "host_line", "importable", "is_faster", "read_cpu"]

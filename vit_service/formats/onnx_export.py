@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from vit_service.host import importable
 from vit_service.model import VisionTransformer
 
 ONNX_FILE = "model.onnx"
@@ -26,7 +27,7 @@ class OnnxExportError(ValueError):
 
 def export_onnx(model: VisionTransformer, directory: str | os.PathLike[str]) -> Path:
     """Writes `directory/model.onnx`; returns its path."""
-    missing = [name for name in ("onnx", "onnxscript") if not _importable(name)]
+    missing = [name for name in ("onnx", "onnxscript") if not importable(name)]
     if missing:
         raise OnnxExportError(f"ONNX export needs {' and '.join(missing)}: pip install -e '.[onnx]' "
                               "(or pip install onnx onnxscript onnxruntime)")
@@ -41,14 +42,6 @@ def export_onnx(model: VisionTransformer, directory: str | os.PathLike[str]) -> 
                           output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=OPSET,
                           dynamo=True, external_data=False)
     return path
-
-
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
 
 
 __all__ = ["ONNX_FILE", "OnnxExportError", "export_onnx"]
