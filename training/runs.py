@@ -49,23 +49,26 @@ class Run:
 
 
 class RunFolders:
-    """The run folders of one vit-train command under `root`."""
+    """The run folders of one vit-train command: the one it writes, and those it made."""
 
     def __init__(self) -> None:
         self.made: list[Path] = []  # run folders this command made (none existed before)
 
     def open(self, root: str, subcommand: str | None, ckpt_path: str | None, max_epochs: int | None,
              max_epochs_typed: bool) -> Run:
-        """The run this command writes into, chosen once by rank 0."""
-        resolved: list[str | None] = [None]
+        """The run this command writes into, chosen once by rank 0; the DDP processes it starts
+        inherit the version (and resolve no `last` / `best` themselves)."""
+        resolved: str | None = None
 
         def choose() -> str:
-            version, resolved[0] = self._choose(root, subcommand, ckpt_path, max_epochs, max_epochs_typed)
+            nonlocal resolved
+            version, resolved = self._choose(root, subcommand, ckpt_path, max_epochs, max_epochs_typed)
             if not Path(root, f"{RUN_PREFIX}{version}").exists():
                 self.made.append(Path(root, f"{RUN_PREFIX}{version}"))  # removed if the command fails
             return str(version)
 
-        return Run(int(rank_zero_decides(RUN_VERSION_ENV, choose)), resolved[0])
+        version = int(rank_zero_decides(RUN_VERSION_ENV, choose))
+        return Run(version, resolved)
 
     @staticmethod
     def loggers(root: str, version: int) -> list[Logger]:
