@@ -43,7 +43,9 @@ class TimeBudget(Timer):
             raise ValueError(f"TimeBudget minutes must be positive, got {minutes}")
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        super().__init__(duration=timedelta(minutes=minutes), interval="step", verbose=False)
+        budget = timedelta(minutes=minutes)
+        super().__init__(duration=budget, interval="step", verbose=False)
+        self._budget_s = budget.total_seconds()  # Timer keeps it too, privately (as _duration)
         self.warmup_fraction = warmup_fraction
         self.min_lr_ratio = min_lr_ratio
         self._progress = 0.0  # rank 0's share of the budget at the start of the current step
@@ -51,7 +53,7 @@ class TimeBudget(Timer):
 
     @property
     def budget_s(self) -> float:
-        return float(self._duration)
+        return self._budget_s
 
     def progress(self) -> float:
         """Share of the budget used at the start of the current step, in [0, 1]: rank 0's
