@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli
-from vit_service.explain import (Explainer, attention_rollout, crop_box, explain_batch, gradient_rollout,
+from vit_service.explain import (Explainer, attention_rollout, explain_batch, gradient_rollout,
                                  normalize_map, peak_point)
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
@@ -134,7 +134,7 @@ def test_grad_method_is_class_specific(model: VisionTransformer) -> None:
 def test_crop_box_is_the_region_the_model_sees(size: tuple[int, int], crop_pct: float, crop_mode: str,
                                                expected: tuple) -> None:
     pre = Preprocessing(image_size=32, crop_pct=crop_pct, crop_mode=crop_mode)
-    box = crop_box(pre, *size)
+    box = pre.crop_box(*size)
     assert np.allclose(box, expected, atol=1.0)
     # And it agrees with the transform itself: a white rectangle drawn exactly on the box fills the
     # crop, and one drawn everywhere but the box leaves the crop's inside black.
@@ -247,6 +247,25 @@ def test_vit_explain_imports_no_training_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_vit_explain_command_reads_run_folders_without_lightning(trained_run: Path, demo_data: Path,
+                                                                    tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # The installed command is training/explain_cli.py's: vit_service's CLI with run folders first.
+    code = ("import sys, training.explain_cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    from training.run_checkpoints import MODEL_FORMATS
+    from vit_service.explain_cli import main
+
+    image = demo_data / "val" / "circle" / "00000.jpg"
+    assert main([str(image), "--model", str(trained_run), "--out", str(tmp_path)], formats=MODEL_FORMATS) == 0
+    assert (tmp_path / "00000.png").is_file()
 
 
 def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:

@@ -116,15 +116,14 @@ def test_init_from_a_hub_name_sets_the_architecture_and_loads_the_cached_weights
 def test_a_bare_weight_file_loads_with_the_architecture_named_by_arch(offline_cache, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from vit_service.formats.checkpoints import CheckpointError
-    from vit_service.formats.pretrained import load_pretrained
+    from vit_service.formats.sources import ModelSourceError, load_model_source
 
     _, timm_model = offline_cache
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(path))
-    with pytest.raises(CheckpointError, match="--arch"):
-        load_pretrained(path)
-    model, artifact = load_pretrained(path, arch="vit_tiny_patch16_224")
+    with pytest.raises(ModelSourceError, match="--arch"):
+        load_model_source(path)
+    model, artifact = load_model_source(path, arch="vit_tiny_patch16_224")
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (model(x) - timm_model(x)).abs().max().item() <= 1e-4

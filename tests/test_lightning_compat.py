@@ -4,6 +4,7 @@ it, delete the workaround and this test)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
@@ -41,3 +42,36 @@ def test_the_fit_loop_attributes_the_workaround_uses_exist() -> None:
     assert loop._combined_loader_states_to_load == []  # the checkpoint's loader states wait here
     loop.on_load_checkpoint({"combined_loader": [{"x": 1}]})  # what restore_training_state() calls
     assert loop._combined_loader_states_to_load == [{"x": 1}]
+
+
+def test_lightnings_csv_writer_still_deletes_an_existing_metrics_file(tmp_path: Path) -> None:
+    # No append option upstream: ResumableCSVLogger's writer skips `_check_log_dir_exists`, which
+    # is what removes a resumed run's metrics.csv.
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    (tmp_path / "metrics.csv").write_text("epoch,val/acc1\n0,0.5\n")
+    ExperimentWriter(str(tmp_path))
+    assert not (tmp_path / "metrics.csv").exists(), (
+        "Lightning's ExperimentWriter keeps metrics.csv now: check whether training/lightning_compat._AppendingWriter "
+        "is still needed")
+
+
+def test_the_resumable_csv_logger_appends_to_a_resumed_run(tmp_path: Path) -> None:
+    from training.lightning_compat import ResumableCSVLogger
+
+    (tmp_path / "version_0").mkdir()
+    (tmp_path / "version_0" / "metrics.csv").write_text("epoch,val/acc1\n0,0.5\n")
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="", version=0)
+    logger.log_metrics({"epoch": 1, "val/acc1": 0.75}, step=1)
+    logger.save()
+    with open(tmp_path / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["val/acc1"]) for r in rows] == [("0", "0.5"), ("1", "0.75")]  # the resumed row kept
+
+
+def test_the_private_precision_type_is_still_there() -> None:
+    from typing import get_args
+
+    from training.lightning_compat import PrecisionInput
+
+    assert "bf16-mixed" in get_args(PrecisionInput) or any("bf16-mixed" in get_args(a) for a in get_args(PrecisionInput))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import demo_config, run_cli
+from training.run_checkpoints import MODEL_FORMATS
 from vit_service.artifact import ModelArtifact, load_model
 from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY, ModelSourceError, load_model_source
 from vit_service.formats.transformers_vit import save_transformers_folder
@@ -54,7 +55,7 @@ def test_checkpoint_carries_the_resolved_config(finetuned_run: Path) -> None:
 @pytest.mark.parametrize("which", ["run", "ckpt"])
 def test_explain_loader_builds_the_trained_architecture(finetuned_run: Path, which: str) -> None:
     source = finetuned_run if which == "run" else finetuned_run / "checkpoints/last.ckpt"
-    model, artifact = load_model_source(str(source))
+    model, artifact = load_model_source(str(source), formats=MODEL_FORMATS)  # vit-explain's list: run folders too
     assert _arch(model.config) == _arch(artifact.config) == (48, 2, 3, 2.0, "token")
     assert artifact.class_names and artifact.preprocessing.image_size == 64
 

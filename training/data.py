@@ -4,7 +4,6 @@ transforms and class-list checks for both."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning as L
@@ -17,11 +16,8 @@ from training.folder_dataset import DatasetError, ImageFolderDataset, find_class
 from training.memory_data import BatchAugment, DecodedImages
 from training.predict import PredictFolderDataset
 from training.shards import ShardDataset, check_same_classes, is_shard_dir, shard_class_names
+from vit_service.host import host_cores
 from vit_service.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-
-
-def default_num_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -76,7 +72,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_classes = len(self.class_names)
         self.preprocessing = Preprocessing(image_size, crop_pct, interpolation, tuple(mean), tuple(std))
         self.preprocessing_config: dict[str, Any] = self.preprocessing.to_dict()
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = host_cores() if num_workers is None else num_workers
         self.datasets: dict[str, Dataset] = {}
 
     def train_transform(self) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 import bentoml
 
+from training.run_checkpoints import MODEL_FORMATS
 from vit_service.artifact import ModelArtifact
 from vit_service.formats.checkpoints import CheckpointError
 from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 "checkpoint) or --from (a pretrained model)")
     try:
         source = args.ckpt or args.run or args.from_source
-        model, artifact = load_model_source(source, ema=args.ema, arch=args.arch)
+        model, artifact = load_model_source(source, ema=args.ema, arch=args.arch, formats=MODEL_FORMATS)
         if artifact.config.num_classes == 0:
             raise ExportError(f"{source} has no classification head (a backbone): nothing to "
                               "serve; fine-tune it with vit-train --model.init_from instead")

@@ -1,13 +1,24 @@
-"""Where this project works around a Lightning bug through a private attribute, in one place.
+"""Every use of Lightning's private API in this project, in one place.
 
-Each workaround names the upstream issue, and `tests/test_lightning_compat.py` checks that what it
-relies on is still there and that the bug still exists (so the workaround goes once it is fixed).
+Each workaround names the upstream issue or the missing public hook, and
+`tests/test_lightning_compat.py` checks that what it relies on is still there (and, for a bug,
+that the bug still exists, so the workaround goes once it is fixed).
 """
 
 from __future__ import annotations
 
+import csv
+
 import lightning as L
+from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.trainer.states import TrainerFn
+
+# The type of Trainer(precision=...): private in Lightning, and what jsonargparse reads to parse
+# --trainer.precision, so a Trainer subclass that widens it must name the same type.
+PrecisionInput = _PRECISION_INPUT
 
 
 def estimated_stepping_batches(trainer: L.Trainer) -> int | float:
@@ -27,3 +38,31 @@ def estimated_stepping_batches(trainer: L.Trainer) -> int | float:
         # loader and apply `_combined_loader_states_to_load` (set by restore_training_state()).
         trainer.fit_loop._combined_loader = None
     return total
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead.
+    Private: `_check_log_dir_exists` (it warns and the writer then removes the file), `_fs`,
+    `metrics_keys` (the header the writer keeps); Lightning has no append option."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):  # the resumed run's columns come first
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that keeps the metrics of the run it resumes (same version folder). Private:
+    `rank_zero_experiment`, `_experiment`, `_fs`, as Lightning's own `experiment` property uses them."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

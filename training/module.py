@@ -4,7 +4,6 @@ Mixup/CutMix, stochastic depth) and top-1/top-5 metrics per split."""
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import lightning as L
@@ -18,10 +17,11 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from training.callbacks.time_budget import TimeBudget
 from training.lightning_compat import estimated_stepping_batches
+from training.lr_schedule import warmup_cosine
 from vit_service.formats.checkpoints import load_weights
-from vit_service.formats.pretrained import build_model_config, init_weights_source
-from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
+from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY, build_model_config, init_from_source
 from vit_service.model import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ViTClassifier(L.LightningModule):
             size = self.model.config.image_size
             self.example_input_array = torch.zeros(1, 3, size, size)
         if init_from:
-            report = load_weights(self.model, init_weights_source(init_from), prefer_ema=init_prefer_ema)
+            report = load_weights(self.model, init_from_source(init_from).weights, prefer_ema=init_prefer_ema)
             log.info(f"init_from: {report}")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -173,14 +173,28 @@ class ViTClassifier(L.LightningModule):
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(int(hp.warmup_epochs * steps_per_epoch), total_steps - 1)
         # LambdaLR rather than timm's schedulers: Lightning steps it per optimizer step natively.
-        # Warmup from 1/(warmup_steps + 1) so the first step already moves.
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio,
-                                                  start=1 / (warmup_steps + 1))
-        )
+        # Warmup from 1/(warmup_steps + 1) so the first step already moves. With a TimeBudget the
+        # same schedule runs on the budget's clock instead (training/lr_schedule.py).
+        budget = self._budget()
+
+        def factor(step: int) -> float:
+            if budget is not None:  # the share of the budget spent when the budget stepped the schedule
+                return budget.lr_factor(budget.progress())
+            return warmup_cosine(step, warmup_steps, total_steps, hp.min_lr_ratio, start=1 / (warmup_steps + 1))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         log.info(f"optimizer: AdamW, global batch {global_batch}, peak lr {lr:.3g}, "
                  f"{warmup_steps} warmup / {total_steps} total steps")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # A TimeBudget steps the schedule itself, at each batch start, once it has read its clock.
+        if self._budget() is None:
+            super().lr_scheduler_step(scheduler, metric)
+
+    def _budget(self) -> TimeBudget | None:
+        timer = self._timer()
+        return timer if isinstance(timer, TimeBudget) else None
 
     def _global_batch_size(self) -> int:
         dm = getattr(self.trainer, "datamodule", None)
@@ -209,12 +223,3 @@ def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
         prefix=prefix,
     )
 
-
-def warmup_cosine(t: float, warmup: float, total: float, min_ratio: float, start: float = 0.0) -> float:
-    """LR multiplier at `t` of `total` (steps, or shares of a time budget: any one unit): linear
-    from `start` to 1 over the first `warmup`, then cosine decay to `min_ratio` at `total`."""
-    if t < warmup:
-        return start + (1 - start) * t / warmup
-    span = total - warmup
-    progress = (t - warmup) / span if span > 0 else 1.0
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -29,7 +29,7 @@ import numpy as np
 
 from training.demo_data import (BOXES_FILE, DEFAULT_CLASSES, PROBE_SPLIT, generate_demo_dataset,
                                 generate_pointing_probe, read_boxes)
-from vit_service.explain import Explainer, crop_box, peak_point
+from vit_service.explain import Explainer, peak_point
 from vit_service.preprocessing import open_image
 
 SHAPE_CLASSES = tuple(c for c in DEFAULT_CLASSES if c not in ("stripes", "checkerboard"))
@@ -87,7 +87,7 @@ def pointing_game(explainer: Explainer, data_root: str | Path, split: str = PROB
     _, _, grids = explainer.explain_uint8(pixels, method, None, head_fusion, discard_ratio)  # one batch
     hits, centre_hits, baselines, shares = 0, 0, [], []
     for key, image, grid in zip(keys, images, grids):
-        box, crop = boxes[key], crop_box(pre, *image.size)
+        box, crop = boxes[key], pre.crop_box(*image.size)
         hits += _inside(peak_point(grid, crop), box)
         gh, gw = grid.shape
         centre_hits += _inside(peak_point(_one_hot(gh, gw, gh // 2, gw // 2), crop), box)

@@ -13,12 +13,19 @@ Trainer is built (training/cli.py) and saved in the run's config.yaml as the val
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from training.runs import rank_zero_decides
+from vit_service.formats.sources import build_model_config
 from vit_service.host import CpuInfo, Race, cpu_can_accelerate_bf16, faster, read_cpu
 
+log = logging.getLogger(__name__)
+
 AUTO = "auto"
+PRECISION_ENV = "VIT_TRAIN_RESOLVED_PRECISION"  # rank 0's choice, inherited by the DDP processes it starts
 TIMING_BUDGET_S = 3.0
 TOKENS_PER_TIMING_BATCH = 2048  # batch = this / tokens per image (31 CIFAR images, 3 at 384 px): the bf16
 # gain shows at this size, not at 512 tokens, and a step stays short on an idle core (bench/README.md,
@@ -101,4 +108,23 @@ def resolve_auto_precision(accelerator: str | None, model_config_fn: Callable[[]
         race_bf16=lambda: race_train_step(model_config_fn(), batch_size))
 
 
-__all__ = ["AUTO", "PrecisionChoice", "choose_precision", "race_train_step", "resolve_auto_precision"]
+def resolve_config_precision(config: Any) -> str:
+    """`trainer.precision: auto` in a parsed vit-train config -> a Lightning precision. Rank 0
+    decides (and prints it, once); DDP processes that Lightning starts inherit its choice, so all
+    ranks train alike."""
+    model, data = config["model"], config["data"]
+
+    def model_config() -> Any:
+        return build_model_config(model["preset"], model.get("num_classes") or 10, model.get("image_size"),
+                                  model.get("model_overrides"), model.get("init_from"))
+
+    def decide() -> str:
+        choice = resolve_auto_precision(config["trainer"].get("accelerator"), model_config,
+                                        int(data.get("batch_size") or 32))
+        log.info(choice.line())
+        return choice.precision
+
+    return rank_zero_decides(PRECISION_ENV, decide)
+
+
+__all__ = ["AUTO", "PRECISION_ENV", "resolve_config_precision", "PrecisionChoice", "choose_precision", "race_train_step", "resolve_auto_precision"]

@@ -25,6 +25,20 @@ log = logging.getLogger(__name__)
 SHOWN_METRICS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 
 
+class _NoAdvertisement(logging.Filter):
+    """Lightning logs "💡 Tip: ... try installing litlogger ..." (a hosted service) at every start
+    without a LitLogger: an advertisement, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def hide_lightning_tips() -> None:
+    """Drops those tips from the loggers Lightning's rank_zero_info writes to."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoAdvertisement())
+
+
 class ProgressLog(Callback):
     def __init__(self, when: Literal["auto", "always", "never"] = "auto", every_n_steps: int = 0) -> None:
         """

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from vit_service.artifact import ModelArtifact
+from vit_service.inference import classes_preview
 from vit_service.model import VisionTransformer
 from vit_service.preprocessing import Preprocessing
 
@@ -176,8 +177,7 @@ class Explainer:
             return label
         if label in self.class_names:
             return self.class_names.index(label)
-        shown = ", ".join(self.class_names[:20]) + (" ..." if len(self.class_names) > 20 else "")
-        raise ValueError(f"unknown class {label!r}; the model's classes are: {shown}")
+        raise ValueError(f"unknown class {label!r}; the model's classes are: {classes_preview(self.class_names)}")
 
     def explain_uint8(self, pixels: torch.Tensor | np.ndarray, method: Method = "rollout",
                       class_index: int | None = None, head_fusion: HeadFusion = "mean",
@@ -195,10 +195,6 @@ class Explainer:
         return Explanation(maps[0], probs[0], int(target[0]), method, self.preprocessing.crop_box(*image.size))
 
 
-# The geometry lives in Preprocessing; this name stays for the callers that map grids onto uploads.
-crop_box = Preprocessing.crop_box
-
-
 def peak_point(grid: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, float]:
     """The centre of the grid's highest patch, in the image's pixels (the pointing game's guess)."""
     gh, gw = grid.shape
@@ -208,4 +204,4 @@ def peak_point(grid: np.ndarray, box: tuple[float, float, float, float]) -> tupl
 
 
 __all__ = ["attention_rollout", "gradient_rollout", "fuse_heads", "normalize_map", "explain_batch",
-           "Explainer", "Explanation", "crop_box", "peak_point", "METHODS", "HEAD_FUSIONS"]
+           "Explainer", "Explanation", "peak_point", "METHODS", "HEAD_FUSIONS"]

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from vit_service.explain import HEAD_FUSIONS, METHODS, Explainer
-from vit_service.formats.sources import ModelSourceError, load_model_source
+from vit_service.formats.sources import FORMATS, ModelFormat, ModelSourceError, load_model_source
 from vit_service.inference import resolve_device, top_k_predictions
 from vit_service.overlay import render_overlay
 from vit_service.preprocessing import InvalidImageError, open_image
@@ -58,7 +59,9 @@ def _output_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, formats: Sequence[ModelFormat] = FORMATS) -> int:
+    """vit-explain on `argv`, loading --model from the first of `formats` that matches (the
+    `vit-explain` command passes training's list, which puts vit-train run folders first)."""
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.discard_ratio < 1.0:
         return _error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidImageError as e:
         return _error(str(e))
     try:
-        model, artifact = load_model_source(args.model, resolve_device(args.device))
+        model, artifact = load_model_source(args.model, resolve_device(args.device), formats=formats)
     except (ModelSourceError, ValueError) as e:
         return _error(str(e))
     explainer = Explainer(model, artifact, model.pos_embed.device)
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """Without vit-train run folders (this package never reads Lightning's layout); the installed
+    `vit-explain` is training/explain_cli.py's, which adds them."""
     sys.exit(main())
 
 

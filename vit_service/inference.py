@@ -155,4 +155,9 @@ def top_k_predictions(probs: np.ndarray, class_names: list[str], k: int) -> list
     return [{"label": class_names[i], "index": int(i), "score": float(probs[i])} for i in order]
 
 
-__all__ = ["Predictor", "resolve_device", "resolve_precision", "top_k_predictions"]
+def classes_preview(class_names: list[str], shown: int = 20) -> str:
+    """The first `shown` class names, for an error about an unknown class."""
+    return ", ".join(class_names[:shown]) + (" ..." if len(class_names) > shown else "")
+
+
+__all__ = ["Predictor", "classes_preview", "resolve_device", "resolve_precision", "top_k_predictions"]

@@ -7,22 +7,25 @@ linear warmup, then cosine to `min_lr_ratio`, reaching it exactly when the budge
 training then stops and one validation runs, so the checkpoint's val/acc1 is the final score.
 
 It is Lightning's `Timer` (its clock, its resume offset in `state_dict`, its stop decision
-broadcast from rank 0) with the LR set from the time used. Under DDP every rank must use the
-same LR and stop at the same step, but their clocks start a few milliseconds apart, so rank 0's
-share of the budget is broadcast at every step as well.
+broadcast from rank 0) and the clock of the module's one LR schedule (training/lr_schedule.py):
+at every batch start it reads its share of the budget and steps that schedule, which then reads
+`lr_factor(progress())`. Under DDP every rank must use the same LR and stop at the same step,
+but their clocks start a few milliseconds apart, so rank 0's share of the budget is broadcast at
+every step as well.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from datetime import timedelta
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Timer
 
-from training.module import warmup_cosine
+from training.lr_schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,17 @@ class TimeBudget(Timer):
             raise ValueError(f"TimeBudget minutes must be positive, got {minutes}")
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        super().__init__(duration=timedelta(minutes=minutes), interval="step", verbose=False)
+        budget = timedelta(minutes=minutes)
+        super().__init__(duration=budget, interval="step", verbose=False)
+        self._budget_s = budget.total_seconds()  # Timer keeps it too, privately (as _duration)
         self.warmup_fraction = warmup_fraction
         self.min_lr_ratio = min_lr_ratio
-        self._base_lrs: list[float] = []
         self._progress = 0.0  # rank 0's share of the budget at the start of the current step
         self.train_s: float | None = None  # training time when the budget stopped the run
 
     @property
     def budget_s(self) -> float:
-        return float(self._duration)
+        return self._budget_s
 
     def progress(self) -> float:
         """Share of the budget used at the start of the current step, in [0, 1]: rank 0's
@@ -64,9 +68,6 @@ class TimeBudget(Timer):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        # Peak LRs as the module configured them (after batch-size scaling); its own per-step
-        # scheduler keeps stepping, but this callback sets the LR before every optimizer step.
-        self._base_lrs = [g.get("initial_lr", g["lr"]) for opt in trainer.optimizers for g in opt.param_groups]
         self._progress = self._shared_progress(trainer)
         log.info(f"time budget: {self.budget_s / 60:g} min of training, warmup {self.warmup_fraction:.0%}, "
                  f"cosine to {self.min_lr_ratio:g} x peak")
@@ -74,10 +75,12 @@ class TimeBudget(Timer):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._progress = self._shared_progress(trainer)
-        factor = self.lr_factor(self._progress)
-        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
-        for group, base in zip(groups, self._base_lrs):
-            group["lr"] = base * factor
+        with warnings.catch_warnings():
+            # The LR of the step about to run is set before it, on purpose: PyTorch warns when a
+            # schedule's first step comes before the optimizer's.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for config in trainer.lr_scheduler_configs:  # the module's schedule, on this clock
+                config.scheduler.step()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -17,7 +17,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,6 @@ def load_weights(
     """Loads `source` (a checkpoint path, artifact directory or state dict) into `model` in place."""
     raw, desc, fmt = _read(source)
     state, desc, fmt = _unwrap(raw, desc, fmt, prefer_ema)
-    if any(k.startswith(("conv_proj.", "encoder.layers.")) or k == "class_token" for k in state):
-        state, fmt = _from_torchvision(state), "torchvision"
     target = model.state_dict()
     _check_patch_embed(state, target)
     head_reinit = _drop_mismatched_head(state, target)
@@ -154,8 +152,10 @@ def _unwrap(raw: Any, desc: str, fmt: str, prefer_ema: bool) -> tuple[StateDict,
     if key is not None:
         raw, desc = raw[key], f"{desc}['{key}']"
     state = {_strip_wrappers(k): v for k, v in raw.items()}
-    if any(k.startswith(("model.", "ema.module.")) for k in state):
-        state, desc, fmt = _from_lightning(state, desc, prefer_ema)
+    for layout in KEY_LAYOUTS:
+        if layout.matches(state):
+            state, taken = layout.to_timm(state, prefer_ema)
+            desc, fmt = desc + taken, layout.name
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{desc}: no state dict found (keys: {_listing(list(raw))})")
     return state, desc, fmt
@@ -177,13 +177,13 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def _from_lightning(state: StateDict, desc: str, prefer_ema: bool) -> tuple[StateDict, str, str]:
+def _from_lightning(state: StateDict, prefer_ema: bool) -> tuple[StateDict, str]:
     """Our LightningModule's tensors: `model.*`, EMA copy `ema.module.*`; the rest is training state."""
     has_ema = any(k.startswith("ema.module.") for k in state)
     has_model = any(k.startswith("model.") for k in state)
     prefix = "ema.module." if has_ema and (prefer_ema or not has_model) else "model."
     picked = {_strip_wrappers(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
-    return picked, f"{desc} [{prefix}*]", "lightning"
+    return picked, f" [{prefix}*]"
 
 
 def rename_key(key: str, rules: list[tuple[str, str]]) -> str:
@@ -195,9 +195,26 @@ def rename_key(key: str, rules: list[tuple[str, str]]) -> str:
     return key
 
 
-def _from_torchvision(state: StateDict) -> StateDict:
+def _from_torchvision(state: StateDict, prefer_ema: bool) -> tuple[StateDict, str]:
     """Renames torchvision keys to timm's; unknown keys (e.g. heads.pre_logits) keep their names."""
-    return {rename_key(k, _TORCHVISION_RULES): v for k, v in state.items()}
+    return {rename_key(k, _TORCHVISION_RULES): v for k, v in state.items()}, ""
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How a state dict names the model's tensors, when not timm's way: the format `load_weights`
+    reports, whether a state dict uses it, and its tensors under timm's names (+ what was taken)."""
+    name: str
+    matches: Callable[[StateDict], bool]
+    to_timm: Callable[[StateDict, bool], tuple[StateDict, str]]  # (state, prefer_ema) -> (state, description)
+
+
+# Undone in this order, each one that matches: a Lightning checkpoint of a torchvision model is both.
+KEY_LAYOUTS: tuple[KeyLayout, ...] = (
+    KeyLayout("lightning", lambda s: any(k.startswith(("model.", "ema.module.")) for k in s), _from_lightning),
+    KeyLayout("torchvision", lambda s: any(k.startswith(("conv_proj.", "encoder.layers.")) or k == "class_token"
+                                           for k in s), _from_torchvision),
+)
 
 
 def _check_patch_embed(state: StateDict, target: StateDict) -> None:

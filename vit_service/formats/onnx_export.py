@@ -42,3 +42,6 @@ def export_onnx(model: VisionTransformer, directory: str | os.PathLike[str]) -> 
                           output_names=["logits"], dynamic_shapes=({0: batch},), opset_version=OPSET,
                           dynamo=True, external_data=False)
     return path
+
+
+__all__ = ["ONNX_FILE", "OnnxExportError", "export_onnx"]

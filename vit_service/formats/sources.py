@@ -1,79 +1,145 @@
-"""Any model source -> (VisionTransformer, ModelArtifact), without Lightning: the one loader behind
-`vit-explain --model`, `vit-export --ckpt/--run/--from` and the pointing game.
+"""Where a model comes from: one ordered list of formats, and the two walks over it.
 
     exported model folder   model.safetensors + vit_artifact.json
-    vit-train run folder    version_N/ holding checkpoints/: its best checkpoint by the monitored metric
-    vit-train checkpoint    .ckpt: carries the resolved ViTConfig ("model_config"), classes, preprocessing
     transformers folder     config.json + model.safetensors (+ preprocessor_config.json)
-    timm hub name           vit_small_patch16_224.augreg_in21k_ft_in1k (from the Hugging Face cache)
     weight file + arch      a timm / DeiT / torchvision state dict; `arch` names its timm architecture
+    vit-train checkpoint    .ckpt: carries the resolved ViTConfig ("model_config"), classes, preprocessing
+    timm hub name           vit_small_patch16_224.augreg_in21k_ft_in1k (from the Hugging Face cache)
     BentoML tag             name or name:version in the BentoML model store
 
-Local paths win over names. Every failure is a ModelSourceError whose message names the source.
+Like timm's `create_model` + `pretrained_cfg`: each `ModelFormat` says whether it matches a source,
+how to load it (model + artifact), and, for fine-tuning, the architecture it fixes and the weights
+`load_weights` reads. `load_model_source` (vit-explain, vit-export) and `init_from_source`
+(`--model.init_from`) take the first format that matches. The training side puts vit-train run
+folders in front of this list (training/run_checkpoints.py): run folders are Lightning's layout,
+which this package never reads. Local paths win over names. Every failure is a ModelSourceError
+whose message names the source.
 """
 
 from __future__ import annotations
 
-import ast
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vit_service.artifact import ArtifactError, ModelArtifact, is_artifact_dir, load_model
-from vit_service.formats.checkpoints import CheckpointError, _torch_load, load_weights
-from vit_service.formats.pretrained import build_model_config, is_hub_name, load_pretrained
-from vit_service.formats.transformers_vit import is_transformers_dir
+from vit_service.formats.checkpoints import CheckpointError, Source, _torch_load, load_weights
+from vit_service.formats.pretrained import is_hub_name, load_weight_file
+from vit_service.formats.timm_hub import load_timm, timm_config, timm_weights_path
+from vit_service.formats.transformers_vit import (
+    config_from_transformers, is_transformers_dir, load_transformers, read_json,
+)
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
 
 CHECKPOINT_CONFIG_KEY = "model_config"  # the resolved ViTConfig.to_dict() in every vit-train checkpoint
 _TRAINING_KEYS = ("preset", "num_classes", "class_names", "preprocessing")
+Loaded = tuple[VisionTransformer, ModelArtifact]
 
 
 class ModelSourceError(ValueError):
     """The named model cannot be found or read; the message names it and says why."""
 
 
+@dataclass(frozen=True)
+class ModelFormat:
+    name: str
+    matches: Callable[[str, str | None], bool]  # (source, arch) -> is it this format
+    load: Callable[[str, bool, str | None], Loaded]  # (source, ema, arch) -> model (eval mode) + artifact
+    config: Callable[[str], ViTConfig] | None = None  # the architecture it fixes for fine-tuning; None: the preset's
+    weights: Callable[[str], Source] | None = None  # what load_weights reads for fine-tuning; None: not a start
+
+
+def _is_weight_file(source: str, arch: str | None) -> bool:
+    return Path(source).is_file() and bool(arch or source.endswith(".safetensors"))
+
+
+def _is_checkpoint(source: str, arch: str | None) -> bool:
+    return Path(source).is_file() and not _is_weight_file(source, arch)
+
+
+def _transformers_state(source: str) -> Source:
+    return load_transformers(source)[0].state_dict()  # its tensors under timm's names
+
+
+def _is_store_tag(source: str, arch: str | None) -> bool:
+    looks_like_path = Path(source).suffix in (".ckpt", ".pt", ".pth", ".safetensors") or os.sep in source or "/" in source
+    return not Path(source).exists() and not looks_like_path
+
+
+FORMATS: tuple[ModelFormat, ...] = (
+    ModelFormat("exported model folder", lambda s, a: is_artifact_dir(s), lambda s, e, a: load_model(s),
+                weights=str),
+    ModelFormat("transformers folder", lambda s, a: is_transformers_dir(s), lambda s, e, a: load_transformers(s),
+                config=lambda s: config_from_transformers(read_json(Path(s) / "config.json")),
+                weights=_transformers_state),
+    ModelFormat("weight file", _is_weight_file, lambda s, e, a: load_weight_file(Path(s), a), weights=str),
+    ModelFormat("vit-train checkpoint", _is_checkpoint, lambda s, e, a: load_checkpoint(s, ema=e), weights=str),
+    ModelFormat("timm hub name", lambda s, a: is_hub_name(s), lambda s, e, a: load_timm(s),
+                config=timm_config, weights=timm_weights_path),
+    ModelFormat("BentoML tag", _is_store_tag, lambda s, e, a: _from_bentoml_store(s)),
+)
+
+
 def load_model_source(source: str | os.PathLike[str], device: str | torch.device = "cpu", *, ema: bool = False,
-                      arch: str | None = None) -> tuple[VisionTransformer, ModelArtifact]:
-    """Our model (eval mode, on `device`) and its artifact from any source in the module docstring.
+                      arch: str | None = None, formats: Sequence[ModelFormat] = FORMATS) -> Loaded:
+    """Our model (eval mode, on `device`) and its artifact from the first of `formats` that matches.
 
     `ema` takes a checkpoint's EMA weights (an error when it has none); `arch` is the timm
     architecture of a bare weight file.
     """
-    path = Path(source)
+    name = str(source)
+    fmt = next((f for f in formats if f.matches(name, arch)), None)
+    if fmt is None and Path(name).is_dir():
+        raise ModelSourceError(f"{source}: a folder with no model in it: no checkpoints (a vit-train "
+                               "run holds checkpoints/*.ckpt), no exported model (model.safetensors + "
+                               "vit_artifact.json), no transformers model (config.json + model.safetensors)")
+    if fmt is None:
+        raise ModelSourceError(f"{source}: no such checkpoint file or model folder")
     try:
-        if path.is_dir():
-            if (path / "checkpoints").is_dir() and not is_artifact_dir(path):
-                best = best_checkpoint(path)
-                model, artifact = load_checkpoint(best.path, ema=ema)
-                artifact.metadata["selected_by"] = {"monitor": best.monitor, "mode": best.mode, "score": best.score}
-            elif is_artifact_dir(path) or is_transformers_dir(path):
-                model, artifact = load_pretrained(path)
-            else:
-                raise ModelSourceError(f"{source}: a folder with no model in it: no checkpoints (a vit-train "
-                                       "run holds checkpoints/*.ckpt), no exported model (model.safetensors + "
-                                       "vit_artifact.json), no transformers model (config.json + model.safetensors)")
-        elif path.is_file():
-            if arch or path.suffix == ".safetensors":  # a bare weight file: its architecture is `arch`
-                model, artifact = load_pretrained(path, arch=arch)
-            else:
-                model, artifact = load_checkpoint(path, ema=ema)
-        elif is_hub_name(str(source)):  # before the path test: timm/NAME and hf-hub:OWNER/REPO hold a "/"
-            model, artifact = load_pretrained(str(source))
-        elif path.suffix in (".ckpt", ".pt", ".pth", ".safetensors") or os.sep in str(source) or "/" in str(source):
-            raise ModelSourceError(f"{source}: no such checkpoint file or model folder")
-        else:
-            model, artifact = _from_bentoml_store(str(source))
+        model, artifact = fmt.load(name, ema, arch)
     except (ArtifactError, CheckpointError) as e:  # HubError is a CheckpointError
         raise ModelSourceError(str(e)) from None
     return model.to(device).eval(), artifact
 
 
-def load_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> tuple[VisionTransformer, ModelArtifact]:
+@dataclass(frozen=True)
+class InitSource:
+    config: ViTConfig | None  # the architecture the source fixes, or None (the run's preset decides)
+    weights: Source  # what load_weights reads
+
+
+def init_from_source(source: str, formats: Sequence[ModelFormat] = FORMATS) -> InitSource:
+    """What `--model.init_from` starts from: the first of `formats` that matches and can be a
+    start; anything else goes to `load_weights` as given (which names what is wrong with it)."""
+    fmt = next((f for f in formats if f.weights is not None and f.matches(source, None)), None)
+    if fmt is None or fmt.weights is None:
+        return InitSource(None, source)
+    return InitSource(fmt.config(source) if fmt.config else None, fmt.weights(source))
+
+
+def build_model_config(preset: str, num_classes: int, image_size: int | None,
+                       overrides: dict[str, Any] | None, init_from: str | None = None) -> ViTConfig:
+    """The one place a training run's ViTConfig is derived from its hyper-parameters.
+
+    A timm hub name or transformers folder in `init_from` fixes the architecture (so it is not
+    typed twice); `preset` then goes unused. Training saves the result in every checkpoint, so
+    readers only come here for checkpoints written before it did.
+    """
+    extra: dict[str, Any] = dict(overrides or {})
+    if image_size is not None:
+        extra["image_size"] = image_size
+    base = init_from_source(init_from).config if init_from else None
+    if base is not None:
+        return replace(base, num_classes=num_classes, **extra)
+    return ViTConfig.from_preset(preset, num_classes=num_classes, **extra)
+
+
+def load_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> Loaded:
     """A vit-train Lightning checkpoint -> the trained model and an artifact with its training record.
 
     The architecture is the ViTConfig the checkpoint carries; checkpoints written before it did
@@ -118,62 +184,7 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> tuple[Vi
     return model.eval(), artifact
 
 
-@dataclass(frozen=True)
-class BestCheckpoint:
-    path: Path
-    monitor: str
-    mode: str
-    score: float
-
-
-def best_checkpoint(run_dir: str | os.PathLike[str]) -> BestCheckpoint:
-    """The run's best checkpoint by the metric its ModelCheckpoint monitored.
-
-    Lightning's ModelCheckpoint state (saved in every checkpoint) records each kept checkpoint's
-    score (`best_k_models`); the newest checkpoint's record is read, so a run folder that was
-    moved or copied still works (files are matched by name inside run_dir/checkpoints).
-    """
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    files = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-    if not files:
-        raise ModelSourceError(f"{run_dir}: no checkpoints (expected {ckpt_dir}/*.ckpt from vit-train fit)")
-    states = [_checkpoint_state(f) for f in files]
-    newest = max(states, key=lambda s: s[0])
-    candidates: list[BestCheckpoint] = []
-    for key, state in newest[1].items():
-        monitor, mode = _monitor_and_mode(key, state)
-        if not monitor:
-            continue
-        for file, score in (state.get("best_k_models") or {}).items():
-            local = ckpt_dir / Path(file).name
-            if local.is_file():
-                candidates.append(BestCheckpoint(local, monitor, mode, float(score)))
-    if not candidates:
-        raise ModelSourceError(f"{run_dir}: its checkpoints record no monitored metric; pick one with --ckpt")
-    sign = 1.0 if candidates[0].mode == "max" else -1.0
-    return max(candidates, key=lambda c: sign * c.score)
-
-
-def _checkpoint_state(path: Path) -> tuple[tuple[int, int, float], dict[str, dict]]:
-    try:  # mmap: only the metadata is read, not every tensor
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # any unpickling failure means "not a checkpoint"
-        raise ModelSourceError(f"{path}: not a readable checkpoint ({e})") from None
-    callbacks = {k: v for k, v in (ckpt.get("callbacks") or {}).items() if k.startswith("ModelCheckpoint")}
-    return (int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)), path.stat().st_mtime), callbacks
-
-
-def _monitor_and_mode(key: str, state: dict) -> tuple[str | None, str]:
-    # Lightning keys the callback's state by its settings: "ModelCheckpoint{'monitor': ..., 'mode': ...}".
-    try:
-        settings = ast.literal_eval(key[len("ModelCheckpoint"):])
-    except (ValueError, SyntaxError):
-        settings = {}
-    return settings.get("monitor") or state.get("monitor"), settings.get("mode", "min")
-
-
-def _from_bentoml_store(tag: str) -> tuple[VisionTransformer, ModelArtifact]:
+def _from_bentoml_store(tag: str) -> Loaded:
     import bentoml  # only for tags: folders and checkpoints load without it
 
     try:
@@ -187,5 +198,5 @@ def _from_bentoml_store(tag: str) -> tuple[VisionTransformer, ModelArtifact]:
         raise ModelSourceError(f"{tag}: {e}") from None
 
 
-__all__ = ["load_model_source", "load_checkpoint", "best_checkpoint", "BestCheckpoint", "ModelSourceError",
-           "CHECKPOINT_CONFIG_KEY"]
+__all__ = ["FORMATS", "Loaded", "ModelFormat", "InitSource", "load_model_source", "init_from_source", "load_checkpoint",
+           "build_model_config", "ModelSourceError", "CHECKPOINT_CONFIG_KEY"]

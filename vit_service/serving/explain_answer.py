@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vit_service.explain import crop_box
 from vit_service.inference import top_k_predictions
 from vit_service.preprocessing import Preprocessing
 
@@ -23,7 +22,7 @@ FORMATS = ("json", "png")
 def explain_answer(image: Image.Image, probs: np.ndarray, grid: np.ndarray, explained: int, class_names: list[str],
                    preprocessing: Preprocessing, k: int, method: str, fmt: str) -> dict[str, Any] | bytes:
     """`probs` (K,), `grid` (Gh, Gw) over the crop the model saw -> JSON body, or PNG bytes."""
-    box = crop_box(preprocessing, *image.size)
+    box = preprocessing.crop_box(*image.size)
     if fmt == "png":
         from vit_service.overlay import png_bytes, render_overlay
 

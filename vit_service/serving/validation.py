@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vit_service.inference import classes_preview
 from vit_service.preprocessing import InvalidImageError, Preprocessing, decode_image
 from vit_service.serving.errors import RequestError
 
@@ -81,8 +82,8 @@ def class_index(value: str | None, field: str, class_names: list[str]) -> int | 
     if wanted is None:
         return None
     if wanted not in class_names:
-        shown = ", ".join(class_names[:20]) + (" ..." if len(class_names) > 20 else "")
-        raise RequestError(400, f"unknown '{field}' {wanted[:60]!r}; the model's classes are: {shown}", "bad_option")
+        raise RequestError(400, f"unknown '{field}' {wanted[:60]!r}; the model's classes are: "
+                                f"{classes_preview(class_names)}", "bad_option")
     return class_names.index(wanted)
 
 
