@@ -31,7 +31,6 @@ from PIL import Image
 from vit_service.artifact import ModelArtifact
 from vit_service.inference import classes_preview
 from vit_service.model import VisionTransformer
-from vit_service.preprocessing import Preprocessing
 
 Method = Literal["rollout", "grad"]
 HeadFusion = Literal["mean", "max", "min"]
