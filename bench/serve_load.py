@@ -52,11 +52,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from vit_service.host import describe_host, host_line
-from local_server import free_port, local_server, server_process
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # bench.local_server, whether run as a script or imported
+
+from bench.local_server import free_port, local_server, server_process  # noqa: E402
+from vit_service.host import describe_host, host_line  # noqa: E402
 IMAGES_ENV = "VIT_CIFAR10_DIR"  # a folder of JPEGs (e.g. CIFAR-10's test/ class folders)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_KINDS = {"small": (224, 224), "photo": (500, 375)}  # CIFAR-10 upscaled (bicubic), JPEG q90

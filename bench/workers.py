@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from serve_load import IMAGES_ENV, load_images, load_level, machine_info, prepare_model  # noqa: E402
 
-from local_server import local_server, server_processes  # noqa: E402
+from bench.local_server import local_server, server_processes  # noqa: E402
 
 # workers x torch threads each (decode threads as many as torch threads)
 LAYOUTS = {"2x1": {"VIT_WORKERS": "2", "VIT_TORCH_THREADS": "1", "VIT_DECODE_THREADS": "1"},

@@ -56,6 +56,7 @@ def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     config = demo_config(root, demo_data, max_epochs=2)
     result = run_cli("vit-train", "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-4000:]
+    (root / "fit.log").write_text(result.stdout + result.stderr)  # what the user saw (test_training.py)
     return root / "version_0"
 
 

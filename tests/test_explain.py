@@ -203,6 +203,19 @@ def test_cli_grad_explains_a_chosen_class(artifact_dir: Path, images: list[Path]
     assert record["explained_class"] == "star" and record["method"] == "grad"
 
 
+def test_cli_takes_folders_as_vit_train_predict_does(artifact_dir: Path, images: list[Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from vit_service.explain_cli import main
+
+    folder = images[0].parent
+    assert main([str(folder), "--model", str(artifact_dir), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"{p.stem}{ext}" for p in images for ext in (".png", ".json", ".npy"))  # every image, named as today
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--model", str(artifact_dir), "--out", str(tmp_path / "o2")]) == 2
+    assert "empty: a folder with no image files in it" in capsys.readouterr().err
+
+
 def test_cli_error_is_one_line_naming_the_file(artifact_dir: Path, tmp_path: Path) -> None:
     r = run_cli("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir), "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "Traceback" not in r.stderr

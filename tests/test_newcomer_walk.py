@@ -175,6 +175,18 @@ def _fit_last(config: Path, root: Path, *extra: str) -> subprocess.CompletedProc
                    "--ckpt_path", "last", *extra)
 
 
+def test_resuming_from_an_empty_or_mistyped_root_is_refused(demo_data: Path, tmp_path: Path) -> None:
+    """`--ckpt_path last` where no run has a last.ckpt: Lightning would train a fresh 30-epoch run
+    behind a misleading hint; refused with exit 2 and what to check, and nothing is written."""
+    config = demo_config(tmp_path, demo_data)
+    root = tmp_path / "runs" / "nothing"
+    result = _fit_last(config, root)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert f"{root}: no run to resume with --ckpt_path last" in result.stderr
+    assert "--trainer.default_root_dir" in result.stderr and "Traceback" not in result.stderr
+    assert not root.exists() or not any(root.iterdir())  # no version_0 started
+
+
 @pytest.mark.slow  # CLI runs (~35 s); the resume rules are tested in-process in test_run_layout.py
 def test_resuming_a_finished_run_is_refused_and_leaves_no_folder(trained_run: Path, demo_data: Path,
                                                                  tmp_path: Path) -> None:

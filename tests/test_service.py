@@ -620,6 +620,17 @@ def test_model_handle_predict_and_describe(services, reference):
     assert asyncio.run(front.__is_ready__())
 
 
+def test_serving_imports_warn_nothing_deprecated_of_bentoml():
+    """The service's metrics use prometheus_client (bentoml.metrics warned it is deprecated)."""
+    code = ("import warnings; warnings.simplefilter('always'); w = warnings.catch_warnings(record=True); "
+            "caught = w.__enter__(); import vit_service.serving.service; "
+            "print([str(x.message)[:80] for x in caught if 'bentoml' in str(x.message).lower()])")
+    out = subprocess.run([str(BIN / "python"), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
+
+
 def test_serving_imports_no_training_stack():
     code = ("import sys, vit_service.serving.service; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'timm', 'training', 'torchvision'}))")

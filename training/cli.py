@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError
-from training.lightning_compat import PrecisionInput
+from training.lightning_compat import PrecisionInput, hide_lightning_pytree_warning
 from training.module import ViTClassifier
 from training.precision import AUTO, PRECISION_ENV, resolve_config_precision
 from training.predict import PredictionFileWriter
@@ -31,6 +31,7 @@ DEFAULT_ROOT_DIR = "runs"
 
 
 hide_lightning_tips()
+hide_lightning_pytree_warning()
 
 
 class ViTTrainer(Trainer):

@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ModelSourceError, CheckpointError, OnnxExportError, QuantizeError) as e:
         print(f"vit-export: error: {e}", file=sys.stderr)
         return 2
-    acc = artifact.metadata.get("val_acc1")
+    acc, seen, total = (artifact.metadata.get(k) for k in ("val_acc1", "val_images", "val_images_total"))
+    partial = f" on {int(seen)} of {total} val images" if seen and total and int(seen) < total else ""
     shown = artifact.metadata["source_checkpoint"] if args.run else source  # --run: the checkpoint it chose
     print(f"exported {shown} ({artifact.config.num_classes} classes"
-          + (f", val top-1 {acc:.4f}" if acc is not None else "") + f") as {bento_model.tag}", file=sys.stderr)
+          + (f", val top-1 {acc:.4f}{partial}" if acc is not None else "") + f") as {bento_model.tag}", file=sys.stderr)
     if args.dir:
         print(f"model folder: {Path(args.dir) / 'model.safetensors'}, vit_artifact.json", file=sys.stderr)
     if onnx_file:

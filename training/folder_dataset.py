@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from vit_service.preprocessing import DEFAULT_MAX_PIXELS, InvalidImageError, open_image
+from vit_service.preprocessing import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, InvalidImageError, is_image_file,
+                                       list_images, open_image)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_NAMES = ("train", "val", "test")
 MAX_REPLACEMENT_TRIES = 64  # unreadable files in a row before __getitem__ gives up
 
@@ -31,11 +31,6 @@ class DatasetError(ValueError):
 
 class SkippedImageWarning(UserWarning):
     """An unreadable image was skipped (warned once per file)."""
-
-
-def is_image_file(path: str | os.PathLike[str]) -> bool:
-    name = os.path.basename(path)
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def find_classes(root: str | os.PathLike[str]) -> list[str]:
@@ -63,21 +58,13 @@ def scan_image_folder(root: str | os.PathLike[str], class_names: list[str] | Non
         if missing or extra:
             raise DatasetError(f"{root}: class folders differ from the expected {len(class_names)} classes"
                                f" (missing: {missing or 'none'}; extra: {extra or 'none'})")
-    files = {name: _list_images(os.path.join(root, name)) for name in class_names}
+    files = {name: list_images(os.path.join(root, name)) for name in class_names}
     empty = [name for name, paths in files.items() if not paths]
     if len(empty) == len(files):
         raise DatasetError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if empty:
         raise DatasetError(f"{root}: class folder(s) without images: {', '.join(empty)}")
     return [(path, label) for label, name in enumerate(class_names) for path in files[name]]
-
-
-def _list_images(folder: str) -> list[str]:
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # prunes the walk too
-        paths += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
-    return sorted(paths)
 
 
 class ImageFolderDataset(Dataset):
@@ -222,7 +209,7 @@ def verify_dataset(root: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_P
     reference: tuple[str, list[str]] | None = None
     for name, split_root in split_dirs:
         classes = find_classes(split_root)
-        files = {c: _list_images(os.path.join(split_root, c)) for c in classes}
+        files = {c: list_images(os.path.join(split_root, c)) for c in classes}
         if not any(files.values()):
             scan_image_folder(split_root)  # raises the "no images" error
         empty = [c for c, paths in files.items() if not paths]

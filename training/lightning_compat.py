@@ -8,6 +8,7 @@ that the bug still exists, so the workaround goes once it is fixed).
 from __future__ import annotations
 
 import csv
+import warnings
 
 import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
@@ -19,6 +20,17 @@ from lightning.pytorch.trainer.states import TrainerFn
 # The type of Trainer(precision=...): private in Lightning, and what jsonargparse reads to parse
 # --trainer.precision, so a Trainer subclass that widens it must name the same type.
 PrecisionInput = _PRECISION_INPUT
+
+
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def hide_lightning_pytree_warning() -> None:
+    """torch 2.14 deprecated `torch.utils._pytree.LeafSpec`, and Lightning still builds one
+    (`lightning/pytorch/utilities/_pytree.py`), so every vit-train run printed a FutureWarning that
+    is neither ours nor the user's. Filtered by its exact text and category, nothing else; the
+    test fails once Lightning stops using LeafSpec, and then this goes."""
+    warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
 
 
 def estimated_stepping_batches(trainer: L.Trainer) -> int | float:

@@ -115,6 +115,9 @@ class ViTClassifier(L.LightningModule):
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(logits, y)
         on_step = split == "train"
+        if split != "train":  # how many images the figures are over (a limited run sees part of the set)
+            self.log(f"{split}/images", float(len(y)), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True,
+                     batch_size=len(y))
         self.log(f"{split}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=not on_step)
         self.log_dict(metrics, prog_bar=True, on_step=False, on_epoch=True)
         return loss, logits
@@ -212,14 +215,27 @@ class ViTClassifier(L.LightningModule):
             "train_time_s": round(timer.time_elapsed(), 1) if timer else None,
             "epoch": self.current_epoch,
             "global_step": self.global_step,
+            "val_images_total": dataset_size(self.trainer.val_dataloaders),
             **{k.replace("/", "_"): float(v) for k, v in metrics.items() if k.startswith("val/")},
         }
 
 
+def dataset_size(loader: Any) -> int | None:
+    """Images in a loader's whole dataset (None where it has no length)."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    # acc1/acc5: the share of images whose label is in the top 1/5 (micro), as timm, torchvision's
+    # references and papers report them; torchmetrics' default ("macro") is the mean per-class
+    # recall, which differs on imbalanced or partly evaluated sets: kept as balanced_acc1.
     return MetricCollection(
-        {"acc1": MulticlassAccuracy(num_classes, top_k=1),
-         "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes))},
+        {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+         "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+         "balanced_acc1": MulticlassAccuracy(num_classes, top_k=1, average="macro")},
         prefix=prefix,
     )
 

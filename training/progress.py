@@ -20,6 +20,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
+from training.module import dataset_size
+
 log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5")
@@ -80,6 +82,9 @@ class ProgressLog(Callback):
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k.replace('_epoch', '')} {float(metrics[k]):.4f}" for k in SHOWN_METRICS if k in metrics)
+        seen, total = metrics.get("val/images"), dataset_size(trainer.val_dataloaders)
+        if seen is not None and total and int(seen) < total:  # --trainer.limit_val_batches: say so beside it
+            shown += f"  (val on {int(seen)} of {total} images)"
         last = f"/{trainer.max_epochs - 1}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         self._print(trainer, f"epoch {trainer.current_epoch}{last}  step {trainer.global_step}  {shown}")
 

@@ -94,14 +94,17 @@ class RunFolders:
         all runs under root; the resolved path replaces `last`/`best` in the saved config.yaml."""
         if subcommand == "fit" and ckpt_path == "last":
             resumed = latest_resumable_run(root)
-            if resumed is not None:
-                run = f"{root}/{RUN_PREFIX}{resumed}"
-                check_resume_plan(run, max_epochs, max_epochs_typed)
-                log.info(f"resuming {run}/checkpoints/last.ckpt")
-                # Resuming writes into the run's own checkpoints/ by design: Lightning's warning
-                # that the folder "exists and is not empty" is about a new run overwriting an old one.
-                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-                return resumed, f"{run}/checkpoints/last.ckpt"  # config.yaml names the file resumed
+            if resumed is None:  # Lightning would start a fresh run with a misleading hint
+                raise RunError(f"{root}: no run to resume with --ckpt_path last (no {RUN_PREFIX}N/checkpoints/"
+                               f"last.ckpt under it); check --trainer.default_root_dir, or start a new run "
+                               f"without --ckpt_path")
+            run = f"{root}/{RUN_PREFIX}{resumed}"
+            check_resume_plan(run, max_epochs, max_epochs_typed)
+            log.info(f"resuming {run}/checkpoints/last.ckpt")
+            # Resuming writes into the run's own checkpoints/ by design: Lightning's warning
+            # that the folder "exists and is not empty" is about a new run overwriting an old one.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            return resumed, f"{run}/checkpoints/last.ckpt"  # config.yaml names the file resumed
         elif subcommand != "fit" and ckpt_path == "last":
             latest = latest_resumable_run(root)
             if latest is None:

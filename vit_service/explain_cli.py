@@ -1,10 +1,11 @@
 """`vit-explain`: attention maps for image files, written as overlay PNGs and raw patch grids.
 
-    vit-explain IMAGE... --model RUN|CKPT|DIR|HUB_NAME|TAG [--method rollout|grad] [--class LABEL] --out DIR
+    vit-explain IMAGE|FOLDER... --model RUN|CKPT|DIR|HUB_NAME|TAG [--method rollout|grad] [--class LABEL] --out DIR
 
 Per image, OUT/<name>.png (the image, the heatmap over the crop the model saw, the explained label
 and score: the top class, or --class) and OUT/<name>.json (the patch grid, rows x cols floats in [0, 1], and the top-k
-predictions), plus OUT/<name>.npy (the grid as a float32 array).
+predictions), plus OUT/<name>.npy (the grid as a float32 array). A FOLDER stands for every image
+under it (recursively, in name order), as `vit-train predict` reads one.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from vit_service.explain import HEAD_FUSIONS, METHODS, Explainer
 from vit_service.formats.sources import FORMATS, ModelFormat, ModelSourceError, load_model_source
 from vit_service.inference import resolve_device, top_k_predictions
 from vit_service.overlay import render_overlay
-from vit_service.preprocessing import InvalidImageError, open_image
+from vit_service.preprocessing import IMAGE_EXTENSIONS, InvalidImageError, list_images, open_image
 
 PROG = "vit-explain"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...) or folders of them")
     p.add_argument("--model", required=True,
                    help="a vit-train run folder (its best checkpoint) or .ckpt, an exported or transformers model "
                         "folder, a timm hub name, or a BentoML tag (e.g. vit-classifier:latest)")
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None, formats: Sequence[ModelFormat] = FORMATS
     if not 0.0 <= args.discard_ratio < 1.0:
         return _error(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
     # Read every image first: a bad file stops the run before anything is written.
-    paths = [Path(p) for p in args.images]
+    paths = []
+    for given in map(Path, args.images):
+        found = [Path(p) for p in list_images(given)] if given.is_dir() else [given]
+        if not found:
+            return _error(f"{given}: a folder with no image files in it (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        paths += found
     try:
         images = [open_image(p) for p in paths]
     except InvalidImageError as e:

@@ -24,6 +24,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 8000 x 5000; larger uploads are refused as decompression bombs
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a file name looks like an image (by extension; hidden files never do)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[str]:
+    """Every image file under `folder` (recursively, hidden folders skipped), sorted."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # prunes the walk too
+        paths += [os.path.join(dirpath, f) for f in filenames if is_image_file(f)]
+    return sorted(paths)
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -188,4 +204,5 @@ class Preprocessing:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
 
-__all__ = ["Preprocessing", "InvalidImageError", "decode_image", "open_image", "DEFAULT_MAX_PIXELS"]
+__all__ = ["Preprocessing", "InvalidImageError", "decode_image", "open_image", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS",
+           "is_image_file", "list_images"]

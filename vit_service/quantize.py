@@ -26,11 +26,10 @@ import torch
 
 from vit_service.artifact import ModelArtifact
 from vit_service.model import VisionTransformer
-from vit_service.preprocessing import InvalidImageError, open_image
+from vit_service.preprocessing import IMAGE_EXTENSIONS, InvalidImageError, is_image_file, list_images, open_image
 
 INT8_FILE = "model.int8.onnx"
 MIN_AGREEMENT = 0.99  # int8 is served only where it agreed with fp32 on >= 99% of the images
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EVAL_BATCH = 64
 
 
@@ -65,16 +64,15 @@ def evaluation_images(directory: str | os.PathLike[str], class_names: list[str],
         raise QuantizeError(f"{root}: image folder not found (give --calib DIR with images to measure int8 on)")
     index = {name: i for i, name in enumerate(class_names)}
     groups: list[list[tuple[str, int | None]]] = []
-    loose = sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    loose = sorted(str(p) for p in root.iterdir() if p.is_file() and is_image_file(p))
     if loose:
         groups.append([(p, None) for p in loose])
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
+        files = list_images(folder)
         if files:
             groups.append([(p, index.get(folder.name)) for p in files])
     if not groups:
-        raise QuantizeError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise QuantizeError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     images: list[tuple[str, int | None]] = []
     for i in range(max(len(g) for g in groups)):  # round-robin over the groups
         images += [g[i] for g in groups if i < len(g)]

@@ -174,6 +174,8 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> Loaded:
         "weights": "ema" if ema else "raw",
         "val_acc1": info.get("val_acc1"),
         "val_acc5": info.get("val_acc5"),
+        "val_images": info.get("val_images"),  # what the figures are over: fewer than the total when
+        "val_images_total": info.get("val_images_total"),  # validation was limited (limit_val_batches)
         "epoch": info.get("epoch", ckpt.get("epoch")),
         "global_step": info.get("global_step", ckpt.get("global_step")),
         "train_time_s": info.get("train_time_s"),

@@ -13,34 +13,34 @@ Label values are fixed sets, so the number of series stays bounded whatever clie
 
 from __future__ import annotations
 
-import bentoml
+import prometheus_client  # BentoML collects it across workers (its multiprocess directory is set first)
 
 STAGES = ("read", "parse", "decode", "queue", "forward", "serialize")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-stage_seconds = bentoml.metrics.Histogram(
+stage_seconds = prometheus_client.Histogram(
     name="vit_stage_seconds",
     documentation="Seconds per request in each serving stage (see vit_service/serving/metrics.py)",
     labelnames=["stage"],
     buckets=_LATENCY_BUCKETS,
 )
-batch_size = bentoml.metrics.Histogram(
+batch_size = prometheus_client.Histogram(
     name="vit_batch_size",
     documentation="Images per forward pass",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-images_total = bentoml.metrics.Counter(
+images_total = prometheus_client.Counter(
     name="vit_images",
     documentation="Images received, by endpoint and outcome (ok, rejected, overloaded, error)",
     labelnames=["endpoint", "outcome"],
 )
-rejected_uploads_total = bentoml.metrics.Counter(
+rejected_uploads_total = prometheus_client.Counter(
     name="vit_rejected_uploads",
     documentation="Requests refused with a 4xx, by reason",
     labelnames=["reason"],
 )
 
-auth_failures_total = bentoml.metrics.Counter(
+auth_failures_total = prometheus_client.Counter(
     name="vit_auth_failures",
     documentation="Requests refused with 401, by reason (missing, malformed, invalid); never key material",
     labelnames=["reason"],
