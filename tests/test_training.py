@@ -47,6 +47,36 @@ def test_fit_prints_no_dependency_deprecation_noise(trained_run: Path) -> None:
     assert "LeafSpec" not in printed and "FutureWarning" not in printed, printed[-3000:]
 
 
+def test_acc1_is_top1_accuracy_and_the_class_mean_has_its_own_name() -> None:
+    """acc1 = correct / total (micro), as timm and papers report it; torchmetrics' default
+    (macro, the mean per-class recall) differs on an imbalanced set and is balanced_acc1."""
+    from training.module import _accuracy_metrics
+
+    metrics = _accuracy_metrics(3, "val/")
+    # 8 of class 0 (all right), 1 of class 1 (wrong), 1 of class 2 (right): 9 / 10 right
+    targets = torch.tensor([0] * 8 + [1, 2])
+    predicted = torch.tensor([0] * 8 + [0, 2])
+    metrics.update(torch.nn.functional.one_hot(predicted, 3).float(), targets)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    assert values["val/acc1"] == pytest.approx(0.9)
+    assert values["val/balanced_acc1"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)
+
+
+def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_path: Path) -> None:
+    """--trainer.limit_val_batches evaluates part of the val set: the progress line and the
+    export say on how many images the val figures are (issue 30: "val top-1" of 1 class in 10)."""
+    config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2)
+    result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
+                     "--data.batch_size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert "(val on 8 of 24 images)" in printed, printed[-3000:]
+    export = run_cli("vit-export", "--run", str(tmp_path / "version_0"), "--name", "limited",
+                     env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "on 8 of 24 val images" in export.stderr, export.stderr[-2000:]
+
+
 def test_checkpoint_carries_labels_and_preprocessing(trained_run: Path, demo_data: Path) -> None:
     ckpt = torch.load(trained_run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
