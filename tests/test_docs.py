@@ -213,3 +213,20 @@ def test_the_config_path_check_sees_the_cifar10_paths(tmp_path: Path):
     assert len([w for w in wrong if "/tmp/cifar10/train next to" in w]) == 2, wrong  # both cifar10 configs
     assert len([w for w in wrong if "/tmp/cifar10 next to configs/cifar10.yaml" in w]) == 1, wrong
     assert len(wrong) == 3, wrong  # the option's argument, the config's own path and runs/ pass
+
+
+def apt_packages(text: str) -> list[set[str]]:
+    """The packages of each `apt-get install` line in the text (its options left out)."""
+    return [{word for word in m.group(1).split() if not word.startswith("-")}
+            for m in re.finditer(r"apt-get install ([^\n&;|]+)", text)]
+
+
+def test_the_browser_install_line_is_what_ci_installs():
+    # A local `make test` skips the web-page tests without chromium; README's "Install and test" and
+    # docs/serving.md give the line that installs it, which must be the one .ci/run runs.
+    ci = apt_packages((REPO / ".ci/run").read_text())
+    install_and_test = (REPO / "README.md").read_text().split("## Install and test", 1)[1].split("\n## ", 1)[0]
+    assert ci == [{"chromium", "chromium-driver"}], ci
+    assert apt_packages(install_and_test) == ci, install_and_test
+    assert "apt-get update && apt-get install" in install_and_test
+    assert ci[0] in apt_packages((REPO / "docs/serving.md").read_text())
