@@ -10,6 +10,15 @@ RUNS="${RUNS:-runs/demo}"  # each training run gets its own $RUNS/version_N
 # Each step says when it started (seconds since the demo began), so a slow machine shows where.
 step() { printf '\n==> [%4d s] %s\n' "$SECONDS" "$*"; }
 
+# The port must be free before minutes of training: a server left on it (a `make serve`) would
+# answer /readyz and the demo would post to that one while its own `bentoml serve` failed to bind.
+# SO_REUSEADDR as the server sets it, so only a socket bound or listening there counts.
+if ! python -c 'import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$PORT" 2>/dev/null; then
+  echo "port $PORT is in use (a \`make serve\` still running?): stop that server, or pick another port: make demo PORT=3001" >&2
+  exit 1
+fi
+
 if [ ! -d "$DATA/train" ]; then
   step "Generating the demo dataset in $DATA (one line per class)"
   vit-data demo --out "$DATA"

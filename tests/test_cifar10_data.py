@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -80,6 +81,28 @@ def test_torchvision_download_folder(tmp_path: Path) -> None:
     batches = _write_batches(tmp_path / "torchvision" / "cifar-10-batches-py")
     assert main(["cifar10", str(tmp_path / "torchvision"), "--out", str(tmp_path / "out")]) == 0
     _check_output(tmp_path / "out", batches)
+
+
+def test_class_folders_given_as_the_archive_are_named_usable_as_they_are(tmp_path: Path) -> None:
+    # A newcomer points vit-data cifar10 at the JPEG folders it wrote (or a copy of them): the
+    # error says they need no conversion and names the --data options that read them.
+    from training.data_cli import main
+    from training.folder_dataset import find_classes
+
+    converted = tmp_path / "cifar10"
+    _write_batches(tmp_path / "src" / "cifar-10-batches-py")
+    assert main(["cifar10", str(tmp_path / "src"), "--out", str(converted)]) == 0
+    for given, expected in ((converted, {"train_dir": "train", "val_dir": "test", "test_dir": "test"}),
+                            (converted / "train", {"train_dir": ""})):
+        result = run_cli("vit-data", "cifar10", str(given), "--out", str(tmp_path / "out"))
+        assert result.returncode == 2, result.stdout + result.stderr  # an error, as before
+        assert "already holds image class folders" in result.stderr and "Traceback" not in result.stderr
+        options = dict(re.findall(r"--data\.(\w+_dir) (\S+)", result.stderr))
+        assert options == {k: str(given / v) if v else str(given) for k, v in expected.items()}, result.stderr
+        for folder in options.values():  # the folders it names are the class folders themselves
+            assert sorted(p.name for p in Path(folder).iterdir()) == sorted(NAMES)
+            assert find_classes(folder) == sorted(NAMES) and list(Path(folder).glob("*/*.jpg"))
+        assert not (tmp_path / "out").exists()
 
 
 def _tar_with(tmp_path: Path, files: dict[str, bytes]) -> Path:

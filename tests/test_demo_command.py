@@ -6,6 +6,7 @@ import json
 import re
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,24 @@ def test_make_demo_trains_serves_and_classifies(tmp_path: Path) -> None:
     assert times, result.stdout[-2000:]
     total_s, train_s = int(times[1]) * 60 + int(times[2]), int(times[3]) * 60 + int(times[4])
     assert 0 < train_s <= total_s
+
+
+def test_make_demo_stops_at_once_when_its_port_is_taken(tmp_path: Path) -> None:
+    # A server left running (a `make serve`) on the demo's port: the demo must say so and stop
+    # before it generates data or trains, not post to that server minutes later and exit 0.
+    for folder in ("configs", "scripts"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # as `make serve` binds: every interface
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "PORT": str(port), "BENTOML_HOME": str(tmp_path / "bentoml")}
+        result = subprocess.run(["bash", "scripts/demo.sh"], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"port {port} is in use" in result.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()  # nothing generated or trained
+    # The way out it names is the README's, and works: the Makefile passes PORT to the script.
+    assert "make demo PORT=3001" in result.stderr and "`make demo PORT=3001`" in (REPO / "README.md").read_text()
+    assert "PORT ?= 3000" in (REPO / "Makefile").read_text()

@@ -144,3 +144,89 @@ def test_the_checks_see_links_and_tree_lines():
     assert "vit_service/serving/ui/index.html" in named and "training/callbacks/time_budget.py" in named
     assert "vit_service/serving/service.py" in modules_that_must_be_named()
     assert "scripts/demo.sh" in modules_that_must_be_named()
+
+
+# A data path in the docs: data/... or an absolute path, not inside a word or a URL. An option
+# before it ("--data.train_dir X", "--out X", "data.val_dir=X") points a config elsewhere on purpose.
+DATA_PATH = re.compile(r"(?<![\w./~:-])(?P<option>--[\w.*-]+[ =]|\b[\w.]+_dir=)?(?P<path>(?:data|/[\w.-]+)(?:/[\w.-]+)+)")
+
+
+def config_data_dirs() -> dict[str, set[str]]:
+    """configs/NAME.yaml -> the folders its data.*_dir read, and their parent (the DIR of DIR/train)."""
+    import yaml
+
+    dirs = {}
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        data = yaml.safe_load(config.read_text()).get("data") or {}
+        own = {str(v).rstrip("/") for k, v in data.items() if k.endswith("_dir") and v}
+        if own:
+            dirs[config.relative_to(REPO).as_posix()] = own | {p.rsplit("/", 1)[0] for p in own}
+    return dirs
+
+
+def doc_sentences(text: str) -> list[str]:
+    """Prose (fenced code left out) in units a claim lives in: a table row, or a sentence."""
+    units = []
+    for paragraph in re.split(r"\n\s*\n", FENCE.sub("", text)):
+        if paragraph.lstrip().startswith("|"):
+            units += paragraph.splitlines()
+        else:
+            units += re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split()))
+    return units
+
+
+def config_path_mismatches(doc: Path, dirs: dict[str, set[str]]) -> list[str]:
+    """Sentences naming a config (configs/NAME.yaml; "the CIFAR-10 configs" names the cifar10*
+    ones) and a data path of its dataset (a path holding its data folder's name, e.g. cifar10)
+    that is not the config's own and not an option's argument."""
+    wrong = []
+    for sentence in doc_sentences(doc.read_text()):
+        named = {c for c in dirs if c in sentence}
+        if re.search(r"CIFAR-10 configs?\b", sentence):
+            named |= {c for c in dirs if Path(c).name.startswith("cifar10")}
+        for config in sorted(named):
+            names = {Path(parent).name for parent in dirs[config] if "/" in parent} - {"train", "val", "test"}
+            for m in DATA_PATH.finditer(sentence):
+                path = m.group("path").rstrip("/.")
+                if m.group("option") or path in dirs[config] or not names & set(path.split("/")):
+                    continue
+                wrong.append(f"{doc.name if not doc.is_relative_to(REPO) else doc.relative_to(REPO)}: {path} next to {config}, which reads "
+                             f"{sorted(dirs[config])}: {sentence!r}")
+    return wrong
+
+
+def test_data_paths_named_with_a_config_are_the_configs_own():
+    dirs = config_data_dirs()
+    wrong = [w for doc in doc_files() for w in config_path_mismatches(doc, dirs)]
+    assert not wrong, "docs name a config with a data path it does not read:\n  " + "\n  ".join(wrong)
+
+
+def test_the_config_path_check_sees_the_cifar10_paths(tmp_path: Path):
+    dirs = config_data_dirs()
+    assert {"data/cifar10/train", "data/cifar10/test", "data/cifar10"} <= dirs["configs/cifar10_30min.yaml"]
+    doc = tmp_path / "doc.md"
+    doc.write_text("The CIFAR-10 configs read `/tmp/cifar10/train` as they stand.\n\n"
+                   "| `configs/cifar10.yaml` | from /tmp/cifar10 |\n\n"
+                   "Point configs/cifar10.yaml elsewhere with `--data.train_dir /tmp/cifar10/train`; it reads "
+                   "`data/cifar10/train`, and runs/cifar10 holds runs.\n")
+    wrong = config_path_mismatches(doc, dirs)
+    assert len([w for w in wrong if "/tmp/cifar10/train next to" in w]) == 2, wrong  # both cifar10 configs
+    assert len([w for w in wrong if "/tmp/cifar10 next to configs/cifar10.yaml" in w]) == 1, wrong
+    assert len(wrong) == 3, wrong  # the option's argument, the config's own path and runs/ pass
+
+
+def apt_packages(text: str) -> list[set[str]]:
+    """The packages of each `apt-get install` line in the text (its options left out)."""
+    return [{word for word in m.group(1).split() if not word.startswith("-")}
+            for m in re.finditer(r"apt-get install ([^\n&;|]+)", text)]
+
+
+def test_the_browser_install_line_is_what_ci_installs():
+    # A local `make test` skips the web-page tests without chromium; README's "Install and test" and
+    # docs/serving.md give the line that installs it, which must be the one .ci/run runs.
+    ci = apt_packages((REPO / ".ci/run").read_text())
+    install_and_test = (REPO / "README.md").read_text().split("## Install and test", 1)[1].split("\n## ", 1)[0]
+    assert ci == [{"chromium", "chromium-driver"}], ci
+    assert apt_packages(install_and_test) == ci, install_and_test
+    assert "apt-get update && apt-get install" in install_and_test
+    assert ci[0] in apt_packages((REPO / "docs/serving.md").read_text())

@@ -15,6 +15,7 @@ from tests.conftest import run_cli
 from vit_service.explain import (Explainer, attention_rollout, explain_batch, gradient_rollout,
                                  normalize_map, peak_point)
 from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.overlay import colorize, legend_height, render_overlay
 from vit_service.preprocessing import Preprocessing
 
 G = 4  # 4 x 4 patch grid
@@ -173,6 +174,42 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
+def test_overlay_tints_by_relevance_and_carries_its_colour_bar() -> None:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(40, 216, (256, 512, 3), dtype=np.uint8)  # 512 px wide: drawn at its own size
+    image = Image.fromarray(pixels)
+    box = (128, 0, 384, 256)  # the centre crop: 4x4 patches of 64 px
+    grid = np.zeros((4, 4), dtype=np.float32)
+    grid[0, 0] = 1.0
+    out = np.asarray(render_overlay(image, grid, box, alpha=0.7)).astype(int)
+    assert out.shape[1] == 512 and out.shape[0] == 256 + legend_height(512) > 256  # the legend strip below
+    # A patch of zero relevance far from the relevant one: the image as it is, not darkened or tinted.
+    quiet = (slice(200, 250), slice(128 + 200, 128 + 250))
+    assert np.abs(out[quiet] - pixels[quiet].astype(int)).max() <= 1
+    # The relevant patch's outer quarter (relevance 1 up to its centre: it is the grid's corner):
+    # 70% the colormap's top colour over 30% of the image.
+    hot = (slice(8, 32), slice(128 + 8, 128 + 32))
+    expected = 0.3 * pixels[hot] + 0.7 * colorize(np.ones(1))[0]
+    assert np.abs(out[hot] - expected).max() <= 3 and np.abs(out[hot] - pixels[hot].astype(int)).mean() > 20
+
+    # The colour bar runs along the colormap over the grid's range (here 0.2 to 0.8), left to right.
+    grid = np.linspace(0.2, 0.8, 16, dtype=np.float32).reshape(4, 4)
+    strip = np.asarray(render_overlay(image, grid, box))[256:].astype(int)
+    scale = colorize(np.linspace(0.0, 1.0, 256)).astype(int)  # (256, 3)
+
+    def along_the_colormap(row: np.ndarray) -> np.ndarray | None:
+        """The colormap position of each pixel of the row's middle 80%, if every one is a colormap colour."""
+        middle = row[len(row) // 10: len(row) * 9 // 10]
+        distance = np.abs(middle[:, None, :] - scale[None, :, :]).sum(-1)  # (pixels, 256)
+        return distance.argmin(1) / 255 if distance.min(1).max() <= 6 else None
+
+    bars = [t for t in map(along_the_colormap, strip) if t is not None]
+    assert bars, "no row of the legend strip is a colour bar"
+    t = bars[len(bars) // 2]
+    assert np.all(np.diff(t) >= 0) and t[0] == pytest.approx(0.2 + 0.6 * 0.1, abs=0.03)
+    assert t[-1] == pytest.approx(0.8 - 0.6 * 0.1, abs=0.03)
+
+
 def test_cli_writes_overlay_grid_and_json(images: list[Path], tmp_path: Path) -> None:
     from tests.service_fixtures import save_tiny_model
 
@@ -185,7 +222,8 @@ def test_cli_writes_overlay_grid_and_json(images: list[Path], tmp_path: Path) ->
     for path in images:
         overlay = Image.open(out / f"{path.stem}.png")
         w, h = Image.open(path).size
-        assert abs(overlay.width / overlay.height - w / h) < 0.02  # the upload's aspect ratio
+        picture_h = overlay.height - legend_height(overlay.width)  # the legend strip is below the picture
+        assert abs(overlay.width / picture_h - w / h) < 0.02  # the upload's aspect ratio
         record = json.loads((out / f"{path.stem}.json").read_text())
         grid = np.load(out / f"{path.stem}.npy")
         assert grid.shape == (4, 4) == tuple(record["grid_shape"]) and 0.0 <= grid.min() and grid.max() == 1.0

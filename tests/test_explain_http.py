@@ -20,6 +20,7 @@ import vit_service
 from service_fixtures import CLASS_NAMES, metric_value
 from vit_service.artifact import load_model
 from vit_service.explain import Explainer
+from vit_service.overlay import legend_height
 from vit_service.preprocessing import decode_image
 
 
@@ -68,7 +69,8 @@ def test_explain_png_is_the_overlay_at_the_upload_aspect(url: str, jpeg: Path) -
     r = post(url, jpeg, format="png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     overlay = Image.open(io.BytesIO(r.content))
-    assert overlay.format == "PNG" and abs(overlay.width / overlay.height - 110 / 50) < 0.03
+    picture_h = overlay.height - legend_height(overlay.width)  # the legend strip is below the picture
+    assert overlay.format == "PNG" and abs(overlay.width / picture_h - 110 / 50) < 0.03
 
 
 @pytest.mark.parametrize("case,status,message", [

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.folder_dataset import DatasetError
+from training.folder_dataset import DatasetError, is_image_file
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -53,6 +53,8 @@ def read_batches(source: str | os.PathLike[str]) -> dict[str, bytes]:
     if path.is_dir():
         folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
         found = {name: (folder / name).read_bytes() for name in _NEEDED if (folder / name).is_file()}
+        if not found and (hint := _class_folders_hint(path)):
+            raise DatasetError(hint)
         return _complete(found, path, bin_version=(folder / "data_batch_1.bin").is_file())
     if not path.is_file():
         raise DatasetError(f"{path}: no such file or folder ({_WHAT})")
@@ -67,6 +69,26 @@ def read_batches(source: str | os.PathLike[str]) -> dict[str, bytes]:
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DatasetError(f"{path}: not a CIFAR-10 archive ({type(e).__name__}: {e}); {_WHAT}") from None
     return _complete(found, path, bin_version)
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """True when some subfolder of `folder` holds image files (an ImageFolder-style split)."""
+    return any(sub.is_dir() and any(is_image_file(f) for f in sub.iterdir()) for sub in folder.iterdir())
+
+
+def _class_folders_hint(path: Path) -> str:
+    """What to do with a folder that is already what `vit-data cifar10` writes (train/ and test/
+    of class folders, or one such split); "" when it is not."""
+    splits = [s for s in ("train", "test", "val") if (path / s).is_dir() and _holds_class_folders(path / s)]
+    if "train" in splits and len(splits) > 1:
+        held = "test" if "test" in splits else "val"  # the CIFAR-10 configs validate on test/
+        return (f"{path} already holds image class folders (train/<class>/, {held}/<class>/), nothing to convert: "
+                f"use it as it is with --data.train_dir {path}/train --data.val_dir {path}/{held} "
+                f"--data.test_dir {path}/{held}")
+    if _holds_class_folders(path):
+        return (f"{path} already holds image class folders (<class>/*.jpg), nothing to convert: "
+                f"use it as it is with --data.train_dir {path} (or as --data.val_dir, --data.test_dir)")
+    return ""
 
 
 def _complete(found: dict[str, bytes], path: Path, bin_version: bool) -> dict[str, bytes]:

@@ -1,8 +1,10 @@
-"""Draws a patch-relevance grid over the image it explains: heatmap, crop outline, label and score.
+"""Draws a patch-relevance grid over the image it explains: heatmap, crop outline, label and score,
+and a legend strip below it (the colour bar over the grid's range).
 
-The overlay keeps the uploaded image's aspect ratio. The heatmap covers only the region the model
-saw (the eval centre crop); the rest of the image is dimmed. Colours come from matplotlib's
-colormaps (perceptually uniform "inferno" by default).
+The image above the legend keeps the uploaded image's aspect ratio. The heatmap covers only the
+region the model saw (the eval centre crop); the rest of the image is dimmed. Its opacity follows
+the relevance: where the grid is 0 the image shows as it is, where it is 1 the colour is `alpha`
+opaque. Colours come from matplotlib's colormaps (perceptually uniform "inferno" by default).
 """
 
 from __future__ import annotations
@@ -23,9 +25,19 @@ def colorize(grid: np.ndarray, colormap: str = "inferno") -> np.ndarray:
     return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
+def legend_height(width: int) -> int:
+    """Height in pixels of the legend strip under an overlay `width` pixels wide."""
+    return 3 * _legend_font_size(width)
+
+
+def _legend_font_size(width: int) -> int:
+    return max(12, width // 32)
+
+
 def render_overlay(image: Image.Image, grid: np.ndarray, box: tuple[float, float, float, float],
-                   caption: str | None = None, alpha: float = 0.55, colormap: str = "inferno") -> Image.Image:
-    """The RGB `image` with `grid` blended over `box` (left, top, right, bottom in its pixels)."""
+                   caption: str | None = None, alpha: float = 0.7, colormap: str = "inferno") -> Image.Image:
+    """The RGB `image` with `grid` blended over `box` (left, top, right, bottom in its pixels),
+    opacity `alpha` times the relevance, and the legend strip below."""
     image = image.convert("RGB")
     w, h = image.size
     scale = min(max(1.0, MIN_SIDE / max(w, h)), MAX_SIDE / max(w, h))
@@ -38,14 +50,35 @@ def render_overlay(image: Image.Image, grid: np.ndarray, box: tuple[float, float
     # Outside the crop the model saw nothing: dim it.
     out = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 0.6)
     region = base.crop((left, top, right, bottom))
-    # Bilinear upsampling of the colorised grid: smooth, yet each patch stays where it was.
-    heat = Image.fromarray(colorize(grid, colormap)).resize(region.size, Image.Resampling.BILINEAR)
-    out.paste(Image.blend(region, heat, alpha), (left, top))
+    # Bilinear upsampling of the grid: smooth, yet each patch stays where it was.
+    relevance = np.clip(np.asarray(Image.fromarray(np.asarray(grid, dtype=np.float32)).resize(
+        region.size, Image.Resampling.BILINEAR)), 0.0, 1.0)  # (h, w) in [0, 1]
+    opacity = alpha * relevance[..., None]  # (h, w, 1): none where the grid is 0
+    blended = np.asarray(region, dtype=np.float32) * (1 - opacity) + colorize(relevance, colormap) * opacity
+    out.paste(Image.fromarray((blended + 0.5).astype(np.uint8)), (left, top))
     draw = ImageDraw.Draw(out)
     draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255), width=1)
     if caption:
         _draw_caption(draw, caption, out.size)
-    return out
+    framed = Image.new("RGB", (out_w, out_h + legend_height(out_w)), (0, 0, 0))
+    framed.paste(out, (0, 0))
+    _draw_legend(framed, out_h, float(np.min(grid)), float(np.max(grid)), colormap)
+    return framed
+
+
+def _draw_legend(image: Image.Image, top: int, lo: float, hi: float, colormap: str) -> None:
+    """The colour bar over [lo, hi] (the grid's range) in the strip from row `top` down, labelled."""
+    w = image.width
+    size = _legend_font_size(w)
+    pad = size // 2
+    values = np.linspace(np.clip(lo, 0, 1), np.clip(hi, 0, 1), max(1, w - 2 * pad))[None, :]  # (1, bar width)
+    bar = Image.fromarray(colorize(values, colormap)).resize((values.shape[1], size), Image.Resampling.NEAREST)
+    image.paste(bar, (pad, top + pad // 2))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, size * 3 // 4))
+    y = top + pad // 2 + size + 2
+    for text, anchor, x in ((f"{lo:.2f}", "la", pad), ("attention", "ma", w // 2), (f"{hi:.2f}", "ra", w - pad)):
+        draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor=anchor)
 
 
 def _draw_caption(draw: ImageDraw.ImageDraw, text: str, size: tuple[int, int]) -> None:
@@ -64,4 +97,4 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["colorize", "render_overlay", "png_bytes"]
+__all__ = ["colorize", "render_overlay", "legend_height", "png_bytes"]
