@@ -47,6 +47,32 @@ auth_failures_total = prometheus_client.Counter(
 )
 
 
+# Prediction drift (drift.py): each worker's recent window against the model's validation
+# reference, labelled with the model tag; a gauge has no sample until the window can be judged.
+# In BentoML's multiprocess mode the most recent value of a live worker is the one shown.
+_DRIFT = {"labelnames": ["model"], "multiprocess_mode": "livemostrecent"}
+drift_class_psi = prometheus_client.Gauge(
+    "vit_drift_class_psi", "PSI of the predicted classes, recent window vs validation (< 0.1 stable, > 0.25 shifted)",
+    **_DRIFT)
+drift_score_psi = prometheus_client.Gauge(
+    "vit_drift_top1_score_psi", "PSI of the top-1 score bins, recent window vs validation", **_DRIFT)
+drift_mean_top1 = prometheus_client.Gauge(
+    "vit_drift_top1_score_mean", "Mean top-1 score of the recent window (validation: /model_info)", **_DRIFT)
+drift_low_confidence = prometheus_client.Gauge(
+    "vit_drift_low_confidence_ratio", "Share of the recent window whose top-1 score is below the threshold", **_DRIFT)
+drift_window = prometheus_client.Gauge(
+    "vit_drift_window_predictions", "Predictions in the recent window (the drift gauges need 200)", **_DRIFT)
+
+
+def observe_drift(model: str, count: int, gauges: dict[str, float] | None) -> None:
+    drift_window.labels(model=model).set(count)
+    if gauges is not None:
+        drift_class_psi.labels(model=model).set(gauges["class_psi"])
+        drift_score_psi.labels(model=model).set(gauges["score_psi"])
+        drift_mean_top1.labels(model=model).set(gauges["mean_top1"])
+        drift_low_confidence.labels(model=model).set(gauges["low_confidence_ratio"])
+
+
 def observe_stages(timings: dict[str, float]) -> None:
     for stage in STAGES:
         if stage in timings:

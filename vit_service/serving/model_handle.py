@@ -21,6 +21,7 @@ from vit_service.preprocessing import Preprocessing
 from vit_service.serving import metrics, restarts
 from vit_service.serving.bentoml_compat import worker_index
 from vit_service.serving.batcher import AdaptiveBatcher, Overloaded
+from vit_service.serving.drift import DriftWindow
 from vit_service.serving.errors import NOT_READY, OVERLOADED, RequestError
 from vit_service.serving.settings import Settings
 
@@ -54,6 +55,9 @@ class ModelHandle(Protocol):
     async def explain(self, pixels: np.ndarray, method: str, class_index: int | None) -> Explained:
         """(1, 3, S, S) uint8 -> the attention map of `class_index` (None: the top class)."""
 
+    def drift_status(self) -> dict[str, Any]:
+        """For /model_info: the recent predictions against the validation reference (drift.py)."""
+
 
 class InProcessModel:
     """The model in this worker, behind the adaptive batcher; /explain in its own single thread
@@ -68,6 +72,9 @@ class InProcessModel:
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=settings.max_batch_size if settings.batching else 1,
                                        max_latency_s=settings.max_latency_ms / 1000, on_batch=metrics.batch_size.observe)
+        reference = getattr(predictor.artifact, "reference", None)
+        self.drift = DriftWindow(reference, settings.drift_window) if reference else None
+        self.tag = str(tag)
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
         self.failed = False
@@ -92,6 +99,14 @@ class InProcessModel:
             logger.info("warming up before accepting connections (worker %d)", worker_index())
             warm()
 
+    def drift_status(self) -> dict[str, Any]:
+        """What /model_info shows under "drift": this worker's window, or why there is none."""
+        if self.drift is None:
+            return {"available": False, "reason": "the model was exported without a validation reference "
+                                                  "(re-export it with this version's vit-export)"}
+        return {"available": True, "window": self.drift.count, "window_size": self.drift.size,
+                "reference": self.drift.reference, "current": self.drift.gauges()}
+
     async def describe(self) -> ModelInfo:
         if self._info is None and not self.failed and restarts.sibling_serving(self.workers):
             # Another worker already serves, so /readyz said ready: this cold one (worker 1, warming
@@ -113,6 +128,9 @@ class InProcessModel:
         except Overloaded:
             raise RequestError(503, OVERLOADED, "overloaded") from None
         timings["queue"], timings["forward"] = timing.queue_s, timing.forward_s
+        if self.drift is not None:
+            self.drift.observe(probs)
+            metrics.observe_drift(self.tag, self.drift.count, self.drift.gauges())
         return probs
 
     async def explain(self, pixels: np.ndarray, method: str, class_index: int | None) -> Explained:

@@ -138,7 +138,8 @@ class ViTClassifier:
         limits = {"max_images_per_request": SETTINGS.max_images, "max_body_bytes": SETTINGS.max_body_bytes,
                   "max_image_pixels": SETTINGS.max_image_pixels}
         return {**description, "serving": {**SETTINGS.describe(), **description["serving"], **limits,
-                                           "decode_threads": self.decode_threads}}
+                                           "decode_threads": self.decode_threads},
+                "drift": self.model.drift_status()}
 
     # ------------------------------------------------------------------------ pages
 

@@ -193,6 +193,8 @@ class Settings:
     torch_threads: int | None = setting("VIT_TORCH_THREADS", "host on CPU: cores / workers - decode threads; "
                                         "else torch's (one per core)",
                                         "intra-op threads of the model (torch and onnxruntime)", read_optional_int)
+    drift_window: int = setting("VIT_DRIFT_WINDOW", "1000", "recent predictions each worker compares with the "
+                                "model's validation reference (drift gauges on /metrics)", integer(1000))
     api_keys: tuple[bytes, ...] = setting("VIT_API_KEY", "unset: the API is open", "API key(s), comma-separated: "
                                           "requests then need `Authorization: Bearer <key>` (docs/serving.md, "
                                           "API keys)", read_key_list, repr=False)
