@@ -91,3 +91,23 @@ def test_cork_dispatcher_batches_splits_and_cancels_as_relied_on() -> None:
     out = asyncio.run(main())
     assert [o.tolist() for o in out] == [[0] * 3, [2] * 3, [4] * 3]  # each call's own outputs, whole
     assert max(seen) <= 4 and sum(seen) == 9  # batches capped, the 3-item calls split to fit
+
+
+def test_fold_unknown_paths_keeps_routes_with_parameters() -> None:
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    seen: list[str] = []
+
+    async def original(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        seen.append(scope["path"])
+
+    saved = RunnerTrafficMetricsMiddleware.__call__
+    RunnerTrafficMetricsMiddleware.__call__ = original  # type: ignore[method-assign]
+    try:
+        bentoml_compat.fold_unknown_paths({"/v2/models/{name}/infer"})
+        call = RunnerTrafficMetricsMiddleware.__call__
+        for path in ("/v2/models/vit-classifier/infer", "/v2/models/a/b/infer"):
+            asyncio.run(call(None, {"type": "http", "path": path}, None, None))
+    finally:
+        RunnerTrafficMetricsMiddleware.__call__ = saved  # type: ignore[method-assign]
+    assert seen == ["/v2/models/vit-classifier/infer", bentoml_compat.UNKNOWN_PATH]

@@ -23,7 +23,7 @@ from vit_service.serving.errors import error_body
 
 logger = logging.getLogger("bentoml.vit_service.auth")
 
-PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+PROBE_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready"})
 PUBLIC_PAGES = frozenset({"/", "/ui", "/docs", "/docs.json", "/schema.json"})  # shells and the API's shape: no model data
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")  # BentoML's bundled Swagger UI / index assets
 METRICS_PATH = "/metrics"

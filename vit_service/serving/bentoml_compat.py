@@ -7,6 +7,7 @@ undoing the patch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ UNKNOWN_PATH = "/__unknown__"
 BENTOML_PATHS = {"/metrics", "/healthz", "/livez", "/readyz", "/schema.json"}
 BENTOML_PREFIXES = ("/static_content/", "/assets/")
 _known_paths: set[str] = set(BENTOML_PATHS)
+_known_templates: list[re.Pattern[str]] = []  # routes with parameters, e.g. /v2/models/{name}/infer
 
 
 def label_metrics_with_model(tag: Any) -> None:
@@ -72,14 +74,17 @@ def fold_unknown_paths(known_paths: set[str]) -> None:
     middleware class whose `__call__(scope, receive, send)` reads `scope["path"]`."""
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
-    _known_paths.update(known_paths)
+    _known_paths.update(p for p in known_paths if "{" not in p)
+    _known_templates.extend(re.compile(re.sub(r"\\{[^}]*\\}", "[^/]+", re.escape(p)) + "$")
+                            for p in known_paths if "{" in p)
     call = RunnerTrafficMetricsMiddleware.__call__
     if getattr(call, "folds_unknown_paths", False):
         return
 
     async def folding_call(self, scope, receive, send):  # type: ignore[no-untyped-def]
         path = scope.get("path", "")
-        if scope["type"] == "http" and path not in _known_paths and not path.startswith(BENTOML_PREFIXES):
+        if (scope["type"] == "http" and path not in _known_paths and not path.startswith(BENTOML_PREFIXES)
+                and not any(t.match(path) for t in _known_templates)):
             scope = {**scope, "path": UNKNOWN_PATH, "raw_path": UNKNOWN_PATH.encode()}
         await call(self, scope, receive, send)
 

@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from vit_service.explain import METHODS
 from vit_service.inference import top_k_predictions
-from vit_service.serving import metrics, pages
+from vit_service.serving import inference_protocol, metrics, pages
 from vit_service.serving.auth import AuthConfig, AuthMiddleware
 from vit_service.serving.bentoml_compat import fold_unknown_paths, label_metrics_with_model
 from vit_service.serving.errors import ErrorShapeMiddleware, RequestError, error_response
@@ -42,6 +42,7 @@ except ValueError as e:  # a bad VIT_* value: its one line, and `bentoml serve` 
     raise SystemExit(f"vit-service: {e}") from None
 AUTH = AuthConfig.from_settings(SETTINGS)  # VIT_API_KEY, VIT_API_KEY_FILE, VIT_PROTECT_METRICS (auth.py)
 pages_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # the GET routes below; BentoML's spec documents them
+pages_app.include_router(inference_protocol.router)  # /v2: the Open Inference Protocol
 
 
 @bentoml.asgi_app(pages_app, path="/")
@@ -109,7 +110,7 @@ class ViTClassifier:
         fmt = choice(format, FORMATS, FORMAT_FIELD, "json")
         k = top_k_or_default(top_k, info.class_names)
         wanted = class_index(class_name, CLASS_FIELD, info.class_names)
-        [(picture, pixels)] = await self._decode([read_upload(image)], info)
+        [(picture, pixels)] = await self.decode([read_upload(image)], info)
         explained = await self.model.explain(pixels[None], method_, wanted)
         body = await asyncio.get_running_loop().run_in_executor(
             self.decode_pool, explain_answer, picture, explained.probs, explained.grid, explained.class_index,
@@ -164,12 +165,12 @@ class ViTClassifier:
         k = top_k_or_default(top_k, info.class_names)
         if not images:
             raise RequestError(400, "no images given", "missing_field")
-        decoded = await self._decode(images, info)
+        decoded = await self.decode(images, info)
         batch = decoded[0][1][None] if len(decoded) == 1 else np.stack([pixels for _, pixels in decoded])  # (B, 3, S, S)
         probs = await self.model.predict(batch, request_timings())  # (B, K)
         return [top_k_predictions(p, info.class_names, k) for p in probs]
 
-    async def _decode(self, images: list[UploadedFile], info: ModelInfo) -> list[tuple[Any, np.ndarray]]:
+    async def decode(self, images: list[UploadedFile], info: ModelInfo) -> list[tuple[Any, np.ndarray]]:
         """Decodes in the thread pool; the first bad image in upload order is the 400."""
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
