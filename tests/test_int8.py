@@ -70,6 +70,29 @@ def test_int8_output_matches_fp32_on_real_jpegs(int8_export: Path, demo_data: Pa
     assert np.abs(p8 - p32).max() > 0
 
 
+def test_int8_ece_with_the_fp32_temperature(int8_export: Path, demo_data: Path) -> None:
+    """fp32 and int8 apply the same T; vit_artifact.json records int8's ECE before and after it,
+    recomputed here from the int8 graph's logits (15 bins, as torchmetrics counts them)."""
+    import onnxruntime as ort
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    calibration = json.loads((int8_export / MANIFEST_FILE).read_text())["calibration"]
+    t = calibration["temperature"]
+    model, artifact = load_model(int8_export)
+    images = evaluation_images(demo_data / "val", artifact.class_names)
+    x = torch.stack([artifact.preprocessing(open_image(p)) for p, _ in images])
+    y = torch.tensor([label for _, label in images])
+    session = ort.InferenceSession(str(int8_export / INT8_FILE), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0]).double()
+    oracle = MulticlassCalibrationError(artifact.config.num_classes, n_bins=15, norm="l1")
+    assert calibration["int8"]["ece_before"] == pytest.approx(float(oracle(logits.softmax(-1).float(), y)), abs=1e-5)
+    assert calibration["int8"]["ece_after"] == pytest.approx(float(oracle((logits / t).softmax(-1).float(), y)), abs=1e-5)
+    from vit_service.backend import load_backend
+
+    int8 = load_backend(int8_export, precision="int8", device="cpu")
+    assert int8.describe()["calibration"] == {"temperature": t, **calibration["int8"]}
+
+
 def damage_for_int8(ckpt: Path, out: Path) -> Path:
     """The same model in fp32 with an int8-hostile head: one input column holds the same huge weight
     in every row. In fp32 that adds one constant to every logit (predictions unchanged); in int8 the

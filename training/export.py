@@ -1,7 +1,12 @@
 """`vit-export`: a training checkpoint, or a pretrained ViT (`--from`), -> a BentoML model holding
 everything serving needs; optionally also a transformers folder (`--hf-dir`), `model.onnx` (`--onnx`)
 and an int8 model (`--int8`: model.onnx + model.int8.onnx, measured against fp32 on the run's
-validation images or `--calib DIR`, the figures recorded in vit_artifact.json)."""
+validation images or `--calib DIR`, the figures recorded in vit_artifact.json).
+
+Every export also fits a temperature on the same images (the run's validation folder or `--calib DIR`,
+class folders named like the model's classes: vit_service/calibration.py) and records it with NLL and
+ECE before and after as "calibration"; without labels there is no calibration, and it says so. It
+records "reference" too: how the served scores are spread over those images, for drift gauges."""
 
 from __future__ import annotations
 
@@ -16,12 +21,15 @@ import bentoml
 
 from training.run_checkpoints import MODEL_FORMATS
 from vit_service.artifact import ModelArtifact
+from vit_service.calibration import (MAX_TEMPERATURE, MIN_TEMPERATURE, calibration_record, ece, reference_record,
+                                     softmax)
 from vit_service.formats.checkpoints import CheckpointError
 from vit_service.formats.onnx_export import ONNX_FILE, OnnxExportError, export_onnx
 from vit_service.formats.sources import ModelSourceError, load_model_source
 from vit_service.formats.transformers_vit import TransformersFormatError, save_transformers_folder
 from vit_service.model import VisionTransformer
-from vit_service.quantize import MIN_AGREEMENT, QuantizeError, build_int8, evaluation_images
+from vit_service.quantize import (MIN_AGREEMENT, QuantizeError, build_int8, evaluation_images, image_logits,
+                                  int8_logits)
 from vit_service.serving.store import save_to_bentoml
 
 
@@ -56,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"best checkpoint of {args.run} by {best['monitor']} ({best['mode']}): "
                   f"{Path(artifact.metadata['source_checkpoint']).name} ({best['monitor']} {best['score']:.4f})",
                   file=sys.stderr)
+        # An exported folder given to --from may carry these records: only this export makes them.
+        artifact.int8 = artifact.calibration = artifact.reference = None
+        directory, images = _measurement_images(artifact, args)
+        _calibrate(model, artifact, directory, images)
         onnx_file = _export_onnx_first(model) if args.onnx or args.int8 else None
         extra = [onnx_file] if onnx_file else []
-        # An exported folder given to --from may carry an int8 record: only a new --int8 makes one.
-        artifact.int8 = _build_int8(model, artifact, onnx_file, args) if onnx_file and args.int8 else None
+        if onnx_file and args.int8:
+            artifact.int8 = _build_int8(model, artifact, onnx_file, directory, images)
         if artifact.int8:  # model.int8.onnx beside model.onnx, its figures in vit_artifact.json
             extra.append(onnx_file.parent / artifact.int8["file"])
+            _int8_calibration(artifact, onnx_file.parent / artifact.int8["file"], images)
         copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
         earlier = _earlier_exports(args.name, artifact)
         bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
@@ -115,22 +128,77 @@ def _earlier_exports(name: str, artifact: ModelArtifact) -> list[str]:
     return [str(m.tag) for m in sorted(same, key=lambda m: m.info.creation_time, reverse=True)]
 
 
-def _build_int8(model: VisionTransformer, artifact: ModelArtifact, onnx_file: Path,
-                args: argparse.Namespace) -> dict[str, Any]:
+def _measurement_images(artifact: ModelArtifact, args: argparse.Namespace) -> tuple[str | None, list[tuple[str, int | None]]]:
+    """The folder to calibrate (and measure --int8) on, --calib DIR or the run's validation folder,
+    and its images (at most --calib-limit, every class in turn); (reason it has none, []) without."""
+    if args.calib:
+        return args.calib, evaluation_images(args.calib, artifact.class_names, limit=args.calib_limit or None)
+    directory = (artifact.metadata.get("dataset") or {}).get("val_dir")
+    if not directory or not Path(directory).is_dir():
+        return None, []
+    return directory, evaluation_images(directory, artifact.class_names, limit=args.calib_limit or None)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _calibrate(model: VisionTransformer, artifact: ModelArtifact, directory: str | None,
+               images: list[tuple[str, int | None]]) -> None:
+    """Sets artifact.calibration (T fitted on the labelled images) and artifact.reference (the served
+    scores on all of them), and says what it did in one line each."""
+    if not images:
+        val_dir = (artifact.metadata.get("dataset") or {}).get("val_dir")
+        why = (f"the run's validation folder {val_dir} is not there" if val_dir
+               else "no images: the model records no validation folder")
+        _say(f"calibration: none ({why}; give --calib DIR with class folders to fit a temperature); "
+             "scores are the plain softmax")
+        return
+    logits, labels = image_logits(model.eval(), artifact.preprocessing, images)
+    known = labels >= 0
+    source = str(Path(directory).resolve())
+    if known.any():
+        c = artifact.calibration = calibration_record(logits[known], labels[known], source)
+        _say(f"calibration: T={c['temperature']:.2f} on {c['images']} images, ECE {c['ece_before']:.3f} -> "
+             f"{c['ece_after']:.3f}, NLL {c['nll_before']:.2f} -> {c['nll_after']:.2f}"
+             + (f" (T held at its bound {c['temperature']:g}: the NLL wants it further; is the model trained?)"
+                if c["temperature"] in (MIN_TEMPERATURE, MAX_TEMPERATURE) else ""))
+    else:
+        _say(f"calibration: none (no labels: no folder of {directory} is named like a class of the model); "
+             "scores are the plain softmax")
+    artifact.reference = reference_record(logits, artifact.temperature)
+    _say(f"reference: served scores on {len(logits)} images recorded"
+         + ("" if artifact.calibration else " (plain softmax, T = 1: no calibration)"))
+
+
+def _int8_calibration(artifact: ModelArtifact, int8_file: Path, images: list[tuple[str, int | None]]) -> None:
+    """The int8 model's ECE before and after the fp32 model's temperature, in "calibration"."""
+    labelled = [(path, label) for path, label in images if label is not None]
+    if not artifact.calibration or not labelled:
+        return
+    logits, labels = int8_logits(int8_file, artifact.preprocessing, labelled)
+    t, bins = artifact.calibration["temperature"], artifact.calibration["bins"]
+    artifact.calibration["int8"] = {"ece_before": round(ece(softmax(logits), labels, bins), 6),
+                                    "ece_after": round(ece(softmax(logits, t), labels, bins), 6)}
+    _say(f"calibration (int8): ECE {artifact.calibration['int8']['ece_before']:.3f} -> "
+         f"{artifact.calibration['int8']['ece_after']:.3f} with the same T")
+
+
+def _build_int8(model: VisionTransformer, artifact: ModelArtifact, onnx_file: Path, directory: str | None,
+                images: list[tuple[str, int | None]]) -> dict[str, Any]:
     """Quantizes `onnx_file` and measures it on --calib DIR or the training run's validation folder."""
-    directory = args.calib or (artifact.metadata.get("dataset") or {}).get("val_dir")
     if not directory:
+        val_dir = (artifact.metadata.get("dataset") or {}).get("val_dir")
+        if val_dir:
+            raise ExportError(f"--int8: the run's validation folder {val_dir} is not there to measure int8 on; "
+                              "give --calib DIR")
         raise ExportError("--int8 measures the int8 model against fp32 on real images: give --calib DIR "
                           "(images, in class folders named like the model's classes for accuracy)")
-    if not args.calib and not Path(directory).is_dir():
-        raise ExportError(f"--int8: the run's validation folder {directory} is not there to measure int8 on; "
-                          "give --calib DIR")
-    images = evaluation_images(directory, artifact.class_names, limit=args.calib_limit or None)
     record = build_int8(model, artifact, onnx_file, onnx_file.parent, images, str(Path(directory).resolve()),
-                        log=lambda line: print(line, file=sys.stderr))
+                        log=_say)
     if record["agreement_top1"] < MIN_AGREEMENT:
-        print(f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
-              f"(< {MIN_AGREEMENT:.0%}): recorded, but serving will not use it unless forced", file=sys.stderr)
+        _say(f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
+             f"(< {MIN_AGREEMENT:.0%}): recorded, but serving will not use it unless forced")
     return record
 
 
@@ -148,10 +216,12 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write an int8 model (model.int8.onnx, onnxruntime dynamic quantization, with "
                         "model.onnx) and record its top-1 agreement with fp32 and both accuracies, measured on "
                         "the run's validation images or --calib DIR")
-    p.add_argument("--calib", metavar="DIR", help="images to measure --int8 on (class folders named like the "
-                                                   "model's classes also give accuracies); needed with --from")
+    p.add_argument("--calib", metavar="DIR", help="images to fit the temperature on and to measure --int8 on, "
+                                                   "instead of the run's validation folder (class folders named like "
+                                                   "the model's classes give labels: calibration and accuracies); "
+                                                   "needed with --from for either")
     p.add_argument("--calib-limit", type=int, default=2000, metavar="N",
-                   help="measure --int8 on at most N images, every class in turn (default 2000; 0: all)")
+                   help="calibrate and measure --int8 on at most N images, every class in turn (default 2000; 0: all)")
 
 
 def _export_onnx_first(model: VisionTransformer) -> Path:

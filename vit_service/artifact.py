@@ -3,11 +3,15 @@
 A model directory (a BentoML model store entry, or any folder) holds
     model.safetensors   the VisionTransformer state dict (timm parameter names)
     vit_artifact.json   {"format_version", "model_config", "class_names", "preprocessing", "metadata",
-                         "int8" (only with vit-export --int8)}
+                         "int8" (only with vit-export --int8), "calibration", "reference"}
 so the service never re-declares the architecture, the labels or the preprocessing. "int8" records
 the int8 model beside it (model.int8.onnx, vit_service/quantize.py) and how it was measured against
 fp32: {"file", "method", "weights", "images", "labelled", "agreement_top1", "fp32_top1",
-"int8_top1", "max_prob_diff", "measured_on", ...}; serving reads the agreement as its guard.
+"int8_top1", "max_prob_diff", "measured_on", ...}; serving reads the agreement as its guard. "calibration" is the
+temperature fitted at export and its figures (vit_service/calibration.py): {"temperature", "images",
+"source", "nll_before", "nll_after", "ece_before", "ece_after", "bins", "int8": {"ece_before",
+"ece_after"}}; every predictor divides the logits by it. "reference" is what the served scores looked
+like on the export's images (calibration.reference_record). A model exported before either has None.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class ModelArtifact:
     preprocessing: Preprocessing
     metadata: dict[str, Any] = field(default_factory=dict)
     int8: dict[str, Any] | None = None  # the int8 model's record (vit-export --int8), or None
+    calibration: dict[str, Any] | None = None  # the fitted temperature and its figures, or None
+    reference: dict[str, Any] | None = None  # the served scores' shape on the export's images, or None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.config.num_classes:
@@ -70,7 +76,14 @@ class ModelArtifact:
             "preprocessing": self.preprocessing.to_dict(),
             "metadata": self.metadata,
             **({"int8": self.int8} if self.int8 else {}),
+            **({"calibration": self.calibration} if self.calibration else {}),
+            **({"reference": self.reference} if self.reference else {}),
         }
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the logits are divided by before the softmax: 1.0 without calibration."""
+        return float(self.calibration["temperature"]) if self.calibration else 1.0
 
     def save(self, model: VisionTransformer, directory: str | os.PathLike[str]) -> Path:
         """Writes the weights and manifest into `directory` (created if needed)."""
@@ -97,6 +110,8 @@ class ModelArtifact:
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
                 metadata=d.get("metadata", {}),
                 int8=_int8_record(d.get("int8"), manifest),
+                calibration=_calibration_record(d.get("calibration"), manifest),
+                reference=d.get("reference"),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{manifest}: malformed manifest ({e})") from None
@@ -109,6 +124,15 @@ def _int8_record(record: Any, manifest: Path) -> dict[str, Any] | None:
         raise ArtifactError(f"{manifest}: malformed int8 record (expected an object with a \"file\")")
     if not (manifest.parent / record["file"]).is_file():
         raise ArtifactError(f"{manifest}: records an int8 model {record['file']} that is not in {manifest.parent}")
+    return record
+
+
+def _calibration_record(record: Any, manifest: Path) -> dict[str, Any] | None:
+    if record is None:
+        return None
+    t = record.get("temperature") if isinstance(record, dict) else None
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+        raise ArtifactError(f"{manifest}: malformed calibration record (expected a positive \"temperature\")")
     return record
 
 

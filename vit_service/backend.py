@@ -89,36 +89,43 @@ def check_servable(directory: str | os.PathLike[str], backend: str = "auto", pre
         raise ValueError(f"VIT_BACKEND=onnxruntime but the model has no {ONNX_FILE}: export it with vit-export --onnx")
 
 
-def int8_predictor(directory: str | os.PathLike[str], threads: int | None = None) -> ImagePredictor:
+def int8_predictor(directory: str | os.PathLike[str], threads: int | None = None,
+                   calibrated: bool = True) -> ImagePredictor:
     """The model's int8 graph (model.int8.onnx), on onnxruntime; `check_servable` says whether it may serve."""
     from vit_service.artifact import ModelArtifact
     from vit_service.onnx_backend import OnnxPredictor
 
     record = ModelArtifact.read(directory).int8
-    return OnnxPredictor(directory, threads=threads, path=Path(directory) / record["file"], precision="int8")
+    return OnnxPredictor(directory, threads=threads, path=Path(directory) / record["file"], precision="int8",
+                         calibrated=calibrated)
 
 
 def load_backend(directory: str | os.PathLike[str], backend: str = "auto", device: str = "auto",
-                 precision: str = "auto", compile_mode: str | None = None, threads: int | None = None) -> ImagePredictor:
-    """A predictor for the exported model in `directory` on the backend VIT_BACKEND names."""
+                 precision: str = "auto", compile_mode: str | None = None, threads: int | None = None,
+                 calibrated: bool = True) -> ImagePredictor:
+    """A predictor for the exported model in `directory` on the backend VIT_BACKEND names. Every one
+    it builds divides the logits by the artifact's temperature, or none with calibrated=False
+    (VIT_SCORES=raw), so whichever backend wins the race serves the same scores."""
     check_servable(directory, backend, precision)
     if precision == "int8":
-        return int8_predictor(directory, threads)
+        return int8_predictor(directory, threads, calibrated)
     from vit_service.onnx_backend import OnnxPredictor
 
     int8_ok = precision == "auto" and importable("onnxruntime") and _int8_passes(directory)
     if backend == "onnxruntime":
-        fp32 = OnnxPredictor(directory, threads=threads)
-        return Fastest({"onnxruntime": fp32, "onnxruntime int8": int8_predictor(directory, threads)}) if int8_ok else fp32
-    torch_predictor = Predictor.from_directory(directory, device=device, precision=precision, compile_mode=compile_mode)
+        fp32 = OnnxPredictor(directory, threads=threads, calibrated=calibrated)
+        return (Fastest({"onnxruntime": fp32, "onnxruntime int8": int8_predictor(directory, threads, calibrated)})
+                if int8_ok else fp32)
+    torch_predictor = Predictor.from_directory(directory, device=device, precision=precision, compile_mode=compile_mode,
+                                               calibrated=calibrated)
     if backend == "torch" or torch_predictor.device.type != "cpu" or compile_mode:
         return torch_predictor
     candidates: dict[str, ImagePredictor] = {"torch": torch_predictor}
     graph = onnx_graph(directory, torch_predictor)
     if graph is not None:
-        candidates["onnxruntime"] = OnnxPredictor(directory, threads=threads, path=graph)
+        candidates["onnxruntime"] = OnnxPredictor(directory, threads=threads, path=graph, calibrated=calibrated)
     if int8_ok:
-        candidates["onnxruntime int8"] = int8_predictor(directory, threads)
+        candidates["onnxruntime int8"] = int8_predictor(directory, threads, calibrated)
     return Fastest(candidates) if len(candidates) > 1 else torch_predictor
 
 

@@ -110,8 +110,9 @@ def normalize_map(relevance: torch.Tensor) -> torch.Tensor:
 
 def explain_batch(model: VisionTransformer, x: torch.Tensor, method: Method = "rollout",
                   class_index: int | None = None, head_fusion: HeadFusion = "mean",
-                  discard_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, C, H, W) normalised images -> probabilities (B, K), explained class (B,), maps (B, Gh, Gw) in [0, 1].
+                  discard_ratio: float = 0.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) normalised images -> probabilities softmax(logits / temperature) (B, K), explained
+    class (B,), maps (B, Gh, Gw) in [0, 1].
 
     `class_index` None explains each image's top class (rollout ignores the class: it is class-agnostic).
     """
@@ -138,7 +139,7 @@ def explain_batch(model: VisionTransformer, x: torch.Tensor, method: Method = "r
             relevance = gradient_rollout([a.detach() for a in attentions], list(gradients), prefix, pool)
     finally:
         model.train(was_training)
-    probs = logits.detach().float().softmax(dim=-1)
+    probs = (logits.detach().float() / temperature).softmax(dim=-1)
     maps = normalize_map(relevance.detach()).view(-1, *grid)  # (B, Gh, Gw)
     return probs, target.detach(), maps
 
@@ -148,18 +149,20 @@ class Explanation:
     """One image's explanation: the patch grid over the model's crop, and the predictions."""
 
     grid: np.ndarray  # (Gh, Gw) float32 in [0, 1]
-    probs: np.ndarray  # (K,) float32 softmax
+    probs: np.ndarray  # (K,) float32 softmax(logits / T), as served
     class_index: int  # the class the map explains (the top class unless one was asked for)
     method: str
     crop_box: tuple[float, float, float, float]  # (left, top, right, bottom) of the crop in the image
 
 
 class Explainer:
-    """A model and its artifact, explaining decoded RGB images with the artifact's preprocessing."""
+    """A model and its artifact, explaining decoded RGB images with the artifact's preprocessing; its
+    probabilities are the served ones: divided by the artifact's temperature unless calibrated=False."""
 
     def __init__(self, model: VisionTransformer, artifact: ModelArtifact,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", calibrated: bool = True) -> None:
         self.device = torch.device(device)
+        self.temperature = artifact.temperature if calibrated else 1.0
         self.model = model.to(self.device).eval()
         self.artifact = artifact
         self.preprocessing = artifact.preprocessing
@@ -184,7 +187,8 @@ class Explainer:
         """(B, 3, S, S) uint8 (as serving prepares them) -> probs (B, K), classes (B,), maps (B, Gh, Gw)."""
         x = torch.as_tensor(np.asarray(pixels)).to(self.device)
         x = self.preprocessing.normalize(x)  # (B, 3, S, S) float32
-        probs, target, maps = explain_batch(self.model, x, method, class_index, head_fusion, discard_ratio)
+        probs, target, maps = explain_batch(self.model, x, method, class_index, head_fusion, discard_ratio,
+                                            self.temperature)
         return probs.cpu().numpy(), target.cpu().numpy(), maps.cpu().numpy().astype(np.float32)
 
     def explain_image(self, image: Image.Image, method: Method = "rollout", class_index: int | None = None,

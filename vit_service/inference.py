@@ -3,7 +3,9 @@
 The model service calls `Predictor.predict_proba` once per adaptive batch. Images cross to the
 device as uint8 (a quarter of the bytes of float32), from pinned host memory with a non-blocking
 copy on CUDA; `Preprocessing.normalize` then runs on the device, the forward pass under bf16 (or
-fp16) autocast, and the softmax in float32. On the CPU everything stays float32.
+fp16) autocast, and the softmax of logits / T in float32, T the temperature fitted at export
+(vit_service/calibration.py; 1.0 for a model without one, or with calibrated=False: VIT_SCORES=raw).
+On the CPU everything stays float32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from vit_service.artifact import ModelArtifact, load_model
+from vit_service.calibration import served_calibration
 from vit_service.host import cpu_can_accelerate_bf16, faster, read_cpu
 from vit_service.model import VisionTransformer
 from vit_service.predictor import check_batch, warm_up
@@ -54,8 +57,10 @@ class Predictor:
     (an `ImagePredictor`, vit_service/predictor.py)."""
 
     def __init__(self, model: VisionTransformer, artifact: ModelArtifact, device: torch.device,
-                 precision: str = "auto", compile_mode: str | None = None) -> None:
+                 precision: str = "auto", compile_mode: str | None = None, calibrated: bool = True) -> None:
         self.device = device
+        self.calibrated = calibrated
+        self.temperature = artifact.temperature if calibrated else 1.0
         self.precision = resolve_precision(precision, device)
         # "auto" on a CPU: fp32 unless bf16 autocast is measured faster at warm-up, and timed only
         # where the CPU has bf16 instructions (AVX512-BF16 or AMX: ~1.4x faster); without them
@@ -85,10 +90,10 @@ class Predictor:
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike[str], device: str = "auto",
-                       precision: str = "auto", compile_mode: str | None = None) -> Predictor:
+                       precision: str = "auto", compile_mode: str | None = None, calibrated: bool = True) -> Predictor:
         dev = resolve_device(device)
         model, artifact = load_model(directory, dev)
-        return cls(model, artifact, dev, precision=precision, compile_mode=compile_mode)
+        return cls(model, artifact, dev, precision=precision, compile_mode=compile_mode, calibrated=calibrated)
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +101,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) uint8 images -> (B, num_classes) float32 softmax probabilities."""
+        """(B, 3, S, S) uint8 images -> (B, num_classes) float32 probabilities, softmax(logits / T)."""
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(_writable(images))
         check_batch(str(x.dtype).removeprefix("torch."), tuple(x.shape), self.input_shape)
         if x.shape[0] == 0:
@@ -108,7 +113,7 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
             logits = self.forward(x)  # (B, K)
-        return logits.float().softmax(dim=-1).cpu().numpy()
+        return (logits.float() / self.temperature).softmax(dim=-1).cpu().numpy()
 
     def warmup(self, max_batch_size: int) -> float:
         """Runs the batch sizes the server will see first, so no request pays for cuDNN tuning,
@@ -141,7 +146,8 @@ class Predictor:
         return {"backend": "torch", "device": str(self.device), "precision": self.precision,
                 "precision_timings_s": self.precision_timings,
                 **({"precision_reason": self.precision_reason} if self.precision_reason else {}),
-                "compile": self.compile_mode or False, "channels_last": self.channels_last}
+                "compile": self.compile_mode or False, "channels_last": self.channels_last,
+                **served_calibration(self.artifact.calibration, self.calibrated)}
 
 
 def _writable(a: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Batched inference with onnxruntime: the same `predict_proba` contract as `inference.Predictor`.
 
 Reads `model.onnx` (written by `vit-export --onnx`) beside the artifact's manifest; uint8 images
-in, float32 softmax probabilities out. Normalisation and softmax run in numpy, the graph holds the
+in, float32 probabilities out: softmax(logits / T), T the artifact's temperature (1.0 without one, or
+with calibrated=False). Normalisation and softmax run in numpy, the graph holds the
 network only, so the ONNX file is the plain model other tools expect.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from vit_service.artifact import ModelArtifact
+from vit_service.calibration import served_calibration
 from vit_service.formats.onnx_export import ONNX_FILE
 from vit_service.predictor import check_batch, warm_up
 
@@ -37,7 +39,7 @@ class OnnxPredictor:
     """The `ImagePredictor` (vit_service/predictor.py) on onnxruntime."""
 
     def __init__(self, directory: str | os.PathLike[str], threads: int | None = None,
-                 path: str | os.PathLike[str] | None = None, precision: str = "fp32") -> None:
+                 path: str | os.PathLike[str] | None = None, precision: str = "fp32", calibrated: bool = True) -> None:
         """`path`: the graph to run (default `directory`/model.onnx; the int8 one, model.int8.onnx,
         with precision="int8"; a cached export for VIT_BACKEND=auto)."""
         path = Path(path) if path else Path(directory) / ONNX_FILE
@@ -45,6 +47,8 @@ class OnnxPredictor:
             raise FileNotFoundError(f"{path}: no ONNX model (export with vit-export --onnx)")
         self.path = path
         self.artifact = ModelArtifact.read(directory)
+        self.calibrated = calibrated
+        self.temperature = np.float32(self.artifact.temperature if calibrated else 1.0)
         self.preprocessing = self.artifact.preprocessing
         S = self.preprocessing.image_size
         self.input_shape = (3, S, S)
@@ -60,13 +64,13 @@ class OnnxPredictor:
         return len(self.artifact.class_names)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) uint8 images -> (B, num_classes) float32 softmax probabilities."""
+        """(B, 3, S, S) uint8 images -> (B, num_classes) float32 probabilities, softmax(logits / T)."""
         x = np.asarray(images)
         check_batch(str(x.dtype), x.shape, self.input_shape)
         if x.shape[0] == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
         pixels = (x.astype(np.float32) - self._mean) / self._std  # (B, 3, S, S)
-        logits = self.session.run(["logits"], {"pixel_values": pixels})[0]  # (B, K)
+        logits = self.session.run(["logits"], {"pixel_values": pixels})[0] / self.temperature  # (B, K)
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -81,7 +85,7 @@ class OnnxPredictor:
                                 "onnx_file": self.path.name, "onnxruntime_threads": self.threads}
         if self.precision == "int8":  # how it was measured against fp32 at export (vit_artifact.json)
             info["int8"] = self.artifact.int8
-        return info
+        return {**info, **served_calibration(self.artifact.calibration, self.calibrated, self.precision)}
 
 
 __all__ = ["OnnxPredictor", "make_session"]

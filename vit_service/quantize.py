@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import torch
 
 from vit_service.artifact import ModelArtifact
 from vit_service.model import VisionTransformer
-from vit_service.preprocessing import IMAGE_EXTENSIONS, InvalidImageError, is_image_file, list_images, open_image
+from vit_service.preprocessing import (IMAGE_EXTENSIONS, InvalidImageError, Preprocessing, is_image_file, list_images,
+                                       open_image)
 
 INT8_FILE = "model.int8.onnx"
 MIN_AGREEMENT = 0.99  # int8 is served only where it agreed with fp32 on >= 99% of the images
@@ -61,7 +62,8 @@ def evaluation_images(directory: str | os.PathLike[str], class_names: list[str],
     `limit`, classes are taken in turn so a small sample still covers every class."""
     root = Path(directory)
     if not root.is_dir():
-        raise QuantizeError(f"{root}: image folder not found (give --calib DIR with images to measure int8 on)")
+        raise QuantizeError(f"{root}: image folder not found (give --calib DIR: a folder of images, in class "
+                             "folders named like the model's classes for labels)")
     index = {name: i for i, name in enumerate(class_names)}
     groups: list[list[tuple[str, int | None]]] = []
     loose = sorted(str(p) for p in root.iterdir() if p.is_file() and is_image_file(p))
@@ -92,32 +94,52 @@ class _OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        return self.session.run(["logits"], {"pixel_values": pixels.numpy()})[0]
+        return self.session.run(["logits"], {"pixel_values": pixels.numpy()})[0]  # (B, K)
+
+
+def pixel_batches(preprocessing: Preprocessing, images: list[tuple[str, int | None]], skipped: list[str],
+                  batch_size: int = EVAL_BATCH) -> Iterator[tuple[torch.Tensor, list[int | None]]]:
+    """(normalised (B, 3, S, S) float32 pixels, their labels) over `images`, preprocessed as serving
+    does; an unreadable file is left out and its error appended to `skipped` (one bad file does not
+    void a measurement)."""
+    for start in range(0, len(images), batch_size):
+        labels, tensors = [], []
+        for path, label in images[start:start + batch_size]:
+            try:
+                tensors.append(preprocessing.to_uint8(open_image(path)))
+            except InvalidImageError as e:
+                skipped.append(str(e))
+                continue
+            labels.append(label)
+        if tensors:
+            yield preprocessing.normalize(torch.stack(tensors)), labels
+
+
+def image_logits(run: Callable[[torch.Tensor], np.ndarray | torch.Tensor], preprocessing: Preprocessing,
+                 images: list[tuple[str, int | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float32 logits of `run` (normalised pixels -> logits) over the readable `images`, and
+    their (N,) labels (-1 where a folder named no class)."""
+    logits, labels, skipped = [], [], []
+    for pixels, chunk in pixel_batches(preprocessing, images, skipped):
+        with torch.inference_mode():
+            logits.append(np.asarray(torch.as_tensor(run(pixels)).float()))
+        labels += [-1 if label is None else label for label in chunk]
+    if not logits:
+        raise QuantizeError(f"no readable images ({skipped[0] if skipped else 'none given'})")
+    return np.concatenate(logits), np.asarray(labels, np.int64)
 
 
 def measure_agreement(model: VisionTransformer, artifact: ModelArtifact, int8_onnx: str | os.PathLike[str],
-                      images: list[tuple[str, int | None]], batch_size: int = EVAL_BATCH) -> dict[str, Any]:
+                      images: list[tuple[str, int | None]]) -> dict[str, Any]:
     """Top-1 of the fp32 torch model (what serving runs) and of the int8 graph on the same images,
     preprocessed as serving does: {"images", "labelled", "agreement_top1", "fp32_top1", "int8_top1",
     "max_prob_diff"}; accuracies are None without labelled images."""
     int8 = _OnnxRunner(Path(int8_onnx))
-    pre = artifact.preprocessing
     model = model.eval()
     agree = correct32 = correct8 = labelled = 0
     max_diff = 0.0
     skipped: list[str] = []
-    for start in range(0, len(images), batch_size):
-        chunk, tensors = [], []
-        for path, label in images[start:start + batch_size]:
-            try:
-                tensors.append(pre.to_uint8(open_image(path)))
-            except InvalidImageError as e:  # one unreadable file does not void the measurement
-                skipped.append(str(e))
-                continue
-            chunk.append(label)
-        if not tensors:
-            continue
-        pixels = pre.normalize(torch.stack(tensors))  # (B, 3, S, S) float32
+    for pixels, chunk in pixel_batches(artifact.preprocessing, images, skipped):
         with torch.inference_mode():
             p32 = model(pixels).float().softmax(-1).numpy()
         p8 = torch.from_numpy(int8(pixels)).float().softmax(-1).numpy()
@@ -136,6 +158,12 @@ def measure_agreement(model: VisionTransformer, artifact: ModelArtifact, int8_on
             "fp32_top1": round(correct32 / labelled, 5) if labelled else None,
             "int8_top1": round(correct8 / labelled, 5) if labelled else None,
             "max_prob_diff": round(max_diff, 5), "unreadable": len(skipped)}
+
+
+def int8_logits(int8_onnx: str | os.PathLike[str], preprocessing: Preprocessing,
+                images: list[tuple[str, int | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """`image_logits` of the int8 graph (for its ECE with the fp32 model's temperature)."""
+    return image_logits(_OnnxRunner(Path(int8_onnx)), preprocessing, images)
 
 
 def build_int8(model: VisionTransformer, artifact: ModelArtifact, fp32_onnx: str | os.PathLike[str],
@@ -184,5 +212,5 @@ def int8_guard(record: dict[str, Any] | None, min_agreement: float = MIN_AGREEME
     return None
 
 
-__all__ = ["INT8_FILE", "MIN_AGREEMENT", "QuantizeError", "build_int8", "evaluation_images", "int8_guard",
-           "measure_agreement", "quantize_dynamic_int8"]
+__all__ = ["INT8_FILE", "MIN_AGREEMENT", "QuantizeError", "build_int8", "evaluation_images", "image_logits",
+           "int8_guard", "int8_logits", "measure_agreement", "pixel_batches", "quantize_dynamic_int8"]

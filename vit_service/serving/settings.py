@@ -81,6 +81,16 @@ def flag(default: bool) -> Callable[[str, str, Host], bool]:
     return read
 
 
+def one_of(*choices: str) -> Callable[[str, str, Host], str]:
+    """The first choice when unset; a value outside `choices` is an error naming them."""
+    def read(name: str, raw: str, host: Host) -> str:
+        if raw and raw not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw or choices[0]
+
+    return read
+
+
 def read_compile(name: str, raw: str, host: Host) -> str | None:
     return None if raw in ("", "0") else ("default" if raw == "1" else raw)
 
@@ -169,6 +179,10 @@ class Settings:
                            "keeps onnxruntime if >= 10% faster (`/model_info` shows the choice and timings); a model "
                            "without `model.onnx` gets it exported at first load into `.onnx-cache/` in its folder "
                            "(needs the onnx extra)", text("auto"))
+    scores: str = setting("VIT_SCORES", "`calibrated`", "`calibrated`: scores are softmax(logits / T), T fitted at "
+                          "export (docs/calibration.md; a model exported without one serves the plain softmax); "
+                          "`raw`: the plain softmax. Top-1 and the order of the top-k are the same either way",
+                          one_of("calibrated", "raw"))
     batching: bool = setting("VIT_BATCHING", "`1`", "`0`: no batching, one forward pass per request", flag(True))
     # BentoML's batcher requires max_batch_size > 1.
     max_batch_size: int = setting("VIT_MAX_BATCH_SIZE", "host: 16 on CPU, 64 on GPU", "most images in one forward pass",
