@@ -1,13 +1,16 @@
 """Prediction drift (vit_service/serving/drift.py) on given predictions: PSI against an independent
 computation, the bounded window, nothing judged below its minimum, in-distribution vs shifted
-streams. The gauges through a real server: tests/test_service.py."""
+streams; then the gauges through a real server, and a model without a reference."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from service_fixtures import store  # noqa: F401  (session fixture)
 
 from vit_service.serving.drift import MIN_TO_JUDGE, DriftWindow, psi
 
@@ -69,3 +72,107 @@ def test_in_distribution_is_stable_and_a_shifted_stream_is_not() -> None:
     shifted = window.gauges()
     assert shifted["class_psi"] > 0.25 and shifted["score_psi"] > 0.25
     assert shifted["mean_top1"] < stable["mean_top1"] - 0.3 and shifted["low_confidence_ratio"] == 1.0
+
+
+# ------------------------------------------------------------------ through a real server
+
+@pytest.fixture(scope="module")
+def drift_server(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model with a validation reference made from 400 pictures of the kind the test
+    then sends (the model's own predictions on them), served with a 300-prediction window."""
+    import json
+
+    import bentoml
+
+    from service_fixtures import bentoml_server, encode, picture, save_tiny_model
+    from vit_service.inference import Predictor
+    from vit_service.preprocessing import decode_image
+
+    home = tmp_path_factory.mktemp("drift_home")
+    tag = save_tiny_model(home)
+    import os
+
+    os.environ["BENTOML_HOME"] = str(home)
+    try:
+        folder = bentoml.models.get(tag).path
+    finally:
+        os.environ.pop("BENTOML_HOME")
+    predictor = Predictor.from_directory(folder, device="cpu", precision="fp32")
+    pre = predictor.preprocessing
+    pixels = np.stack([pre.to_uint8(decode_image(encode(picture(1000 + i), "JPEG"), draft_size=pre.resize_size)).numpy()
+                       for i in range(400)])
+    probs = predictor.predict_proba(pixels)  # (400, 4)
+    top, scores = probs.argmax(1), probs.max(1)
+    reference = {"images": 400, "class_shares": (np.bincount(top, minlength=4) / 400).tolist(),
+                 "score_edges": EDGES, "score_shares": (np.histogram(scores, EDGES)[0] / 400).tolist(),
+                 "mean_top1": float(scores.mean()), "low_confidence": 0.5,
+                 "low_confidence_share": float((scores < 0.5).mean())}
+    manifest = Path(folder) / "vit_artifact.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "reference": reference}))
+    log = tmp_path_factory.mktemp("drift") / "serve.log"
+    env = {"VIT_PRECISION": "fp32", "VIT_WORKERS": "1", "VIT_DRIFT_WINDOW": "300"}
+    with bentoml_server(home, log, env=env) as url:
+        yield url, tag
+
+
+def _drift_gauges(url: str, tag: str) -> dict[str, float]:
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    found = {}
+    for name in ("vit_drift_window_predictions", "vit_drift_class_psi", "vit_drift_top1_score_psi",
+                 "vit_drift_top1_score_mean", "vit_drift_low_confidence_ratio"):
+        m = re.search(rf'^{name}\{{[^}}]*model="{re.escape(tag)}"[^}}]*\}} (\S+)$', text, re.M)
+        if m:
+            found[name] = float(m.group(1))
+    return found
+
+
+def _send(url: str, images: list[bytes]) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(0, len(images), 16):
+            files = [("images", (f"{j}.jpg", data, "image/jpeg")) for j, data in enumerate(images[i:i + 16])]
+            assert client.post("/classify_batch", files=files).status_code == 200
+
+
+def test_drift_gauges_on_a_real_server(drift_server):
+    import httpx
+
+    from service_fixtures import encode, picture
+
+    url, tag = drift_server
+    _send(url, [encode(picture(2000 + i), "JPEG") for i in range(100)])
+    few = _drift_gauges(url, tag)
+    assert few.get("vit_drift_window_predictions") == 100 and "vit_drift_class_psi" not in few  # too few to judge
+    _send(url, [encode(picture(2100 + i), "JPEG") for i in range(200)])
+    stable = _drift_gauges(url, tag)
+    assert stable["vit_drift_window_predictions"] == 300
+    assert stable["vit_drift_class_psi"] < 0.1 and stable["vit_drift_top1_score_psi"] < 0.1, stable
+    info = httpx.get(f"{url}/model_info", timeout=30).json()["drift"]
+    assert info["available"] and info["window"] == 300 and info["current"]["class_psi"] == pytest.approx(
+        stable["vit_drift_class_psi"])
+    # Another source: flat grey frames, all one thing to the model.
+    from PIL import Image
+
+    _send(url, [encode(Image.new("RGB", (96, 72), (int(g),) * 3), "JPEG") for g in np.linspace(60, 200, 300)])
+    shifted = _drift_gauges(url, tag)
+    assert shifted["vit_drift_class_psi"] > 0.25, shifted
+    assert abs(shifted["vit_drift_top1_score_mean"] - stable["vit_drift_top1_score_mean"]) > 0.01
+
+
+def test_a_model_without_a_reference_serves_without_drift(store, tmp_path):
+    import httpx
+
+    from service_fixtures import bentoml_server, encode, picture
+
+    home, tag = store
+    with bentoml_server(home, tmp_path / "serve.log", env={"VIT_WORKERS": "1"}) as url:
+        _send(url, [encode(picture(i), "JPEG") for i in range(20)])
+        info = httpx.get(f"{url}/model_info", timeout=30).json()["drift"]
+        assert info["available"] is False and "without a validation reference" in info["reason"]
+        assert "vit_drift_" not in httpx.get(f"{url}/metrics", timeout=30).text.replace("# HELP vit_drift_", "").replace(
+            "# TYPE vit_drift_", "")

@@ -72,8 +72,13 @@ class InProcessModel:
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=settings.max_batch_size if settings.batching else 1,
                                        max_latency_s=settings.max_latency_ms / 1000, on_batch=metrics.batch_size.observe)
-        reference = getattr(predictor.artifact, "reference", None)
-        self.drift = DriftWindow(reference, settings.drift_window) if reference else None
+        # The reference holds calibrated scores: served raw (VIT_SCORES=raw) they would not compare.
+        reference = predictor.artifact.reference
+        calibration = predictor.artifact.calibration
+        comparable = settings.scores == "calibrated" or not calibration or calibration.get("temperature") == 1.0
+        self.drift = DriftWindow(reference, settings.drift_window) if reference and comparable else None
+        self.no_drift = ("the model was exported without a validation reference (re-export it with this version's "
+                         "vit-export)" if not reference else "VIT_SCORES=raw: the reference holds calibrated scores")
         self.tag = str(tag)
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
@@ -102,8 +107,7 @@ class InProcessModel:
     def drift_status(self) -> dict[str, Any]:
         """What /model_info shows under "drift": this worker's window, or why there is none."""
         if self.drift is None:
-            return {"available": False, "reason": "the model was exported without a validation reference "
-                                                  "(re-export it with this version's vit-export)"}
+            return {"available": False, "reason": self.no_drift}
         return {"available": True, "window": self.drift.count, "window_size": self.drift.size,
                 "reference": self.drift.reference, "current": self.drift.gauges()}
 
@@ -150,7 +154,7 @@ def load_predictor(settings: Settings, model_path: str) -> ImagePredictor:
 
         torch.set_num_threads(threads)
     return load_backend(model_path, backend=settings.backend, device=settings.device, precision=settings.precision,
-                        compile_mode=settings.compile_mode, threads=threads)
+                        compile_mode=settings.compile_mode, threads=threads, calibrated=settings.scores == "calibrated")
 
 
 def warm_up(predictor: ImagePredictor, settings: Settings, tag: Any) -> None:
