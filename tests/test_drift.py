@@ -82,21 +82,14 @@ def drift_server(tmp_path_factory: pytest.TempPathFactory):
     then sends (the model's own predictions on them), served with a 300-prediction window."""
     import json
 
-    import bentoml
-
     from service_fixtures import bentoml_server, encode, picture, save_tiny_model
     from vit_service.inference import Predictor
     from vit_service.preprocessing import decode_image
 
     home = tmp_path_factory.mktemp("drift_home")
     tag = save_tiny_model(home)
-    import os
-
-    os.environ["BENTOML_HOME"] = str(home)
-    try:
-        folder = bentoml.models.get(tag).path
-    finally:
-        os.environ.pop("BENTOML_HOME")
+    name, version = tag.split(":")
+    folder = home / "models" / name / version  # the store's layout (this process's BentoML may have another home)
     predictor = Predictor.from_directory(folder, device="cpu", precision="fp32")
     pre = predictor.preprocessing
     pixels = np.stack([pre.to_uint8(decode_image(encode(picture(1000 + i), "JPEG"), draft_size=pre.resize_size)).numpy()

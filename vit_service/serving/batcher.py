@@ -71,3 +71,6 @@ class AdaptiveBatcher:
         self._started = {id(r): (start, self._last) for r in requests}
         bounds = np.cumsum([0, *(len(r) for r in requests)])
         return [probs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)

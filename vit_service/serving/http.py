@@ -36,6 +36,8 @@ from vit_service.serving.validation import TOP_K_FIELD, parse_top_k
 
 MAX_FILENAME_BYTES = 200  # the OS caps names at 255; a longer one is someone's mistake
 _timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("vit_timings", default=None)
+_answered_by: contextvars.ContextVar[str | None] = contextvars.ContextVar("vit_answered_by", default=None)
+MODEL_HEADER = "x-model-version"  # which model version answered (the store's NAME:VERSION)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class UploadedFile:
 def read_upload(value: Path | UploadedFile) -> UploadedFile:
     """The route's file parameter as an UploadedFile: over HTTP it is one, in a Python call a Path."""
     return value if isinstance(value, UploadedFile) else UploadedFile(value.name, Path(value).read_bytes())
+
+
+def note_model(tag: str) -> None:
+    """Records which model version answers this request (its MODEL_HEADER)."""
+    _answered_by.set(tag)
 
 
 def request_timings() -> dict[str, float]:
@@ -130,7 +137,7 @@ class HttpFront:
 
     async def _answer(self, route: UploadRoute, scope: Scope, receive: Receive) -> Response:
         timings: dict[str, float] = {}
-        token = _timings.set(timings)
+        token, answered = _timings.set(timings), _answered_by.set(None)
         outcome, n_images = "error", 0  # images counted once the form is good
         try:
             start = time.perf_counter()
@@ -154,9 +161,13 @@ class HttpFront:
                 metrics.rejected_uploads_total.labels(reason=e.reason).inc()
             response = error_response(e.status, e.message)
         finally:
+            tag = _answered_by.get()
             _timings.reset(token)
+            _answered_by.reset(answered)
             if n_images:
                 metrics.images_total.labels(endpoint=route.api, outcome=outcome).inc(n_images)
+        if tag:
+            response.headers[MODEL_HEADER] = tag
         if timings:
             response.headers["server-timing"] = metrics.server_timing(timings)
             metrics.observe_stages(timings)

@@ -179,14 +179,16 @@ def encode_infer_response(model: str, version: str, request_id: str | None, outp
 
 # ------------------------------------------------------------------ the routes
 
-def _model(service: Any, name: str, version: str | None) -> tuple[str, str]:
-    """(name, version) of the served model if the request names it; RequestError(404) otherwise."""
-    tag = service.bento_model.tag
-    if name != tag.name or (version not in (None, "", tag.version)):
+def _model(service: Any, name: str, version: str | None) -> tuple[Any, str, str]:
+    """(the model handle, its name, its version) if the request names the served model;
+    RequestError(404) otherwise. One handle for the whole request, whatever moves meanwhile."""
+    model = service.model
+    served_name, served_version = str(model.tag).split(":")
+    if name != served_name or (version not in (None, "", served_version)):
         asked = f"{name}" + (f" version {version}" if version else "")
-        raise RequestError(404, f"unknown model {asked}: this server serves {tag.name} version {tag.version}",
+        raise RequestError(404, f"unknown model {asked}: this server serves {served_name} version {served_version}",
                            "unknown_model")
-    return tag.name, tag.version
+    return model, served_name, served_version
 
 
 def _answer(call: Any) -> Any:
@@ -228,8 +230,8 @@ async def server_ready(service: Any = Depends(bentoml.get_current_service)) -> R
 async def model_metadata(name: str, version: str | None = None,
                          service: Any = Depends(bentoml.get_current_service)) -> Response:
     """Model metadata: its inputs and outputs (Open Inference Protocol)."""
-    model, served = _model(service, name, version)
-    info = await service.model.describe()
+    handle, model, served = _model(service, name, version)
+    info = await handle.describe()
     S = info.preprocessing.image_size
     body = {"name": model, "versions": [served], "platform": "vit-service",
             "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
@@ -245,8 +247,8 @@ async def model_metadata(name: str, version: str | None = None,
 async def model_ready(name: str, version: str | None = None,
                       service: Any = Depends(bentoml.get_current_service)) -> Response:
     """200 when this model (version) is ready, else 503."""
-    _model(service, name, version)
-    return Response(status_code=200 if await service.model.ready() else 503)
+    handle, _, _ = _model(service, name, version)
+    return Response(status_code=200 if await handle.ready() else 503)
 
 
 @router.post("/v2/models/{name}/infer", response_model=None)
@@ -258,14 +260,14 @@ async def infer(name: str, request: Request, version: str | None = None,
     FP32 and "labels" BYTES out."""
     from vit_service.serving.settings import current_settings
 
-    model, served = _model(service, name, version)
+    handle, model, served = _model(service, name, version)
     parsed = parse_infer_request(await request.body(), request.headers.get(HEADER))
     if len(parsed.inputs) != 1:
         raise RequestError(400, f"send one input, {IMAGE!r} or {PIXELS!r}; got {sorted(parsed.inputs)}",
                            "bad_infer_request")
     [tensor] = parsed.inputs.values()
     max_images = current_settings().max_images
-    info = await service.model.describe()
+    info = await handle.describe()
     if tensor.name == IMAGE:
         if len(tensor.shape) > 2 or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
             raise RequestError(400, f"input {IMAGE!r}: shape [N] or [N, 1] (one encoded image each), "
@@ -280,7 +282,7 @@ async def infer(name: str, request: Request, version: str | None = None,
         _check_count(tensor.shape[0], max_images)
         batch = tensor.data.reshape(tensor.shape)  # (N, 3, S, S)
     k = top_k_or_default(parsed.top_k, info.class_names)
-    probs = await service.model.predict(batch, {})  # (N, K)
+    probs = await handle.predict(batch, {})  # (N, K)
     metrics.images_total.labels(endpoint="infer", outcome="ok").inc(len(batch))
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
     wanted = parsed.outputs or {PROBABILITIES: parsed.all_binary, LABELS: parsed.all_binary}

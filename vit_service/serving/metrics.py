@@ -73,6 +73,10 @@ def observe_drift(model: str, count: int, gauges: dict[str, float] | None) -> No
         drift_low_confidence.labels(model=model).set(gauges["low_confidence_ratio"])
 
 
+model_updates_total = prometheus_client.Counter(
+    "vit_model_updates", "New model versions found in the store, by outcome (moved, refused)", labelnames=["outcome"])
+
+
 def observe_stages(timings: dict[str, float]) -> None:
     for stage in STAGES:
         if stage in timings:

@@ -65,7 +65,9 @@ class InProcessModel:
     /readyz answers 503 meanwhile (and stays 503, with the reason in the log, if the warm-up
     fails); any other worker warms up before it takes a connection (restarts.py)."""
 
-    def __init__(self, settings: Settings, model_path: str, tag: Any) -> None:
+    def __init__(self, settings: Settings, model_path: str, tag: Any, replacement: bool = False) -> None:
+        """`replacement`: a new version loaded beside the serving one (model_updates.py): warmed up
+        here, in the caller's thread, and a failed warm-up raises instead of leaving it unready."""
         predictor = load_predictor(settings, model_path)
         self.explainer = make_explainer(predictor, model_path)
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")  # beside, never inside, the batcher
@@ -98,11 +100,31 @@ class InProcessModel:
             self.warm.set()
             restarts.mark_warm()
 
-        if restarts.warm_in_background(self.workers):  # the one worker that answers 503 (and /readyz 503) meanwhile
+        if replacement:
+            warm_up(predictor, settings, tag)
+            self._info = ModelInfo(describe_model(predictor, settings, tag), list(predictor.artifact.class_names),
+                                   predictor.preprocessing)
+            self.warm.set()
+            self._smoke_test(predictor)
+        elif restarts.warm_in_background(self.workers):  # the one worker that answers 503 (and /readyz 503) meanwhile
             threading.Thread(target=warm, name="warmup", daemon=True).start()
         else:  # another worker answers: take no connection before warm
             logger.info("warming up before accepting connections (worker %d)", worker_index())
             warm()
+
+    @staticmethod
+    def _smoke_test(predictor: ImagePredictor) -> None:
+        """A prediction before the first request: probabilities of every class, finite, summing to 1."""
+        probs = predictor.predict_proba(np.zeros((2, *predictor.input_shape), np.uint8))  # (2, K)
+        k = len(predictor.artifact.class_names)
+        if probs.shape != (2, k) or not np.isfinite(probs).all() or not np.allclose(probs.sum(1), 1, atol=1e-3):
+            raise ValueError(f"smoke prediction failed: shape {probs.shape} for {k} classes, finite "
+                             f"{bool(np.isfinite(probs).all())}, sums {probs.sum(1).round(4).tolist()}")
+
+    def close(self) -> None:
+        """Stops the threads of a version that no longer serves (its last requests have ended)."""
+        self.batcher.close()
+        self.explain_pool.shutdown(wait=False)
 
     def drift_status(self) -> dict[str, Any]:
         """What /model_info shows under "drift": this worker's window, or why there is none."""

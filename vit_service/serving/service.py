@@ -30,7 +30,8 @@ from vit_service.serving.auth import AuthConfig, AuthMiddleware
 from vit_service.serving.bentoml_compat import fold_unknown_paths, label_metrics_with_model
 from vit_service.serving.errors import ErrorShapeMiddleware, RequestError, error_response
 from vit_service.serving.explain_answer import CLASS_FIELD, FORMAT_FIELD, FORMATS, METHOD_FIELD, explain_answer
-from vit_service.serving.http import HttpFront, UploadedFile, read_upload, request_timings, served_routes
+from vit_service.serving.http import HttpFront, UploadedFile, note_model, read_upload, request_timings, served_routes
+from vit_service.serving.model_updates import ModelWatcher
 from vit_service.serving.model_handle import InProcessModel, ModelInfo
 from vit_service.serving.settings import current_settings
 from vit_service.serving.validation import choice, class_index, decode_upload, top_k_or_default
@@ -63,6 +64,9 @@ class ViTClassifier:
         self.decode_threads = SETTINGS.decode_threads
         self.decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         self.model = InProcessModel(SETTINGS, self.bento_model.path, self.bento_model.tag)
+        # Follows NAME:latest in the store: a new version serves once loaded, warmed and checked.
+        following = SETTINGS.model_tag.endswith(":latest") and SETTINGS.model_watch_s > 0
+        self.updates = ModelWatcher(self, SETTINGS, SETTINGS.model_watch_s).start() if following else None
 
     async def __is_ready__(self) -> bool:  # /readyz: 503 until the model is warm
         return await self.model.ready()
@@ -105,13 +109,15 @@ class ViTClassifier:
         over the crop the model saw. `method`: rollout (default; attention rollout) or grad
         (gradient-weighted, class-specific); `class_name`: explain this class instead of the top one;
         `format=png`: the overlay image instead of JSON. `curl -F image=@cat.jpg URL/explain`"""
-        info = await self.model.describe()
+        model = self.model  # one version for the whole request, whatever moves meanwhile
+        info = await model.describe()
+        note_model(model.tag)
         method_ = choice(method, METHODS, METHOD_FIELD, "rollout")
         fmt = choice(format, FORMATS, FORMAT_FIELD, "json")
         k = top_k_or_default(top_k, info.class_names)
         wanted = class_index(class_name, CLASS_FIELD, info.class_names)
         [(picture, pixels)] = await self.decode([read_upload(image)], info)
-        explained = await self.model.explain(pixels[None], method_, wanted)
+        explained = await model.explain(pixels[None], method_, wanted)
         body = await asyncio.get_running_loop().run_in_executor(
             self.decode_pool, explain_answer, picture, explained.probs, explained.grid, explained.class_index,
             info.class_names, info.preprocessing, k, method_, fmt)
@@ -135,12 +141,14 @@ class ViTClassifier:
     async def describe(self) -> dict[str, Any]:
         """The model's description plus this service's request limits; RequestError(503) until the
         model is warm. (Not `self.model_info()`: BentoML routes a call to its own API through HTTP.)"""
-        description = (await self.model.describe()).description
+        model = self.model
+        description = (await model.describe()).description
         limits = {"max_images_per_request": SETTINGS.max_images, "max_body_bytes": SETTINGS.max_body_bytes,
                   "max_image_pixels": SETTINGS.max_image_pixels}
         return {**description, "serving": {**SETTINGS.describe(), **description["serving"], **limits,
                                            "decode_threads": self.decode_threads},
-                "drift": self.model.drift_status()}
+                "drift": model.drift_status(),
+                "updates": self.updates.status() if self.updates else {"following": None}}
 
     # ------------------------------------------------------------------------ pages
 
@@ -161,13 +169,15 @@ class ViTClassifier:
 
     async def classify_images(self, images: list[UploadedFile], top_k: int | None = None) -> list[list[dict[str, Any]]]:
         """Uploaded images -> top-k predictions per image, in order. Raises RequestError."""
-        info = await self.model.describe()
+        model = self.model  # one version for the whole request, whatever moves meanwhile
+        info = await model.describe()
+        note_model(model.tag)
         k = top_k_or_default(top_k, info.class_names)
         if not images:
             raise RequestError(400, "no images given", "missing_field")
         decoded = await self.decode(images, info)
         batch = decoded[0][1][None] if len(decoded) == 1 else np.stack([pixels for _, pixels in decoded])  # (B, 3, S, S)
-        probs = await self.model.predict(batch, request_timings())  # (B, K)
+        probs = await model.predict(batch, request_timings())  # (B, K)
         return [top_k_predictions(p, info.class_names, k) for p in probs]
 
     async def decode(self, images: list[UploadedFile], info: ModelInfo) -> list[tuple[Any, np.ndarray]]:

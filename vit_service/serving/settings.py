@@ -207,6 +207,9 @@ class Settings:
     torch_threads: int | None = setting("VIT_TORCH_THREADS", "host on CPU: cores / workers - decode threads; "
                                         "else torch's (one per core)",
                                         "intra-op threads of the model (torch and onnxruntime)", read_optional_int)
+    model_watch_s: int = setting("VIT_MODEL_WATCH_S", "10", "with a `:latest` tag, seconds between looks for a new "
+                                 "version, which serves once loaded, warmed and checked (docs/serving.md, model "
+                                 "updates); `0`: never", integer(10, minimum=0))
     drift_window: int = setting("VIT_DRIFT_WINDOW", "1000", "recent predictions each worker compares with the "
                                 "model's validation reference (drift gauges on /metrics)", integer(1000))
     api_keys: tuple[bytes, ...] = setting("VIT_API_KEY", "unset: the API is open", "API key(s), comma-separated: "

@@ -1,0 +1,85 @@
+"""Model updates without a dropped request: each worker follows `NAME:latest` in the model store.
+
+With `VIT_MODEL_TAG` ending in `:latest` (the default) every worker looks at the store every
+`VIT_MODEL_WATCH_S` seconds. A new version is loaded and warmed up beside the one that serves,
+must pass the start-up checks (`check_servable`: manifest, weights, int8 guard) and a smoke
+prediction, and only then takes requests: the swap is one assignment, and requests already in the
+old version's batcher finish there. A version that fails is refused with its reason (log,
+`vit_model_updates_total{outcome="refused"}`, /model_info "updates") and the old one keeps
+serving; it is not tried again until another version appears. Going back is one call: delete the
+new version (`bentoml models delete NAME:VERSION`), and `latest` is the previous one again.
+No route changes the model, so there is no admin action to protect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from vit_service.serving import metrics
+
+logger = logging.getLogger("bentoml.vit_service")
+
+
+class ModelWatcher:
+    """Moves `service.model` to each new version of `name:latest` that passes its checks."""
+
+    def __init__(self, service: Any, settings: Any, every_s: float) -> None:
+        self.service = service
+        self.settings = settings
+        self.every_s = every_s
+        self.name = str(service.model.tag).split(":")[0]
+        self.refused: dict[str, str] = {}  # version -> reason, not tried again
+        self.last: dict[str, Any] = {}  # the last move or refusal, for /model_info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
+
+    def start(self) -> ModelWatcher:
+        self._thread.start()
+        return self
+
+    def status(self) -> dict[str, Any]:
+        return {"following": f"{self.name}:latest", "every_s": self.every_s, "serving": str(self.service.model.tag),
+                "last": self.last or None, "refused": self.refused}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.check_once()
+            except Exception:  # the store unreadable for a moment: look again next time
+                logger.exception("looking for a new version of %s failed", self.name)
+
+    def check_once(self) -> None:
+        import bentoml
+
+        from vit_service.backend import check_servable
+        from vit_service.serving.model_handle import InProcessModel
+
+        latest = bentoml.models.get(f"{self.name}:latest")
+        tag = str(latest.tag)
+        if tag == str(self.service.model.tag) or latest.tag.version in self.refused:
+            return
+        logger.info("model update: loading %s beside %s", tag, self.service.model.tag)
+        start = time.perf_counter()
+        try:
+            check_servable(latest.path, self.settings.backend, self.settings.precision)
+            candidate = InProcessModel(self.settings, latest.path, latest.tag, replacement=True)
+        except Exception as e:  # any reason a version cannot serve is a refusal, never an outage
+            reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            self.refused[latest.tag.version] = reason
+            self.last = {"outcome": "refused", "tag": tag, "reason": reason, "at": time.time()}
+            metrics.model_updates_total.labels(outcome="refused").inc()
+            logger.error("model update: %s refused, %s keeps serving: %s", tag, self.service.model.tag, reason)
+            return
+        old, self.service.model = self.service.model, candidate
+        self.last = {"outcome": "moved", "tag": tag, "from": str(old.tag), "seconds": round(time.perf_counter() - start, 2),
+                     "at": time.time()}
+        metrics.model_updates_total.labels(outcome="moved").inc()
+        logger.info("model update: %s serves (from %s, ready in %.1f s)", tag, old.tag, self.last["seconds"])
+        # The old version's last requests finish in its batcher; its threads stop once they have.
+        threading.Timer(self.settings.timeout + 5, old.close).start()
+
+    def stop(self) -> None:
+        self._stop.set()
