@@ -245,3 +245,49 @@ def test_artifact_round_trips_both_records(calibrated_dir: Path, tmp_path: Path)
     artifact.save(model, tmp_path / "again")
     again = ModelArtifact.read(tmp_path / "again")
     assert again.calibration == artifact.calibration and again.reference == artifact.reference
+
+
+def test_real_server_serves_calibrated_scores_and_shows_t(tmp_path: Path) -> None:
+    """vit-export fits T on labelled JPEGs (--calib), a real `bentoml serve` answers /classify with
+    softmax(logits / T) of an independently decoded upload and shows T in /model_info."""
+    import httpx
+
+    from service_fixtures import CLASS_NAMES, bentoml_server, encode, picture, reference_pixels
+
+    model, artifact = build_tiny_model()
+    artifact.save(model, tmp_path / "src")
+    pre = artifact.preprocessing
+    for i in range(48):  # labelled by the model itself, one in three wrong: a finite T
+        data = encode(picture(i), "JPEG")
+        with torch.no_grad():
+            top = int(model(reference_pixels(data, pre.image_size, pre.mean, pre.std)[None]).argmax())
+        folder = tmp_path / "calib" / CLASS_NAMES[top if i % 3 else (top + 1) % len(CLASS_NAMES)]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.jpg").write_bytes(data)
+    home = tmp_path / "bentoml"
+    out = export("--from", str(tmp_path / "src"), "--calib", str(tmp_path / "calib"), home=home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    t = ModelArtifact.read(next((home / "models" / "vit-classifier").glob("*/"))).calibration["temperature"]
+    assert MIN_TEMPERATURE < t < MAX_TEMPERATURE and abs(t - 1) > 0.05
+    upload = encode(picture(100), "JPEG")
+    with torch.no_grad():
+        logits = model(reference_pixels(upload, pre.image_size, pre.mean, pre.std)[None]).numpy()
+    expected = softmax64(logits, t)[0]
+    with bentoml_server(home, tmp_path / "serve.log", {"VIT_PRECISION": "fp32", "VIT_BACKEND": "torch"}) as url:
+        serving = httpx.get(f"{url}/model_info", timeout=30).json()["serving"]
+        assert serving["scores"] == "calibrated" and serving["calibration"]["temperature"] == t
+        r = httpx.post(f"{url}/classify", files={"image": ("x.jpg", upload, "image/jpeg")}, data={"top_k": "4"},
+                       timeout=30)
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert [p["index"] for p in predictions] == list(np.argsort(-logits[0], kind="stable"))  # the logits' order
+    for p in predictions:  # the decode paths differ by ~1e-7 (as in test_service.py)
+        assert p["score"] == pytest.approx(float(expected[p["index"]]), abs=1e-5)
+
+
+def test_a_model_exported_before_shows_calibration_unavailable_over_http(tiny_model_server) -> None:
+    import httpx
+
+    url, _ = tiny_model_server  # the tiny model as saved without vit-export: no calibration, no reference
+    serving = httpx.get(f"{url}/model_info", timeout=30).json()["serving"]
+    assert serving["calibration"] is None and serving["scores"] == "raw (the model has no calibration)"

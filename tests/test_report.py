@@ -32,7 +32,7 @@ def test_fit_writes_training_curves_beside_the_logs(trained_run: Path) -> None:
 def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     # Its own run folder: the shared training run's folder stays as fit left it.
     config = demo_config(tmp_path, demo_data)
-    r = run_cli("vit-train", "validate", "--config", str(config),
+    r = run_cli("vit-train", "validate", "--config", str(config), "--report.temperature", "2.0",
                 "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"))
     assert r.returncode == 0, r.stderr[-3000:]
     report = _one(list(tmp_path.rglob("report-validate")))
@@ -71,9 +71,44 @@ def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Pat
               for b in range(15) if (bins == b).any())
     assert summary["ece"] == pytest.approx(ece, abs=1e-5)
     assert summary["ece"] > 0.01  # this barely trained model is not calibrated: a real value, not 0
+    # --report.temperature: the same images' scores after T (here 2.0), beside the checkpoint's
+    calibrated = (logits / 2.0).softmax(-1).numpy().max(1)
+    bins = np.minimum((calibrated * 15).astype(int), 14)
+    ece_after = sum(abs(correct[bins == b].mean() - calibrated[bins == b].mean()) * (bins == b).mean()
+                    for b in range(15) if (bins == b).any())
+    assert summary["temperature"] == 2.0 and summary["ece_calibrated"] == pytest.approx(ece_after, abs=1e-5)
+    with open(report / "reliability.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {row["scores"] for row in table} == {"checkpoint's scores", "after T = 2"}
+    assert sum(int(row["images"]) for row in table if row["scores"] == "after T = 2") == len(truth)
     assert summary["macro_f1"] == pytest.approx(np.mean([float(r["f1"]) for r in rows]), abs=1e-6)
     markdown = (report / "README.md").read_text()
     assert "| class | precision | recall | F1 | support |" in markdown and "ECE" in markdown
+
+
+def test_reliability_shows_accuracy_and_confidence_of_an_underconfident_model(tmp_path: Path) -> None:
+    """An under-confident model (label smoothing): scores ~0.6 where 90% are right. The table gives
+    both heights per bin; the diagram draws the gap hatched above the accuracy bar, not over it."""
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.55, 0.65, 1000)
+    correct = rng.random(1000) < 0.9
+    K = 4
+    results = {"confusion": torch.tensor(np.diag([250] * K)), "precision": torch.ones(K), "recall": torch.ones(K),
+               "f1": torch.ones(K)}
+    out = write_report(tmp_path / "r", results, [f"c{i}" for i in range(K)], [], confidence, correct)
+    with open(out / "reliability.csv") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["images"])]
+    assert {r["scores"] for r in rows} == {"checkpoint's scores"}  # no temperature: the one diagram
+    for r in rows:
+        assert float(r["accuracy"]) > 0.8 and 0.55 < float(r["confidence"]) < 0.65
+    summary = json.loads((out / "summary.json").read_text())
+    weights = np.array([int(r["images"]) for r in rows]) / 1000
+    gaps = np.array([float(r["accuracy"]) - float(r["confidence"]) for r in rows])
+    assert summary["ece"] == pytest.approx(float((weights * np.abs(gaps)).sum()), abs=1e-5)
+    with Image.open(out / "reliability.png") as img:
+        pixels = np.asarray(img.convert("RGB")).reshape(-1, 3).astype(int)
+    blue = np.array([31, 119, 180])  # tab:blue: the accuracy bars are there in full
+    assert (np.abs(pixels - blue).sum(1) < 30).sum() > 500
 
 
 def test_report_tables_and_most_confused_subset(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 - `EvaluationReport`: after `vit-train validate` / `vit-train test`, `<log_dir>/report-<stage>/`
   holds the normalized confusion matrix (the most confused classes when there are many), per-class
   precision / recall / F1 / support as CSV and markdown, the most confused pairs, a grid of the
-  worst misclassified images, and calibration (ECE and a reliability diagram), indexed by README.md.
+  worst misclassified images, and calibration (ECE and a reliability diagram, reliability.csv; with
+  `--report.temperature T`, the T vit-export fitted, the diagram after it beside the checkpoint's),
+  indexed by README.md. ECE and its bins are vit_service/calibration.py's, the ones vit-export records.
 - `TrainingCurves`: at the end of `fit`, `<log_dir>/training_curves.png`: loss, val top-1 and LR
   against the step.
 
-Metrics are torchmetrics' (synchronised across DDP processes); the worst-images grid holds each
-process's own worst. Plots are matplotlib's (Agg, no display needed).
+Metrics are torchmetrics' (synchronised across DDP processes), the confidences are gathered from
+every process; the worst-images grid holds each process's own worst. Plots are matplotlib's (Agg, no display needed).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (MulticlassCalibrationError, MulticlassConfusionMatrix,
-                                         MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+from torchmetrics.classification import (MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision,
+                                         MulticlassRecall)
+
+from vit_service.calibration import ece_of_bins, reliability
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +56,20 @@ class EvaluationReport(Callback):
     """Writes the evaluation report after `validate` and `test` (not during `fit`)."""
 
     def __init__(self, max_matrix_classes: int = 20, worst_images: int = 16, top_pairs: int = 20,
-                 calibration_bins: int = 15) -> None:
+                 calibration_bins: int = 15, temperature: float | None = None) -> None:
         """
         Args:
             max_matrix_classes: above this many classes, the confusion matrix shows the most confused ones.
             worst_images: how many of the most confident mistakes the image grid shows.
             top_pairs: how many (true, predicted) pairs `confused_pairs.csv` lists.
             calibration_bins: equal-width confidence bins for ECE and the reliability diagram.
+            temperature: the temperature vit-export fitted (vit_artifact.json's calibration.temperature):
+                the report then also shows ECE and the reliability diagram of softmax(logits / T).
+                Fit on other images than these, or the "after" flatters.
         """
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"report.temperature must be positive, got {temperature}")
+        self.temperature = temperature
         self.max_matrix_classes = max_matrix_classes
         self.worst_images = worst_images
         self.top_pairs = top_pairs
@@ -81,9 +91,8 @@ class EvaluationReport(Callback):
             "precision": MulticlassPrecision(k, average=None),
             "recall": MulticlassRecall(k, average=None),
             "f1": MulticlassF1Score(k, average=None),
-            "ece": MulticlassCalibrationError(k, n_bins=self.calibration_bins, norm="l1"),
         }).to(pl_module.device)
-        self._worst, self._confidence, self._correct = [], [], []
+        self._worst, self._confidence, self._correct, self._calibrated = [], [], [], []
 
     def _batch(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         if self.metrics is None or not self._active(trainer) or not isinstance(outputs, dict):
@@ -94,6 +103,8 @@ class EvaluationReport(Callback):
         confidence, predicted = probs.max(dim=-1)
         self._confidence.append(confidence.cpu())
         self._correct.append((predicted == targets).cpu())
+        if self.temperature:  # the same top-1 (T > 0 keeps the order), its calibrated score
+            self._calibrated.append((logits / self.temperature).softmax(dim=-1).max(dim=-1).values.cpu())
         wrong = (predicted != targets).nonzero().flatten().tolist()
         images = batch[0]
         for i in wrong:  # keep the most confident mistakes, with their pixels
@@ -107,12 +118,15 @@ class EvaluationReport(Callback):
         results = {k: v.cpu() for k, v in self.metrics.compute().items()}  # synced over processes
         self.metrics = None
         folder = _run_folder(trainer)  # on every process: Lightning broadcasts it
+        confidence, correct = (_gather(trainer, pl_module, torch.cat(c)) for c in (self._confidence, self._correct))
+        calibrated = _gather(trainer, pl_module, torch.cat(self._calibrated)) if self.temperature else None
         if trainer.is_global_zero:
             out = folder / f"report-{stage}"
-            write_report(out, results, list(pl_module.hparams.class_names), self._worst,
-                         torch.cat(self._confidence).numpy(), torch.cat(self._correct).numpy(),
-                         self.max_matrix_classes, self.top_pairs, self.calibration_bins,
-                         checkpoint=trainer.ckpt_path)  # the file evaluated (None: the model in memory)
+            write_report(out, results, list(pl_module.hparams.class_names), self._worst, confidence.numpy(),
+                         correct.numpy(), self.max_matrix_classes, self.top_pairs, self.calibration_bins,
+                         checkpoint=trainer.ckpt_path,  # the file evaluated (None: the model in memory)
+                         temperature=self.temperature,
+                         calibrated_confidence=None if calibrated is None else calibrated.numpy())
             log.info(f"evaluation report: {out / 'README.md'}")
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -136,6 +150,17 @@ class EvaluationReport(Callback):
         self._end(trainer, pl_module, "test")
 
 
+def _gather(trainer: L.Trainer, pl_module: L.LightningModule, x: torch.Tensor) -> torch.Tensor:
+    """`x` (N,) of every process, concatenated (all_gather wants one length: padded, then cut)."""
+    if trainer.world_size == 1:
+        return x
+    lengths = trainer.strategy.all_gather(torch.tensor([len(x)], device=pl_module.device)).flatten().tolist()
+    padded = torch.zeros(max(lengths), dtype=x.dtype, device=pl_module.device)
+    padded[:len(x)] = x.to(pl_module.device)
+    every = trainer.strategy.all_gather(padded).cpu()  # (world, max length)
+    return torch.cat([every[i, :n] for i, n in enumerate(lengths)])
+
+
 def _to_uint8(image: torch.Tensor, preprocessing: dict[str, Any] | None) -> np.ndarray:
     """(3, S, S) normalised -> (S, S, 3) uint8, undoing the eval transform's mean/std."""
     pre = preprocessing or {}
@@ -155,7 +180,10 @@ def most_confused_classes(confusion: np.ndarray, n: int) -> np.ndarray:
 def write_report(out: Path, results: dict[str, torch.Tensor], class_names: list[str],
                  worst: list[tuple[float, int, int, np.ndarray]], confidence: np.ndarray, correct: np.ndarray,
                  max_matrix_classes: int = 20, top_pairs: int = 20, bins: int = 15,
-                 checkpoint: str | None = None) -> Path:
+                 checkpoint: str | None = None, temperature: float | None = None,
+                 calibrated_confidence: np.ndarray | None = None) -> Path:
+    """The report's files in `out`. `confidence` and `correct`: each image's top-1 score and whether
+    top-1 was right; with `temperature`, `calibrated_confidence` is the top-1 of softmax(logits / T)."""
     out.mkdir(parents=True, exist_ok=True)
     confusion = results["confusion"].numpy().astype(np.int64)  # (K, K) rows: true, columns: predicted
     support = confusion.sum(1)
@@ -178,12 +206,17 @@ def write_report(out: Path, results: dict[str, torch.Tensor], class_names: list[
         writer.writerows(pairs)
 
     accuracy = float(np.trace(confusion) / max(1, confusion.sum()))
-    ece = float(results["ece"])
+    panels = {"checkpoint's scores": reliability(confidence, correct, bins)}
+    if temperature is not None and calibrated_confidence is not None:
+        panels[f"after T = {temperature:.3g}"] = reliability(calibrated_confidence, correct, bins)
+    eces = [ece_of_bins(*b) for b in panels.values()]
+    _write_reliability_csv(out / "reliability.csv", panels, bins)
     shown = _plot_confusion(out / "confusion_matrix.png", confusion, class_names, max_matrix_classes)
-    _plot_reliability(out / "reliability.png", confidence, correct, bins, ece)
+    _plot_reliability(out / "reliability.png", panels, eces)
     _plot_worst(out / "worst_misclassified.png", worst, class_names)
     summary = {"checkpoint": str(checkpoint) if checkpoint else None,
-               "images": int(confusion.sum()), "accuracy": accuracy, "ece": ece,
+               "images": int(confusion.sum()), "accuracy": accuracy, "ece": eces[0],
+               **({"temperature": temperature, "ece_calibrated": eces[1]} if len(eces) > 1 else {}),
                "macro_f1": float(np.mean([r["f1"] for r in rows])), "num_classes": K,
                "confusion_matrix_classes": [class_names[i] for i in shown]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -222,28 +255,58 @@ def _plot_confusion(path: Path, confusion: np.ndarray, class_names: list[str], m
     return shown
 
 
-def _plot_reliability(path: Path, confidence: np.ndarray, correct: np.ndarray, bins: int, ece: float) -> None:
-    # The diagram's bins are the ones torchmetrics' ECE uses: equal width over [0, 1].
-    plt = _pyplot()
+def _write_reliability_csv(path: Path, panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], bins: int) -> None:
+    """One row per (scores, bin): the bin's edges, images, accuracy and mean confidence."""
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    counts = np.bincount(which, minlength=bins)
-    acc = np.bincount(which, weights=correct.astype(float), minlength=bins) / np.maximum(1, counts)
-    conf = np.bincount(which, weights=confidence, minlength=bins) / np.maximum(1, counts)
-    centres = (edges[:-1] + edges[1:]) / 2
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5, 6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    filled = counts > 0
-    ax.bar(centres[filled], acc[filled], width=1 / bins, edgecolor="black", label="accuracy")
-    ax.bar(centres[filled], conf[filled] - acc[filled], bottom=acc[filled], width=1 / bins, color="salmon",
-           alpha=0.6, edgecolor="red", label="gap to confidence")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability diagram (ECE {ece:.3f})")
-    ax.legend(loc="upper left", fontsize=8)
-    ax2.bar(centres, counts, width=1 / bins, color="grey")
-    ax2.set_xlabel("confidence (top-1 probability)")
-    ax2.set_ylabel("images")
-    fig.tight_layout()
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["scores", "lower", "upper", "images", "accuracy", "confidence"])
+        for name, (counts, acc, conf) in panels.items():
+            for b in range(bins):
+                writer.writerow([name, f"{edges[b]:.4f}", f"{edges[b + 1]:.4f}", int(counts[b]),
+                                 f"{acc[b]:.6f}", f"{conf[b]:.6f}"])
+
+
+def _plot_reliability(path: Path, panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      eces: list[float]) -> None:
+    """Per bin an accuracy bar and a black tick at the mean confidence, the gap between them hatched:
+    red where the scores claim more than the accuracy (over-confident), orange where less. The hatch
+    has no fill, so the accuracy bar keeps its colour to its full height: the old translucent gap bar
+    covered it, and an under-confident model's blue seemed to end at the confidence."""
+    plt = _pyplot()
+    n = len(panels)
+    fig, axes = plt.subplots(2, n, figsize=(max(7, 5 * n), 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
+                             squeeze=False)
+    for col, ((name, (counts, acc, conf)), ece) in enumerate(zip(panels.items(), eces)):
+        bins = len(counts)
+        centres = (np.arange(bins) + 0.5) / bins
+        filled = counts > 0
+        x, a, c = centres[filled], acc[filled], conf[filled]
+        ax, ax2 = axes[0, col], axes[1, col]
+        ax.bar(x, a, width=1 / bins, color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
+        over, under = c > a, c <= a
+        ax.bar(x[over], (c - a)[over], bottom=a[over], width=1 / bins, color="none", edgecolor="red",
+               hatch="///", linewidth=0.5,
+               label="over-confident: score above accuracy" if over.any() else "_nolegend_")
+        ax.bar(x[under], (a - c)[under], bottom=c[under], width=1 / bins, color="none", edgecolor="darkorange",
+               hatch="\\\\", linewidth=0.5,
+               label="under-confident: score below accuracy" if under.any() else "_nolegend_")
+        ax.hlines(c, x - 0.5 / bins, x + 0.5 / bins, colors="black", linewidth=2.5, label="mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {ece:.3f}")
+        ax2.bar(centres, counts, width=1 / bins, color="grey")
+        ax2.set_xlabel("confidence (top-1 score)")
+        ax2.set_ylabel("images")
+    legend: dict[str, Any] = {}  # one legend above the panels, never over a bar
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.suptitle("reliability diagram")
+    fig.legend(list(legend.values()), list(legend.keys()), loc="upper center", bbox_to_anchor=(0.5, 0.95),
+               ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -272,7 +335,9 @@ def _write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, An
         "# Evaluation report", "",
         f"Checkpoint: `{summary['checkpoint'] or 'the model in memory'}`", "",
         f"{summary['images']} images, {summary['num_classes']} classes: top-1 {summary['accuracy']:.4f}, "
-        f"macro F1 {summary['macro_f1']:.4f}, ECE {summary['ece']:.4f}.", "",
+        f"macro F1 {summary['macro_f1']:.4f}, ECE {summary['ece']:.4f}"
+        + (f" (after T = {summary['temperature']:.3g}: {summary['ece_calibrated']:.4f})" if "temperature" in summary
+           else "") + ".", "",
         "![confusion matrix](confusion_matrix.png)" + (" (the most confused classes)" if subset else ""), "",
         "## Per class (per_class.csv)", "",
         "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
@@ -282,7 +347,11 @@ def _write_markdown(path: Path, summary: dict[str, Any], rows: list[dict[str, An
         *[f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.3f} |" for p in pairs],
         "", f"## Worst misclassified ({n_worst} most confident mistakes)", "",
         "![worst misclassified](worst_misclassified.png)", "",
-        "## Calibration", "", "![reliability diagram](reliability.png)", "",
+        "## Calibration", "",
+        "Per bin of top-1 score: the blue bar is the accuracy, the black tick the mean score, the hatched "
+        "gap between them the miscalibration (reliability.csv holds the figures)"
+        + ("; right, the same images after the temperature." if "temperature" in summary else "."), "",
+        "![reliability diagram](reliability.png)", "",
     ]
     path.write_text("\n".join(lines))
 

@@ -80,7 +80,11 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -
 def ece_of(confidence: np.ndarray, correct: np.ndarray, bins: int = BINS) -> float:
     """ECE from top-1 confidences and whether each top-1 was right: sum over bins of
     |accuracy - mean confidence| x the bin's share of the images."""
-    counts, accuracy, mean_confidence = reliability(confidence, correct, bins)
+    return ece_of_bins(*reliability(confidence, correct, bins))
+
+
+def ece_of_bins(counts: np.ndarray, accuracy: np.ndarray, mean_confidence: np.ndarray) -> float:
+    """ECE from `reliability`'s bins."""
     return float(np.sum(np.abs(accuracy - mean_confidence) * counts) / max(1, counts.sum()))
 
 
@@ -132,5 +136,5 @@ def served_calibration(record: dict[str, Any] | None, calibrated: bool, precisio
                             "ece_after": figures.get("ece_after")}}
 
 
-__all__ = ["BINS", "LOW_CONFIDENCE", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "SCORE_EDGES", "calibration_record", "ece", "ece_of", "fit_temperature", "nll",
-           "reference_record", "reliability", "served_calibration", "softmax"]
+__all__ = ["BINS", "LOW_CONFIDENCE", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "SCORE_EDGES", "calibration_record", "ece",
+           "ece_of", "ece_of_bins", "fit_temperature", "nll", "reference_record", "reliability", "served_calibration", "softmax"]

@@ -180,7 +180,7 @@ class Settings:
                            "without `model.onnx` gets it exported at first load into `.onnx-cache/` in its folder "
                            "(needs the onnx extra)", text("auto"))
     scores: str = setting("VIT_SCORES", "`calibrated`", "`calibrated`: scores are softmax(logits / T), T fitted at "
-                          "export (docs/calibration.md; a model exported without one serves the plain softmax); "
+                          "export (docs/explain.md, Calibration; a model exported without one serves the plain softmax); "
                           "`raw`: the plain softmax. Top-1 and the order of the top-k are the same either way",
                           one_of("calibrated", "raw"))
     batching: bool = setting("VIT_BATCHING", "`1`", "`0`: no batching, one forward pass per request", flag(True))
