@@ -121,7 +121,8 @@ def test_every_backend_serves_softmax_of_logits_over_t(calibrated_dir: Path) -> 
     assert np.abs(probs - expected).max() <= 1e-5
 
 
-def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
     x = images(seed=1)
     plain = softmax64(logits_of(calibrated_dir, x))
     for backend in ("torch", "onnxruntime"):
@@ -139,6 +140,29 @@ def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch:
     monkeypatch.setenv("VIT_SCORES", "honest")
     with pytest.raises(ValueError, match="VIT_SCORES must be one of calibrated, raw, got 'honest'"):
         Settings.from_env()
+    # and the service's model handle passes it on (/classify and /explain alike); drift compares
+    # only calibrated scores with the reference (which holds calibrated ones)
+    import asyncio
+    import json
+    import shutil
+
+    from vit_service.calibration import reference_record
+    from vit_service.serving.model_handle import InProcessModel
+
+    with_reference = Path(shutil.copytree(calibrated_dir, tmp_path / "with_reference"))
+    manifest = with_reference / "vit_artifact.json"
+    record = reference_record(logits_of(calibrated_dir, x), T)
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "reference": record}))
+    for scores, expected in (("raw", plain), ("calibrated", softmax64(logits_of(calibrated_dir, x), T))):
+        handle = InProcessModel(Settings.from_env({"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp32", "VIT_BACKEND": "torch",
+                                                   "VIT_SCORES": scores}), str(with_reference), "calibrated:v1",
+                                replacement=True)
+        assert np.abs(asyncio.run(handle.predict(x, {})) - expected).max() <= 1e-6, scores
+        assert np.abs(handle.explainer.explain_uint8(x[:1])[0] - expected[:1]).max() <= 1e-5, scores
+        drift = handle.drift_status()
+        assert drift["available"] is (scores == "calibrated") and (scores == "calibrated" or "VIT_SCORES=raw" in
+                                                                   drift["reason"]), drift
+        handle.close()
 
 
 def test_a_model_exported_before_calibration_still_serves(calibrated_dir: Path, tmp_path: Path) -> None:

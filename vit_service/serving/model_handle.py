@@ -69,7 +69,7 @@ class InProcessModel:
         """`replacement`: a new version loaded beside the serving one (model_updates.py): warmed up
         here, in the caller's thread, and a failed warm-up raises instead of leaving it unready."""
         predictor = load_predictor(settings, model_path)
-        self.explainer = make_explainer(predictor, model_path)
+        self.explainer = make_explainer(predictor, model_path, calibrated=settings.scores == "calibrated")
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")  # beside, never inside, the batcher
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=settings.max_batch_size if settings.batching else 1,
@@ -184,7 +184,7 @@ def warm_up(predictor: ImagePredictor, settings: Settings, tag: Any) -> None:
     logger.info("model %s ready on %s in %.1f s", tag, predictor.describe(), seconds)
 
 
-def make_explainer(predictor: ImagePredictor, model_path: str) -> Any:
+def make_explainer(predictor: ImagePredictor, model_path: str, calibrated: bool = True) -> Any:
     """The /explain engine. Attention maps need the torch model (its attention and gradients), so
     when onnxruntime serves /classify (VIT_BACKEND) the torch model is loaded beside it."""
     from vit_service.artifact import load_model
@@ -193,8 +193,8 @@ def make_explainer(predictor: ImagePredictor, model_path: str) -> Any:
     model = getattr(predictor, "model", None)
     if model is None:
         model, _ = load_model(model_path)
-        return Explainer(model, predictor.artifact, "cpu")  # onnxruntime runs on CPU-only hosts
-    return Explainer(model, predictor.artifact, getattr(predictor, "device", "cpu"))
+        return Explainer(model, predictor.artifact, "cpu", calibrated=calibrated)  # onnxruntime: CPU-only hosts
+    return Explainer(model, predictor.artifact, getattr(predictor, "device", "cpu"), calibrated=calibrated)
 
 
 def describe_model(predictor: ImagePredictor, settings: Settings, tag: Any) -> dict[str, Any]:
