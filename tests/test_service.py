@@ -561,7 +561,7 @@ def services(store):
     home, _ = store
     BentoMLContainer.model_store.set(ModelStore(home / "models"))
     saved = service.SETTINGS
-    service.SETTINGS = dataclasses.replace(saved, precision="fp32")
+    service.SETTINGS = dataclasses.replace(saved, precision="fp32", model_watch_s=0)  # no store to follow here
     try:
         front = service.ViTClassifier()
         assert isinstance(front.model, InProcessModel)

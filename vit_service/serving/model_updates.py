@@ -34,6 +34,7 @@ class ModelWatcher:
         self.refused: dict[str, str] = {}  # version -> reason, not tried again
         self.last: dict[str, Any] = {}  # the last move or refusal, for /model_info
         self._stop = threading.Event()
+        self._last_problem = ""  # said once, not at every look
         self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
 
     def start(self) -> ModelWatcher:
@@ -48,8 +49,13 @@ class ModelWatcher:
         while not self._stop.wait(self.every_s):
             try:
                 self.check_once()
-            except Exception:  # the store unreadable for a moment: look again next time
-                logger.exception("looking for a new version of %s failed", self.name)
+                self._last_problem = ""
+            except Exception as e:  # e.g. no version left in the store: keep serving, look again next time
+                problem = f"{type(e).__name__}: {e}"
+                if problem != self._last_problem:
+                    logger.warning("looking for a new version of %s failed (still serving %s): %s", self.name,
+                                   self.service.model.tag, problem)
+                self._last_problem = problem
 
     def check_once(self) -> None:
         import bentoml
