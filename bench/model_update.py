@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--steady", type=float, default=20.0)
     p.add_argument("--after", type=float, default=10.0)
     p.add_argument("--images", type=Path, default=None, help="JPEG folder (default: generated photos)")
+    p.add_argument("--log", type=Path, default=None, help="keep the server's log here")
     args = p.parse_args()
     print(host_line(), flush=True)
     model_args = argparse.Namespace(model_tag=None, preset=args.preset, int8=False, onnx=False)
@@ -50,7 +51,8 @@ def main() -> None:
         answers: list[tuple[float, float, int, str | None]] = []  # (sent, seconds, status, version)
         memory: list[tuple[float, int]] = []
         stop = threading.Event()
-        with local_server(home / "serve.log", {"VIT_MODEL_WATCH_S": "1", "VIT_MODEL_TAG": first.split(":")[0] + ":latest"}) as url:
+        log_path = args.log or home / "serve.log"
+        with local_server(log_path, {"VIT_MODEL_WATCH_S": "1", "VIT_MODEL_TAG": first.split(":")[0] + ":latest"}) as url:
             def client(i: int) -> None:
                 with httpx.Client(base_url=url, timeout=60) as c:
                     n = i
@@ -61,8 +63,8 @@ def main() -> None:
                         try:
                             r = c.post("/classify", files={"image": (name, data, "image/jpeg")})
                             answers.append((t0, time.perf_counter() - t0, r.status_code, r.headers.get("x-model-version")))
-                        except httpx.HTTPError:
-                            answers.append((t0, time.perf_counter() - t0, 0, None))
+                        except httpx.HTTPError as e:
+                            answers.append((t0, time.perf_counter() - t0, 0, type(e).__name__))
 
             def sample() -> None:
                 while not stop.is_set():
@@ -99,7 +101,9 @@ def main() -> None:
     lost = [st for _, _, st, _ in answers if st != 200]
     rss_before = max((m for t, m in memory if t < saved_at), default=0)
     rss_peak = max((m for _, m in memory), default=0)
-    print(f"versions: {first} -> {second}; {len(answers)} requests, {len(lost)} not 200 {sorted(set(lost))}")
+    errors = sorted({v for _, _, st, v in answers if st == 0})
+    print(f"versions: {first} -> {second}; {len(answers)} requests, {len(lost)} not 200 {sorted(set(lost))}"
+          + (f" (connection errors: {', '.join(errors)})" if errors else ""))
     print(f"move: last answer of the old version {old_last - saved_at:.1f} s after the save")
     print(f"| phase | requests | p50 ms | p99 ms |\n|---|---:|---:|---:|")
     for name, values in (("steady", steady), ("during the move", during)):

@@ -82,6 +82,7 @@ class InProcessModel:
         self.no_drift = ("the model was exported without a validation reference (re-export it with this version's "
                          "vit-export)" if not reference else "VIT_SCORES=raw: the reference holds calibrated scores")
         self.tag = str(tag)
+        self.backend = str(predictor.describe().get("backend", settings.backend))  # what serves (auto's choice)
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
         self.failed = False

@@ -13,6 +13,7 @@ No route changes the model, so there is no admin action to protect.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -69,9 +70,12 @@ class ModelWatcher:
             return
         logger.info("model update: loading %s beside %s", tag, self.service.model.tag)
         start = time.perf_counter()
+        # The serving version's backend, not a new race: a race (and an ONNX export for it) in every
+        # worker at once took the cores the requests needed (bench/README.md, "Model updates").
+        settings = dataclasses.replace(self.settings, backend=self.service.model.backend)
         try:
-            check_servable(latest.path, self.settings.backend, self.settings.precision)
-            candidate = InProcessModel(self.settings, latest.path, latest.tag, replacement=True)
+            check_servable(latest.path, settings.backend, settings.precision)
+            candidate = InProcessModel(settings, latest.path, latest.tag, replacement=True)
         except Exception as e:  # any reason a version cannot serve is a refusal, never an outage
             reason = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             self.refused[latest.tag.version] = reason
