@@ -323,3 +323,12 @@ def test_a_warm_sibling_is_seen_while_it_lives_and_not_after() -> None:
     parent.send("die")
     warm.join(30)
     assert ask(1) == (False, True)  # the name went with the process: nothing stale to clean up
+
+
+def test_the_serving_backend_is_the_races_choice_once_warm(tiny_model_dir: Path) -> None:
+    """A model update reuses `InProcessModel.backend`: it must be what won the warm-up race, not
+    the first candidate the race started from."""
+    model = _in_process_model(tiny_model_dir, {"VIT_BACKEND": "auto"})
+    chosen = model._predictor.describe()["backend"]
+    assert model.backend == chosen and chosen in ("torch", "onnxruntime")
+    assert model.backend == asyncio.run(model.describe()).description["serving"]["backend"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
 
+import bentoml
 from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -146,8 +147,6 @@ class HttpFront:
             kwargs = await parse_upload(scope, body, route, self.max_files)
             timings["read"], timings["parse"] = read_done - start, time.perf_counter() - read_done
             n_images = len(kwargs[route.field]) if route.many else 1
-            import bentoml
-
             # The method itself (`.func`): the API wrapper would validate the files as paths again.
             result = await self.service.apis[route.api].func(bentoml.get_current_service(), **kwargs)
             outcome = "ok"

@@ -82,7 +82,7 @@ class InProcessModel:
         self.no_drift = ("the model was exported without a validation reference (re-export it with this version's "
                          "vit-export)" if not reference else "VIT_SCORES=raw: the reference holds calibrated scores")
         self.tag = str(tag)
-        self.backend = str(predictor.describe().get("backend", settings.backend))  # what serves (auto's choice)
+        self._predictor, self._configured_backend = predictor, settings.backend
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
         self.failed = False
@@ -112,6 +112,11 @@ class InProcessModel:
         else:  # another worker answers: take no connection before warm
             logger.info("warming up before accepting connections (worker %d)", worker_index())
             warm()
+
+    @property
+    def backend(self) -> str:
+        """The backend that serves: VIT_BACKEND=auto's choice is known only once the warm-up raced."""
+        return str(self._predictor.describe().get("backend", self._configured_backend))
 
     @staticmethod
     def _smoke_test(predictor: ImagePredictor) -> None:

@@ -17,8 +17,10 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from vit_service.formats.onnx_export import ONNX_FILE
 from vit_service.serving import metrics
 
 logger = logging.getLogger("bentoml.vit_service")
@@ -70,9 +72,7 @@ class ModelWatcher:
             return
         logger.info("model update: loading %s beside %s", tag, self.service.model.tag)
         start = time.perf_counter()
-        # The serving version's backend, not a new race: a race (and an ONNX export for it) in every
-        # worker at once took the cores the requests needed (bench/README.md, "Model updates").
-        settings = dataclasses.replace(self.settings, backend=self.service.model.backend)
+        settings = dataclasses.replace(self.settings, backend=self.move_backend(Path(latest.path)))
         try:
             check_servable(latest.path, settings.backend, settings.precision)
             candidate = InProcessModel(settings, latest.path, latest.tag, replacement=True)
@@ -90,6 +90,15 @@ class ModelWatcher:
         logger.info("model update: %s serves (from %s, ready in %.1f s)", tag, old.tag, self.last["seconds"])
         # The old version's last requests finish in its batcher; its threads stop once they have.
         threading.Timer(self.settings.timeout + 5, old.close).start()
+
+    def move_backend(self, folder: Path) -> str:
+        """The backend a new version loads with: the serving version's, not a new race (a race, and an
+        ONNX export for it, in every worker at once took the cores the requests needed: bench/README.md,
+        "Model updates"); torch where that was onnxruntime on an exported graph the new version lacks."""
+        if self.settings.precision == "int8":
+            return self.settings.backend  # int8 runs its own graph, model.int8.onnx
+        serving = self.service.model.backend
+        return "torch" if serving == "onnxruntime" and not (folder / ONNX_FILE).is_file() else serving
 
     def stop(self) -> None:
         self._stop.set()
