@@ -132,7 +132,7 @@ def kept_or_measured(key: dict[str, Any], candidates: list[Candidate],
 
 
 def race(predictors: dict[Candidate, Callable[[np.ndarray], Any]], x: np.ndarray,
-         budget_s: float = RACE_BUDGET_S) -> Decision:
+         budget_s: float = RACE_BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> Decision:
     """Times each candidate against the best before it (`faster`: >= MIN_GAIN faster to replace it)."""
     names = list(predictors)
     best = names[0]
@@ -140,7 +140,8 @@ def race(predictors: dict[Candidate, Callable[[np.ndarray], Any]], x: np.ndarray
     verdicts: list[str] = []
     reason = ""
     for candidate in names[1:]:
-        result = faster(lambda c=candidate: predictors[c](x), lambda b=best: predictors[b](x), budget_s=budget_s)
+        result = faster(lambda c=candidate: predictors[c](x), lambda b=best: predictors[b](x), budget_s=budget_s,
+                        clock=clock)
         rates[candidate.label] = round(len(x) / result.candidate_s, 2)
         rates.setdefault(best.label, round(len(x) / result.baseline_s, 2))
         verdict = (f"{candidate.label} {result.baseline_s / result.candidate_s:.2f}x {best.label}: "

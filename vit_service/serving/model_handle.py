@@ -218,6 +218,6 @@ def describe_model(predictor: Predictor, settings: Settings, tag: Any) -> dict[s
         # Keys starting with "_" (e.g. Lightning's "_instantiator") are internal.
         "metadata": {k: v for k, v in artifact.metadata.items() if not str(k).startswith("_")},
         # torch_threads: the intra-op threads torch really uses in this process (VIT_TORCH_THREADS).
-        "serving": {**predictor.describe(), "torch_threads": torch.get_num_threads(), "batching": settings.batching,
+        "serving": {**predictor.describe(), "worker": worker_index(), "torch_threads": torch.get_num_threads(), "batching": settings.batching,
                     "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms},
     }
