@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench import serve_load
 from vit_service.artifact import ModelArtifact
-from vit_service.inference import Predictor
+from vit_service.backends import load_backend
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
 
@@ -49,7 +49,7 @@ def jpeg(i: int, size: tuple[int, int] = (500, 375)) -> bytes:
 
 
 def test_litserve_peer_answers_what_our_model_answers(model_dir: Path, tmp_path: Path) -> None:
-    predictor = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    predictor = load_backend(model_dir, backend="torch", device="cpu", precision="fp32")
     with serve_load.litserve_server(tmp_path / "litserve.log", model_dir, {}, "cpu", ready_timeout=180) as url:
         for i in range(3):
             data = jpeg(i)
@@ -133,7 +133,7 @@ def test_raw_int8_model_is_quantized_and_agrees(model_dir: Path, tmp_path: Path)
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, sorted(ops)  # int8 matmuls, not fp32 ones
     assert serve_load.int8_model_dir(int8_dir, tmp_path / "again", images) == int8_dir  # an int8 model is reused
     int8 = OnnxPredictor(int8_dir, threads=1, path=int8_dir / INT8_FILE, precision="int8")
-    fp32 = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    fp32 = load_backend(model_dir, backend="torch", device="cpu", precision="fp32")
     pixels = np.stack([fp32.preprocessing.to_uint8(Image.open(io.BytesIO(jpeg(i))).convert("RGB")).numpy()
                        for i in range(8)])
     a, b = int8.predict_proba(pixels), np.asarray(fp32.predict_proba(pixels))
