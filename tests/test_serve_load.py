@@ -92,7 +92,7 @@ def test_pinned_run_with_the_litserve_peer(tmp_path: Path) -> None:
     assert result["args"]["server_cores"] != result["args"]["client_cores"]
     assert result["machine"]["torch_threads"] == 1
     assert result["raw"][0]["batch_size"] == 1 and result["raw"][0]["img_per_s"] > 0
-    assert [(r["precision"], r["batch_size"]) for r in result["raw_int8"]] == [("int8", 1)]
+    assert [(r["precision"], r["batch_size"]) for r in result["raw_int8"]] == [("openvino int8", 1)]
     assert any(line.startswith("int8 ceiling: raw int8 batch-1 p50 / best peer (f) LitServe") for line in result["report"])
     [row] = result["served"]
     assert row["setup"] == "litserve" and row["errors"] == 0 and row["img_per_s"] > 0 and row["p50_ms"] > 0
