@@ -9,6 +9,7 @@ else from the torch model, converted once per model version and kept in the cach
 from __future__ import annotations
 
 import logging
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -48,7 +49,7 @@ def network(source: ModelSource, precision: str, cache: Path | None) -> Any:
     if kept is not None:
         try:
             kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f"model.{id(model)}.xml")
+            tmp = kept.with_name(f"model.{os.getpid()}.xml")  # workers converting at once each write their own
             ov.save_model(model, str(tmp), compress_to_fp16=False)
             tmp.with_suffix(".bin").replace(kept.with_suffix(".bin"))  # the .bin first: a reader opens the .xml
             tmp.replace(kept)
