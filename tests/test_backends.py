@@ -14,20 +14,16 @@ import numpy as np
 import pytest
 
 import vit_service.backends as backends
-from service_fixtures import MODEL_NAME, REPO, bentoml_server, build_tiny_model, encode, picture, save_tiny_model
+from service_fixtures import (AVX2_ONLY, MODEL_NAME, REPO, WITH_BF16, bentoml_server, build_tiny_model, encode, picture,
+                              save_tiny_folder, save_tiny_model)
 from vit_service.backends import REGISTRY, candidates, check_servable, load_backend, runtime_class
 from vit_service.backends.decision import Candidate
-from vit_service.host import read_cpu
 
-AVX2_ONLY = read_cpu("model name\t: AMD EPYC 7B12\nflags\t\t: sse2 avx avx2 fma\n")
-WITH_BF16 = read_cpu("model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n")
 
 
 @pytest.fixture
 def tiny_dir(tmp_path: Path) -> Path:
-    model, artifact = build_tiny_model()
-    artifact.save(model, tmp_path / "model")
-    return tmp_path / "model"
+    return save_tiny_folder(tmp_path / "model")
 
 
 def jpeg_batch(n: int, size: int = 32) -> np.ndarray:

@@ -15,20 +15,16 @@ import torch
 pytest.importorskip("nncf", reason="the int8 extra: pip install -e '.[int8]'")
 
 from conftest import run_cli  # noqa: E402
-from service_fixtures import bentoml_server, build_tiny_model, encode, picture  # noqa: E402
+from service_fixtures import AVX2_ONLY, bentoml_server, encode, picture, save_tiny_folder  # noqa: E402
 from vit_service.artifact import MANIFEST_FILE  # noqa: E402
 from vit_service.backends import load_backend  # noqa: E402
-from vit_service.host import read_cpu  # noqa: E402
 from vit_service.quantize import INT8_FILE  # noqa: E402
 
-AVX2_ONLY = read_cpu("model name\t: AMD EPYC 7B12\nflags\t\t: sse2 avx avx2 fma\n")
 
 
 @pytest.fixture
 def tiny_dir(tmp_path: Path) -> Path:
-    model, artifact = build_tiny_model()
-    artifact.save(model, tmp_path / "model")
-    return tmp_path / "model"
+    return save_tiny_folder(tmp_path / "model")
 
 
 def test_bf16_is_never_timed_on_a_cpu_without_bf16_instructions(tiny_dir: Path, monkeypatch) -> None:
