@@ -11,7 +11,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 MODEL ?= vit-classifier
 
-.PHONY: install test test-slow demo serve bench clean
+.PHONY: install test test-slow fuzz demo serve bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The upload fuzz of the fast set (150 examples, fixed seed) at length, with a random seed that
+# hypothesis prints with a failure (a failing example is also replayed from .hypothesis/).
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz_uploads.py -q -s
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) MODEL=$(MODEL) bash scripts/demo.sh
