@@ -11,7 +11,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 MODEL ?= vit-classifier
 
-.PHONY: install test test-slow demo serve bench clean
+.PHONY: install test test-slow fuzz mutation mutation-report demo serve bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,24 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# The upload fuzz of the fast set (150 examples, fixed seed) at length, with a random seed that
+# hypothesis prints with a failure (a failing example is also replayed from .hypothesis/).
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz_uploads.py -q -s
+
+# Mutation testing (mutmut 3; not part of `make test`): every module of scripts/mutation.py's
+# MODULES, or MODULE=vit_service/preprocessing.py; results cached in .mutation/ (an interrupted
+# run continues). MUTATION_ARGS: e.g. --budget 540 (stop after 9 min), --survivors, --jobs 2.
+MODULE ?=
+MUTATION_ARGS ?=
+mutation: $(STAMP)
+	@test -x $(BIN)/mutmut || $(BIN)/python -m pip install -q 'mutmut>=3.8,<4'
+	$(BIN)/python scripts/mutation.py run $(MODULE) $(MUTATION_ARGS)
+
+mutation-report:
+	$(BIN)/python scripts/mutation.py report $(MODULE)
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) MODEL=$(MODEL) bash scripts/demo.sh

@@ -29,7 +29,10 @@ def server_processes(url: str, service: str | None = None) -> tuple[Any, list[An
     port = str(urlparse(url).port)
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "serve" in cmd and "--port" in cmd and cmd[cmd.index("--port") + 1:][:1] == [port]:
+        # BentoML's arbiter renames itself "circusd" when setproctitle is installed (mutmut
+        # brings it), so it is also found by the socket it listens on.
+        if ("serve" in cmd and "--port" in cmd and cmd[cmd.index("--port") + 1:][:1] == [port]) or (
+                cmd[:1] == ["circusd"] and _listens_on(proc, int(port))):
             workers = []
             for child in proc.children():
                 with contextlib.suppress(psutil.Error):
@@ -38,6 +41,15 @@ def server_processes(url: str, service: str | None = None) -> tuple[Any, list[An
                         workers.append(child)
             return proc, workers
     raise LookupError(f"no `bentoml serve ... --port {port}` process found")
+
+
+def _listens_on(proc: Any, port: int) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in proc.net_connections("tcp"))
+    return False
 
 
 def free_port() -> int:

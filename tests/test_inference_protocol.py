@@ -113,6 +113,42 @@ def test_bad_inputs_are_protocol_errors(client, what, make, status, fragment):
     assert e.value.status() == str(status) and fragment in e.value.message(), (e.value.status(), e.value.message())
 
 
+IMAGE_SPEC = {"name": "image", "datatype": "BYTES", "shape": [1]}
+
+
+MALFORMED = [  # (what, JSON header, binary part, Inference-Header-Content-Length, fragment of the 400)
+    # found by tests/test_fuzz_uploads.py: each was a 500 (an AttributeError or TypeError)
+    ("outputs not a list", {"inputs": [{**IMAGE_SPEC, "data": ["x"]}], "outputs": True}, b"", None,
+     '"outputs" must be a list'),
+    ("input parameters not an object", {"inputs": [{**IMAGE_SPEC, "parameters": [1]}]}, b"", None,
+     "\"parameters\" of input 'image' must be an object"),
+    ("output parameters not an object", {"inputs": [{**IMAGE_SPEC, "data": ["x"]}],
+                                         "outputs": [{"name": "labels", "parameters": [[None]]}]}, b"", None,
+     "\"parameters\" of output 'labels' must be an object"),
+    ("request parameters not an object", {"inputs": [{**IMAGE_SPEC, "data": ["x"]}], "parameters": "x"}, b"", None,
+     "\"parameters\" of the request must be an object"),
+    # were read from the wrong end of the body (a negative slice)
+    ("negative binary_data_size", {"inputs": [{**IMAGE_SPEC, "parameters": {"binary_data_size": -4}}]},
+     b"\0\0\0\0", None, "binary_data_size -4 is not a byte count"),
+    ("boolean binary_data_size", {"inputs": [{**IMAGE_SPEC, "parameters": {"binary_data_size": True}}]},
+     b"\0\0\0\0", None, "binary_data_size True is not a byte count"),
+    ("negative header length", {"inputs": [{**IMAGE_SPEC, "data": ["x"]}]}, b" ", "-1", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("what,head,binary,header_length,fragment", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_infer_requests_are_400_not_500(what, head, binary, header_length, fragment):
+    """The request parser on its own: each mistake a RequestError(400) naming it."""
+    from vit_service.serving.errors import RequestError
+    from vit_service.serving.inference_protocol import parse_infer_request
+
+    text = json.dumps(head).encode()
+    length = header_length if header_length is not None else (str(len(text)) if binary else None)
+    with pytest.raises(RequestError) as e:
+        parse_infer_request(text + binary, length)
+    assert e.value.status == 400 and fragment in e.value.message, e.value.message
+
+
 def test_unknown_model_or_version_is_404_in_the_protocols_shape(client, served):
     url, version = served
     for call in (lambda: client.get_model_metadata("resnet50"), lambda: client.get_model_metadata(MODEL, "v999"),

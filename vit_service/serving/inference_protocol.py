@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     """The request body (JSON, or JSON + binary tensors) -> InferRequest; RequestError(400) on a mistake."""
     try:
         size = int(header_length) if header_length is not None else len(body)
+        if not 0 <= size <= len(body):
+            raise ValueError(size)
         head = json.loads(body[:size])
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "the inference request is not valid JSON (or its Inference-Header-Content-Length "
@@ -85,18 +88,31 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
         tensor, used = _input_tensor(spec, binary)
         binary = binary[used:]
         inputs[tensor.name] = tensor
-    parameters = head.get("parameters") if isinstance(head.get("parameters"), dict) else {}
+    parameters = _parameters(head, "the request")
     outputs = {}
+    if not isinstance(head.get("outputs") or [], list):
+        raise RequestError(400, "\"outputs\" must be a list of the outputs wanted", "bad_infer_request")
     for spec in head.get("outputs") or []:
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in (PROBABILITIES, LABELS):
             raise RequestError(400, f"unknown output {name!r}: the outputs are {PROBABILITIES!r} and {LABELS!r}",
                                "bad_infer_request")
-        outputs[name] = bool((spec.get("parameters") or {}).get("binary_data", False))
+        outputs[name] = bool(_parameters(spec, f"output {name!r}").get("binary_data", False))
     top_k = parameters.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
         raise RequestError(400, f"parameter \"top_k\" must be an integer, got {top_k!r}", "bad_top_k")
     return InferRequest(head.get("id"), inputs, outputs, bool(parameters.get("binary_data_output")), top_k)
+
+
+def _parameters(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """The "parameters" object of the request or of one of its tensors ({} when absent)."""
+    parameters = spec.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise RequestError(400, f"\"parameters\" of {where} must be an object, got {parameters!r:.40}",
+                           "bad_infer_request")
+    return parameters
 
 
 def _input_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
@@ -111,11 +127,11 @@ def _input_tensor(spec: Any, binary: memoryview) -> tuple[Tensor, int]:
         raise RequestError(400, f"input {name!r} must have datatype {wanted}, got {datatype!r}", "bad_datatype")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise RequestError(400, f"input {name!r}: \"shape\" must be a list of sizes, got {shape!r}", "bad_shape")
-    count = int(np.prod(shape))
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)
+    size = _parameters(spec, f"input {name!r}").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size > len(binary):
-            raise RequestError(400, f"input {name!r}: binary_data_size {size!r} is more than the request holds",
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+            raise RequestError(400, f"input {name!r}: binary_data_size {size!r} is not a byte count the request holds",
                                "bad_infer_request")
         raw, used = bytes(binary[:size]), size
         data: Any = _unpack_bytes(raw, name) if datatype == "BYTES" else np.frombuffer(raw, np.uint8)

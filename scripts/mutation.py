@@ -1,0 +1,307 @@
+"""Mutation testing with mutmut 3, one module at a time: which changes to the code the tests miss.
+
+    make mutation MODULE=vit_service/preprocessing.py      # (python scripts/mutation.py run MODULE)
+    make mutation-report                                   # the markdown table for tests/README.md
+
+MODULES below is the one list: each module users rely on, with the fast tests that exercise it
+in-process. mutmut records which of those tests reach each function and runs, per mutant, only
+those (tests that reach the code through a subprocess or a server are not seen, so the module's
+in-process tests are the ones that count). Each module runs in its own folder,
+.mutation/<module>/ (mutmut's `mutants/` copy and its result cache, out of git), so a module's
+results survive another module's run and an interrupted run continues where it stopped.
+EQUIVALENT lists the surviving mutants that cannot change behaviour, each with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / ".mutation"
+MUTMUT = Path(sys.executable).parent / "mutmut"
+FAST = ["-m", "not slow"]
+
+# module (a glob where a package) -> pytest arguments selecting its fast, in-process tests.
+MODULES: dict[str, list[str]] = {
+    "vit_service/model.py": ["tests/test_model.py"],
+    "vit_service/preprocessing.py": ["tests/test_preprocessing.py", "tests/test_folder_dataset.py",
+                                     "tests/test_explain.py::test_crop_box_is_the_region_the_model_sees"],
+    "vit_service/artifact.py": ["tests/test_checkpoints.py", "tests/test_calibration.py", "-k",
+                                "not export and not server and not http"],
+    "vit_service/explain.py": ["tests/test_explain.py"],
+    "vit_service/calibration.py": ["tests/test_calibration.py", "-k", "not export and not server and not http"],
+    # the inference backends: vit_service/backends/ once the backends issue has moved them there
+    "vit_service/backends/*.py": ["tests/test_serving_speed.py", "tests/test_calibration.py", "tests/test_host.py",
+                                  "tests/test_int8.py", "tests/test_onnx.py", "tests/test_serving_decisions.py",
+                                  "-k", "not export and not server and not http"],
+    "vit_service/backend.py": ["tests/test_serving_speed.py", "tests/test_onnx.py"],
+    "vit_service/inference.py": ["tests/test_serving_speed.py", "tests/test_calibration.py",
+                                 "tests/test_serving_decisions.py", "-k", "not export and not server and not http"],
+    "vit_service/onnx_backend.py": ["tests/test_onnx.py", "tests/test_calibration.py", "-k",
+                                    "not export and not server and not http"],
+    "vit_service/predictor.py": ["tests/test_serving_decisions.py", "tests/test_serving_speed.py"],
+    "vit_service/host.py": ["tests/test_host.py"],
+    "vit_service/quantize.py": ["tests/test_int8.py"],
+    "training/module.py": ["tests/test_recipe.py"],
+    "training/data.py": ["tests/test_recipe.py", "tests/test_memory_data.py", "tests/test_folder_dataset.py"],
+    "training/callbacks/*.py": ["tests/test_short_recipe.py"],
+    "training/export.py": ["tests/test_calibration.py", "tests/test_onnx.py"],
+    "vit_service/serving/validation.py": ["tests/test_validation.py"],
+    "vit_service/serving/auth.py": ["tests/test_auth.py", "-k", "rules or config"],
+    "vit_service/serving/errors.py": ["tests/test_error_shape.py", "tests/test_validation.py", "-k",
+                                      "shaped or reshaped or not server"],
+}
+
+# Survivors that cannot change behaviour: mutant name -> (its mutated line, as `mutmut show`
+# prints it after "+", and why no test can tell). A listed mutant whose line changed is reported
+# as stale, so a new mutant never inherits an old reason.
+_ZERO_SIZE = "unreachable: Pillow refuses a zero width or height at open (PNG, BMP, JPEG; a GIF takes its frame's size)"
+_DRAFT_MODE = ("the draft's mode only asks libjpeg for a colour conversion _to_rgb makes anyway: the same pixels for "
+               "RGB, L and CMYK JPEGs (checked); the scale is what matters")
+_CLAMPED = "Pillow clamps a colour value of 256 to 255"
+_RGB_COPY = "convert('RGB') of an RGB image is an equal copy"
+_DTYPE = ("Pillow's array already has that dtype (uint16 for I;16, float32 for F, uint8 for RGB; int32 for I, equal "
+          "to uint32 for the non-negative values images hold)")
+_FLOAT64 = "float64 instead of float32 gives the same 8-bit value for every 16-bit input (all 65,536 checked)"
+_INITIAL = "`initial` only matters for an array without pixels (refused before), or picks the same branch"
+_EXACT_PEAK = "at a maximum of exactly 65535 both branches divide by 65535"
+_L_MODE = "Image.fromarray of a 2-D uint8 array infers mode L"
+_CLIP = "the values are within [0.5, 255.5] before the cast, so the bound never binds (uint8(255.5) = 255)"
+_I16L = "no decoder opens a file as I;16L (Pillow opens little-endian 16-bit PNG and TIFF as I;16; checked)"
+_F32_ONE = "in float32 arithmetic 1.000000000001 is 1.0"
+_SQUARE = "for a square image both branches give (short, short)"
+_ONE_PX = "differs only for a resize size of 1 px (the longer side is >= the shorter side >= the resize size)"
+_CPU = "the same on the CPU; on CUDA the constants would stay on the CPU: only a GPU run can tell"
+_P = "vit_service.preprocessing."
+EQUIVALENT: dict[str, tuple[str, str]] = {
+    _P + "x__open__mutmut_9": ("if width < 1 and height < 1:", _ZERO_SIZE),
+    _P + "x__open__mutmut_14": ("raise InvalidImageError(None)", _ZERO_SIZE),
+    _P + "x__open__mutmut_23": ("img.draft(None, (draft_size, draft_size))  # keeps both sides >= draft_size", _DRAFT_MODE),
+    _P + "x__open__mutmut_27": ('img.draft("XXRGBXX", (draft_size, draft_size))  # keeps both sides >= draft_size',
+                                _DRAFT_MODE),
+    _P + "x__open__mutmut_28": ('img.draft("rgb", (draft_size, draft_size))  # keeps both sides >= draft_size', _DRAFT_MODE),
+    _P + "x__to_rgb__mutmut_6": ('if img.mode in ("I;16", "I;16B", "XXI;16LXX", "I"):', _I16L),
+    _P + "x__to_rgb__mutmut_7": ('if img.mode in ("I;16", "I;16B", "i;16l", "I"):', _I16L),
+    _P + "x__to_rgb__mutmut_11": ('arr = np.asarray(img, dtype=np.uint32 if img.mode == "I" else np.uint16).astype(None)',
+                                  _FLOAT64),
+    _P + "x__to_rgb__mutmut_13": ("arr = np.asarray(img, dtype=None).astype(np.float32)", _DTYPE),
+    _P + "x__to_rgb__mutmut_15": ("arr = np.asarray(img, ).astype(np.float32)", _DTYPE),
+    _P + "x__to_rgb__mutmut_17": ('arr = np.asarray(img, dtype=np.uint32 if (img.mode == "I") or True else np.uint16)'
+                                  '.astype(np.float32)', _DTYPE),
+    _P + "x__to_rgb__mutmut_25": ("peak = 65535.0 if arr.max(initial=None) <= 65535 else float(arr.max())", _INITIAL),
+    _P + "x__to_rgb__mutmut_26": ("peak = 65535.0 if arr.max(initial=1) <= 65535 else float(arr.max())", _INITIAL),
+    _P + "x__to_rgb__mutmut_27": ("peak = 65535.0 if arr.max(initial=0) < 65535 else float(arr.max())", _EXACT_PEAK),
+    _P + "x__to_rgb__mutmut_32": ("img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), None)",
+                                  _L_MODE),
+    _P + "x__to_rgb__mutmut_34": ("img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), )",
+                                  _L_MODE),
+    _P + "x__to_rgb__mutmut_37": ('img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, None, 255).astype(np.uint8), "L")',
+                                  _CLIP),
+    _P + "x__to_rgb__mutmut_38": ('img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, None).astype(np.uint8), "L")',
+                                  _CLIP),
+    _P + "x__to_rgb__mutmut_48": ('img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 256).astype(np.uint8), "L")',
+                                  _CLIP),
+    _P + "x__to_rgb__mutmut_56": ("arr = np.asarray(img, dtype=None)", _DTYPE),
+    _P + "x__to_rgb__mutmut_58": ("arr = np.asarray(img, )", _DTYPE),
+    _P + "x__to_rgb__mutmut_68": ("img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8), None)",
+                                  _L_MODE),
+    _P + "x__to_rgb__mutmut_70": ("img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8), )",
+                                  _L_MODE),
+    _P + "x__to_rgb__mutmut_80": ('img = Image.fromarray(((arr - lo) / max(hi - lo, 1.000000000001) * 255.0)'
+                                  '.astype(np.uint8), "L")', _F32_ONE),
+    **{_P + f"x__to_rgb__mutmut_{n}": (f"background = Image.new(\"RGBA\", rgba.size, {rgba})", _CLAMPED)
+       for n, rgba in [(112, (256, 255, 255, 255)), (113, (255, 256, 255, 255)), (114, (255, 255, 256, 255)),
+                       (115, (255, 255, 255, 256))]},
+    _P + "x__to_rgb__mutmut_123": ('return img if (img.mode == "RGB") and False else img.convert("RGB")', _RGB_COPY),
+    _P + "x__to_rgb__mutmut_126": ('return img if img.mode == "XXRGBXX" else img.convert("RGB")', _RGB_COPY),
+    _P + "x__to_rgb__mutmut_127": ('return img if img.mode == "rgb" else img.convert("RGB")', _RGB_COPY),
+    _P + "xǁPreprocessingǁgeometry__mutmut_6": ("elif width < height:  # shorter side to `short` (torchvision's "
+                                                "Resize(int) rounding)", _SQUARE),
+    _P + "xǁPreprocessingǁgeometry__mutmut_12": ("new_w, new_h = short, max(2, int(short * height / width))", _ONE_PX),
+    _P + "xǁPreprocessingǁgeometry__mutmut_21": ("new_w, new_h = max(2, int(short * width / height)), short", _ONE_PX),
+    _P + "xǁPreprocessingǁnormalize__mutmut_10": ("mean = torch.tensor(self.mean, device=None).view(-1, 1, 1) * 255.0", _CPU),
+    _P + "xǁPreprocessingǁnormalize__mutmut_12": ("mean = torch.tensor(self.mean, ).view(-1, 1, 1) * 255.0", _CPU),
+    _P + "xǁPreprocessingǁnormalize__mutmut_27": ("std = torch.tensor(self.std, device=None).view(-1, 1, 1) * 255.0", _CPU),
+    _P + "xǁPreprocessingǁnormalize__mutmut_29": ("std = torch.tensor(self.std, ).view(-1, 1, 1) * 255.0", _CPU),
+    _P + "xǁPreprocessingǁto_uint8__mutmut_3": ("arr = np.asarray(self.resize_crop(img), dtype=None)  # (S, S, 3)", _DTYPE),
+    _P + "xǁPreprocessingǁto_uint8__mutmut_5": ("arr = np.asarray(self.resize_crop(img), )  # (S, S, 3)", _DTYPE),
+}
+
+
+def present(module: str) -> list[str]:
+    return sorted(glob.glob(module, root_dir=REPO))
+
+
+def slug(module: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", module.removesuffix(".py")).strip("_")
+
+
+def workdir(module: str) -> Path:
+    """.mutation/<slug>/: links to the repository's code and tests, and a pyproject.toml that is
+    the repository's plus this module's [tool.mutmut] (mutmut reads it from the folder it runs in)."""
+    folder = WORK / slug(module)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vit_service", "training", "tests", "bench", "configs", "docs", "scripts", "Makefile", "README.md"):
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(REPO / name, folder))
+    tests = [a for a in MODULES[module] if a.startswith("tests/")]
+    others = [a for a in MODULES[module] if not a.startswith("tests/")]
+    config = (REPO / "pyproject.toml").read_text() + "\n# generated by scripts/mutation.py\n[tool.mutmut]\n" + "\n".join([
+        'source_paths = ["vit_service", "training"]',
+        f"only_mutate = {toml_list([module])}",
+        f"pytest_add_cli_args_test_selection = {toml_list(tests + others)}",
+        f"pytest_add_cli_args = {toml_list([*FAST, '-p', 'no:cacheprovider', '-p', 'no:xdist'])}",
+        f"also_copy = {toml_list(['bench', 'configs', 'docs', 'scripts', 'Makefile', 'README.md'])}",
+        "use_setproctitle = false",  # (mutmut's title for each worker; nothing here needs it)
+        'process_isolation = "forkserver"',  # workers forked before torch starts its threads
+    ]) + "\n"
+    path = folder / "pyproject.toml"
+    if not path.exists() or path.read_text() != config:
+        path.write_text(config)
+    return folder
+
+
+def toml_list(items: list[str]) -> str:
+    return "[" + ", ".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "]"
+
+
+def env() -> dict[str, str]:
+    """mutmut's tests import the mutated copy: nothing else of the project on PYTHONPATH."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
+
+
+def run(module: str, jobs: int, budget_s: float | None, names: list[str]) -> int:
+    """`mutmut run` in the module's folder (its output in run.log there, a progress line a minute
+    here); `names`: only those mutants, run again even if they have a result."""
+    folder = workdir(module)
+    log = folder / "run.log"
+    print(f"==> {module}: mutmut run in {folder.relative_to(REPO)} ({jobs} worker(s)), output in {log.relative_to(REPO)}",
+          flush=True)
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(MUTMUT), "run", "--max-children", str(jobs), *names], cwd=folder, env=env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                print(f"    {time.monotonic() - start:4.0f} s  {progress(log)}", flush=True)
+                if budget_s is not None and time.monotonic() - start > budget_s:
+                    os.killpg(proc.pid, signal.SIGINT)  # mutmut stops its workers and keeps what it has
+                    proc.wait()
+                    print(f"==> {module}: stopped after the {budget_s:.0f} s budget; run again to continue")
+    print(f"==> {module}: {time.monotonic() - start:.0f} s, exit {proc.returncode}; {progress(log)}", flush=True)
+    if proc.returncode not in (0, -signal.SIGINT):
+        print(log.read_text(errors="replace")[-3000:])
+    return proc.returncode
+
+
+def progress(log: Path) -> str:
+    """mutmut's last progress line: done/total, then killed, no tests, timeout, suspicious, survived."""
+    found = re.findall(r"(\d+/\d+)\s+🎉 (\d+) 🫥 (\d+)\s+⏰ (\d+)\s+🤔 (\d+)\s+🙁 (\d+)",
+                       log.read_text(errors="replace")[-4000:])
+    if not found:
+        return "(starting)"
+    done, killed, no_tests, timeout, suspicious, survived = found[-1]
+    return f"{done} mutants: {killed} killed, {survived} survived, {no_tests} no tests, {timeout} timeout"
+
+
+def results(module: str) -> dict[str, str]:
+    """{mutant name: status} from mutmut's cache of the module's folder."""
+    folder = WORK / slug(module)
+    if not (folder / "mutants").is_dir():
+        return {}
+    out = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=folder, env=env(), capture_output=True,
+                         text=True, check=True).stdout
+    return dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def mutated_line(module: str, name: str) -> str:
+    """The first line `mutmut show` marks as added: what the mutant changed."""
+    out = subprocess.run([str(MUTMUT), "show", name], cwd=WORK / slug(module), env=env(), capture_output=True,
+                         text=True).stdout
+    added = [line[1:].strip() for line in out.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return added[0] if added else "?"
+
+
+def report(modules: list[str]) -> None:
+    """The per-module table and the survivors, in markdown."""
+    rows, survivors = [], []
+    for module in modules:
+        status = results(module)
+        if not status:
+            rows.append(f"| `{module}` | not run{'' if present(module) else ' (no such file yet)'} | | | | |")
+            continue
+        count = {s: sum(1 for v in status.values() if v == s) for s in set(status.values())}
+        equivalent, stale = [], []
+        for name in sorted(n for n, s in status.items() if s == "survived"):
+            line = mutated_line(module, name)
+            if name in EQUIVALENT and EQUIVALENT[name][0] == line:
+                equivalent.append(name)
+                survivors.append(f"- `{name}` (equivalent: {EQUIVALENT[name][1]}): `{line}`")
+            else:
+                stale += [name] if name in EQUIVALENT else []
+                survivors.append(f"- `{name}`{' (listed equivalent, line changed)' if name in EQUIVALENT else ''}: "
+                                 f"`{line}`")
+        killed = count.get("killed", 0) + count.get("timeout", 0)
+        scored = len(status) - len(equivalent) - count.get("no tests", 0)
+        other = len(status) - killed - count.get("survived", 0) - count.get("no tests", 0)
+        rows.append(f"| `{module}` | {killed} / {scored} ({100 * killed / max(scored, 1):.0f}%) | "
+                    f"{count.get('survived', 0) - len(equivalent)} | {len(equivalent)} | {count.get('no tests', 0)} | "
+                    f"{other} |")
+    print("| module | killed / scored | survived | equivalent | no test reaches it | other |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if survivors:
+        print("\nSurvivors:\n")
+        print("\n".join(survivors))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["list", "run", "report"])
+    parser.add_argument("modules", nargs="*", help="keys of MODULES (default: every module that exists)")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds per module, then stop (resumable)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="run only the module's surviving mutants again (after adding tests)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"not in MODULES: {', '.join(unknown)}; one of: {', '.join(MODULES)}")
+    modules = args.modules or [m for m in MODULES if present(m)]
+    if args.command == "list":
+        for module in MODULES:
+            print(f"{module:38} {'present' if present(module) else 'absent '}  {' '.join(MODULES[module])}")
+        return 0
+    if args.command == "report":
+        report(args.modules or list(MODULES))
+        return 0
+    if not MUTMUT.exists():
+        print(f"mutmut is not installed: {sys.executable} -m pip install 'mutmut>=3.8,<4'", file=sys.stderr)
+        return 2
+    missing = [m for m in modules if not present(m)]
+    if missing:
+        print(f"no such file yet: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    codes = []
+    for module in modules:
+        names = [n for n, s in results(module).items() if s == "survived"] if args.survivors else []
+        if args.survivors and not names:
+            print(f"==> {module}: no survivors to run again")
+            continue
+        codes.append(run(module, args.jobs, args.budget, names))
+    return max(codes, default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
