@@ -157,6 +157,19 @@ def test_transparent_pixels_are_white_in_every_mode(make, fmt: str, mode: str) -
     assert [tuple(p) for p in out] == [(255, 255, 255), opaque, opaque, opaque]
 
 
+@pytest.mark.parametrize("mode,key,other", [("RGB", (10, 200, 30), (1, 2, 3)), ("L", 77, 5)])
+def test_a_transparent_colour_key_in_a_grayscale_or_rgb_png_is_white(mode: str, key, other) -> None:
+    """PNG's tRNS chunk in an L or RGB image: pixels of that one colour are transparent (the
+    README's "transparency over white"), the rest as they are."""
+    img = Image.new(mode, (2, 1), key)
+    img.putpixel((1, 0), other)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", transparency=key)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
+    out = [tuple(p) for p in np.asarray(decode_image(buf.getvalue()))[0]]
+    assert out == [(255, 255, 255), other if mode == "RGB" else (other,) * 3]
+
+
 @pytest.mark.parametrize("wh", [(1, 1), (1, 5), (5, 1)])
 def test_one_pixel_wide_or_high_images_decode(wh: tuple[int, int]) -> None:
     assert decode_image(_encoded(Image.new("RGB", wh, (9, 8, 7)), "PNG")).size == wh
