@@ -205,6 +205,81 @@ def test_workers_starting_together_serve_one_decision(tiny_dir: Path) -> None:
         (results[0]["backend"], results[0]["precision"], results[0]["kept"])}
 
 
+def test_the_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch) -> None:
+    """VIT_CACHE_DIR, else $XDG_CACHE_HOME/vit-service, else ~/.cache/vit-service; where that cannot be
+    made, vit-service-<uid> in the temporary directory; where neither can, an error."""
+    import os
+    import tempfile
+
+    from vit_service.backends.decision import CACHE_ENV, cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "set"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "set" and (tmp_path / "set").is_dir()
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_dir() == tmp_path / "xdg" / "vit-service"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "vit-service"
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a-file"))  # cannot be made a folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert cache_dir() == tmp_path / "tmp" / f"vit-service-{os.getuid()}"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file"))
+    with pytest.raises(OSError, match="no writable cache folder"):
+        cache_dir()
+
+
+# ------------------------------------------------------------------- int8: the guard and the routing
+
+def with_int8_stand_in(folder: Path, agreement: float) -> Path:
+    """The tiny model with a stand-in for its int8 model: its fp32 OpenVINO conversion saved as
+    model.int8.xml (no NNCF: the guard and the routing are under test here, tests/test_int8.py
+    quantizes), recorded as agreeing with fp32 on `agreement` of 200 images."""
+    import openvino as ov
+
+    from vit_service.backends.openvino_runtime import convert
+    from vit_service.quantize import INT8_FILE
+
+    model, artifact = build_tiny_model()
+    folder.mkdir(parents=True)
+    ov.save_model(convert(model), str(folder / INT8_FILE), compress_to_fp16=False)
+    artifact.int8 = {"file": INT8_FILE, "runtime": "openvino", "agreement_top1": agreement, "images": 200}
+    artifact.save(model, folder)
+    return folder
+
+
+def test_int8_serves_on_openvino_only_where_the_guard_passes(tmp_path: Path, monkeypatch) -> None:
+    good = with_int8_stand_in(tmp_path / "good", 0.995)
+    cache = tmp_path / "cache"
+    int8 = load_backend(good, precision="int8", device="cpu", cache=cache)
+    assert (int8.backend, int8.precision) == ("openvino", "int8")
+    assert int8.describe()["int8"] == {"file": "model.int8.xml", "runtime": "openvino", "agreement_top1": 0.995,
+                                       "images": 200}
+    fp32 = load_backend(good, backend="torch", precision="fp32", device="cpu")
+    assert "int8" not in fp32.describe()
+    x = jpeg_batch(4)
+    # the stand-in is the fp32 network; as int8 it runs what is left in float in bf16 where the CPU has it
+    served, expected = int8.predict_proba(x), fp32.predict_proba(x)
+    assert np.abs(served - expected).max() < 0.03 and (served.argmax(1) == expected.argmax(1)).all()
+    check_servable(good, "openvino", "int8")
+    with pytest.raises(ValueError, match="^VIT_PRECISION=int8 runs on openvino: set VIT_BACKEND=auto or openvino"):
+        check_servable(good, "torch", "int8")
+    bad = with_int8_stand_in(tmp_path / "bad", 0.98)
+    with pytest.raises(ValueError) as e:
+        check_servable(bad, "auto", "int8")
+    assert str(e.value) == ("VIT_PRECISION=int8 but its int8 version agreed with fp32 on 98.00% of 200 images, below "
+                            "the 99% guard; serve it with VIT_PRECISION=auto or fp32")
+    monkeypatch.setattr(backends, "installed", lambda name: name != "openvino")
+    with pytest.raises(ValueError) as e:
+        check_servable(good, "openvino")
+    assert str(e.value) == "VIT_BACKEND=openvino but openvino is not installed: pip install openvino"
+    with pytest.raises(ValueError) as e:
+        check_servable(good, "auto", "int8")
+    assert str(e.value) == "VIT_PRECISION=int8 runs on openvino, which is not installed: pip install openvino"
+    check_servable(good, "torch", "fp32")  # torch is installed: no complaint
+
+
 # ------------------------------------------------------------------- real servers
 
 def test_two_workers_give_the_same_upload_the_same_bytes(tmp_path: Path) -> None:

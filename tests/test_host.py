@@ -126,3 +126,91 @@ def test_the_budget_can_follow_another_clock_than_the_samples():
 
     race = faster(call, call, budget_s=3.5, clock=clock, budget_clock=wall)
     assert race.baseline_s == pytest.approx(0.1) and race.rounds == 1  # wall: 2 s untimed + 2 s
+
+
+def test_a_host_without_proc_cpuinfo_reads_as_its_platform(monkeypatch, tmp_path):
+    import platform
+
+    import vit_service.host as host
+
+    monkeypatch.setattr(host, "CPUINFO", tmp_path / "no-cpuinfo")
+    names = {"processor": "arm", "machine": "arm64"}
+    monkeypatch.setattr(platform, "processor", lambda: names["processor"])
+    monkeypatch.setattr(platform, "machine", lambda: names["machine"])
+    assert read_cpu() == host.CpuInfo("arm")
+    names["processor"] = ""  # Linux and others often leave it empty
+    assert read_cpu() == host.CpuInfo("arm64")
+    names["machine"] = ""
+    assert read_cpu() == host.CpuInfo("unknown") and not read_cpu().flags
+
+
+def test_cpuinfo_fields_in_any_order_and_values_with_colons():
+    cpu = read_cpu("flags\t\t: avx2 avx512_bf16\nmodel name\t: Vendor CPU: model 7\nflags\t\t: sse2\n")
+    assert cpu.model == "Vendor CPU: model 7" and cpu.flags == {"avx2", "avx512_bf16"}  # the first CPU's
+
+
+def test_host_cores_off_linux_is_the_cpu_count(monkeypatch):
+    from vit_service.host import host_cores
+
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert host_cores() == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one
+    assert host_cores() == 1
+
+
+def test_importable_says_whether_every_module_is_installed():
+    from vit_service.host import importable
+
+    assert importable("json", "os") and importable()
+    assert not importable("json", "no_such_module_for_vit_service")
+
+
+def test_cuda_info_names_the_first_device(monkeypatch):
+    import torch
+
+    from vit_service.host import cuda_info
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_info() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i!r}")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert cuda_info() == {"name": "GPU 0", "count": 2, "bf16": True}
+
+
+def test_host_line_of_a_given_host():
+    h = {"cpu": "AMD EPYC 9B14", "cores": 2, "flags": ["avx2", "avx512f"], "cuda": {"name": "NVIDIA H100"}}
+    assert host_line(h) == "host: AMD EPYC 9B14, 2 cores, avx2 avx512f, CUDA NVIDIA H100"
+    assert host_line({**h, "flags": [], "cuda": None}) == "host: AMD EPYC 9B14, 2 cores, no flags that matter, no CUDA"
+
+
+def test_race_timings_round_to_a_tenth_of_a_millisecond():
+    assert Race(0.123456, 0.654321, True, 1).timings("c", "b") == {"b": 0.6543, "c": 0.1235}
+
+
+@pytest.mark.parametrize("candidate_s, baseline_s, min_gain, wins", [(0.5, 1.0, 0.10, True), (0.08, 0.1, 0.5, False),
+                                                                     (0.45, 1.0, 0.5, True)])
+def test_faster_applies_the_rule_to_its_own_baseline_and_gain(candidate_s, baseline_s, min_gain, wins):
+    clock = FakeClock()
+    race = faster(clock.work("c", candidate_s), clock.work("b", baseline_s), min_gain=min_gain, budget_s=100,
+                  clock=clock)
+    assert bool(race) is wins
+
+
+def test_faster_defaults_three_seconds_at_most_five_rounds():
+    clock = FakeClock()
+    clock.now = 1000.0  # the budget counts from the start, whatever the clock read then
+    race = faster(clock.work("c", 0.5), clock.work("b", 0.5), clock=clock)
+    # untimed pair 1 s, then 1 s a round: the second round ends at exactly 3 s, a third would pass it
+    assert race.rounds == 2 and clock.now - 1000.0 == pytest.approx(3.0)
+    clock = FakeClock()
+    assert faster(clock.work("c", 0.01), clock.work("b", 0.01), clock=clock).rounds == 5
+
+
+@pytest.mark.parametrize("budget_s, rounds", [(2.7, 1), (10.0, 5)])
+def test_faster_predicts_whether_the_next_round_fits(budget_s, rounds):
+    clock = FakeClock()
+    race = faster(clock.work("c", 0.5), clock.work("b", 0.5), budget_s=budget_s, clock=clock)
+    assert race.rounds == rounds and clock.now <= budget_s

@@ -128,6 +128,15 @@ def test_guard_rule() -> None:
     # an int8 model an older vit-export made for onnxruntime: never served now, whatever it measured
     old = {"file": "model.int8.onnx", "agreement_top1": 1.0, "images": 100}
     assert "made for onnxruntime by an older vit-export" in int8_guard(old)
+    # each reason whole: check_servable puts it in the start-up error, and it names the fix
+    fix = "re-export it with vit-export --int8"
+    assert int8_guard({}) == "the model has no int8 version (export it with vit-export --int8)"
+    assert int8_guard(old) == ("its int8 version was made for onnxruntime by an older vit-export, which serving no "
+                               f"longer runs ({fix})")
+    assert int8_guard(ov) == f"the model's int8 record has no measured agreement ({fix})"
+    assert int8_guard({**ov, "agreement_top1": 0.5, "images": 8}, min_agreement=0.6) == (
+        "its int8 version agreed with fp32 on 50.00% of 8 images, below the 60% guard")
+    assert int8_guard({**ov, "agreement_top1": 0.5, "images": 8}, min_agreement=0.5) is None
 
 
 @pytest.mark.slow  # three vit-export subprocesses for three error messages (~55 s)
@@ -171,3 +180,151 @@ def test_a_manifest_naming_a_missing_int8_file_is_refused(int8_export: Path, tmp
     (tmp_path / "m" / INT8_FILE).unlink()
     with pytest.raises(ArtifactError, match=f"records an int8 model {INT8_FILE} that is not in"):
         ModelArtifact.read(tmp_path / "m")
+
+
+# ----------------------------------------------------------------- in-process, on the tiny model
+# (fast enough for mutation testing: scripts/mutation.py runs test_int8.py's "tiny" tests per mutant)
+
+def tiny_image_folder(root: Path) -> Path:
+    """Class folders named like the tiny model's classes (2 JPEGs each, 3 for the last), a folder no class
+    is named after, two loose images, a hidden folder and an unreadable .jpg."""
+    from service_fixtures import CLASS_NAMES, picture
+
+    for c, name in enumerate(CLASS_NAMES):
+        (root / name).mkdir(parents=True)
+        for i in range(2 + (c == len(CLASS_NAMES) - 1)):
+            picture(10 * c + i, (48, 40)).save(root / name / f"{i}.jpg", quality=90)
+    (root / "other").mkdir()
+    picture(99, (40, 48)).save(root / "other" / "x.png")
+    picture(98).save(root / "loose_b.jpg")
+    picture(97).save(root / "loose_a.png")
+    (root / ".hidden").mkdir()
+    picture(96).save(root / ".hidden" / "h.jpg")
+    (root / "square" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_tiny_evaluation_images_labels_order_and_limit(tmp_path: Path) -> None:
+    from service_fixtures import CLASS_NAMES
+
+    from vit_service.quantize import QuantizeError
+
+    root = tiny_image_folder(tmp_path / "images")
+    images = evaluation_images(root, CLASS_NAMES)
+    loose = [(str(root / "loose_a.png"), None), (str(root / "loose_b.jpg"), None)]
+    first = [(str(root / n / "0.jpg"), i) for i, n in sorted(enumerate(CLASS_NAMES), key=lambda t: t[1])]
+    # round-robin: the loose images, then each folder in name order (other after circle), one at a time
+    by_group = [loose[0], (str(root / "circle" / "0.jpg"), 0), (str(root / "other" / "x.png"), None),
+                (str(root / "square" / "0.jpg"), 1), (str(root / "star" / "0.jpg"), 3),
+                (str(root / "triangle" / "0.jpg"), 2)]
+    assert images[:6] == by_group and {p for p, _ in first} <= {p for p, _ in images}
+    assert images[6] == loose[1]
+    assert len(images) == 2 + 1 + 2 * 4 + 1 + 1  # + the broken file (it has an image's name), no hidden one
+    assert not any(".hidden" in p for p, _ in images)
+    assert evaluation_images(root, CLASS_NAMES, limit=3) == images[:3]
+    assert evaluation_images(root, [])[1] == (str(root / "circle" / "0.jpg"), None)  # no class names: no labels
+    with pytest.raises(QuantizeError, match="image folder not found"):
+        evaluation_images(tmp_path / "nowhere", CLASS_NAMES)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(QuantizeError, match="no images found"):
+        evaluation_images(tmp_path / "empty", CLASS_NAMES)
+
+
+def test_tiny_pixel_batches_and_logits_skip_unreadable_files(tmp_path: Path) -> None:
+    from service_fixtures import CLASS_NAMES, build_tiny_model
+
+    from vit_service.quantize import QuantizeError, image_logits, pixel_batches
+
+    model, artifact = build_tiny_model()
+    root = tiny_image_folder(tmp_path / "images")
+    images = evaluation_images(root, CLASS_NAMES)
+    skipped: list[str] = []
+    batches = list(pixel_batches(artifact.preprocessing, images, skipped, batch_size=5))
+    assert [len(labels) for _, labels in batches] == [5, 5, 2]  # 13 files, the broken one left out
+    assert len(skipped) == 1 and "broken.jpg" in skipped[0]
+    readable = [(p, y) for p, y in images if "broken" not in p]
+    assert [y for _, labels in batches for y in labels] == [y for _, y in readable]
+    expected = torch.stack([artifact.preprocessing(open_image(p)) for p, _ in readable])  # (N, 3, S, S)
+    assert torch.equal(torch.cat([x for x, _ in batches]), expected)
+    logits, labels = image_logits(model, artifact.preprocessing, images)
+    with torch.inference_mode():
+        assert np.allclose(logits, model(expected).numpy(), atol=1e-5) and logits.dtype == np.float32
+    assert labels.tolist() == [-1 if y is None else y for _, y in readable]
+    with pytest.raises(QuantizeError, match="no readable images .*broken.jpg"):
+        image_logits(model, artifact.preprocessing, [(str(root / "square" / "broken.jpg"), 1)])
+    with pytest.raises(QuantizeError, match=r"no readable images \(none given\)"):
+        image_logits(model, artifact.preprocessing, [])
+
+
+def test_tiny_build_int8_writes_the_model_and_its_record(tmp_path: Path) -> None:
+    """NNCF on the tiny model: the int8 file serving reads, and a record whose figures are recomputed
+    here: top-1 of the torch model against the saved int8 model compiled as serving compiles it."""
+    from service_fixtures import CLASS_NAMES, build_tiny_model
+
+    from vit_service.backends.openvino_runtime import compile_for_cpu
+    from vit_service.quantize import CALIBRATION_IMAGES, build_int8, int8_logits
+
+    model, artifact = build_tiny_model()
+    root = tiny_image_folder(tmp_path / "images")
+    images = evaluation_images(root, CLASS_NAMES)
+    lines: list[str] = []
+    record = build_int8(model, artifact, tmp_path, images, measured_on="the test's images", log=lines.append)
+    readable = [(p, y) for p, y in images if "broken" not in p]
+    labelled = [(p, y) for p, y in readable if y is not None]
+    assert (tmp_path / INT8_FILE).is_file() and (tmp_path / record["weights_file"]).is_file()
+    assert record["file"] == INT8_FILE and record["weights_file"] == "model.int8.bin"
+    assert record["runtime"] == "openvino" and record["measured_on"] == "the test's images"
+    assert record["calibration_images"] == min(len(readable), CALIBRATION_IMAGES)
+    assert (record["images"], record["labelled"], record["unreadable"]) == (len(readable), len(labelled), 1)
+    assert record["min_agreement"] == MIN_AGREEMENT
+    assert record["recipe"] == RECIPES[len(lines) - 1][0]  # the last recipe tried is the one kept here ...
+    assert (record["agreement_top1"] >= MIN_AGREEMENT) == (len(lines) == 1)  # ... the first only if it passes
+    x = torch.stack([artifact.preprocessing(open_image(p)) for p, _ in readable])
+    with torch.inference_mode():
+        p32 = model(x).softmax(-1).numpy()
+    request = compile_for_cpu(str(tmp_path / INT8_FILE), "int8").create_infer_request()
+    request.infer({0: x.numpy()})
+    p8 = torch.from_numpy(np.array(request.get_output_tensor(0).data)).softmax(-1).numpy()
+    y = np.array([label for _, label in labelled])
+    is_labelled = np.array([label is not None for _, label in readable])
+    if len(lines) == 1:  # the saved model is the one measured
+        assert record["agreement_top1"] == pytest.approx(np.mean(p8.argmax(1) == p32.argmax(1)), abs=1e-5)
+        assert record["int8_top1"] == pytest.approx(np.mean(p8.argmax(1)[is_labelled] == y), abs=1e-5)
+        assert record["max_prob_diff"] == pytest.approx(np.abs(p8 - p32).max(), abs=1e-5)
+    assert record["fp32_top1"] == pytest.approx(np.mean(p32.argmax(1)[is_labelled] == y), abs=1e-5)
+    assert f"top-1 agreement with fp32 {record['agreement_top1']:.2%} on {len(readable)} images" in lines[-1]
+    logits, labels = int8_logits(tmp_path / INT8_FILE, artifact.preprocessing, images)
+    assert np.allclose(logits, np.array(request.get_output_tensor(0).data), atol=1e-4)
+    assert labels.tolist() == [-1 if y is None else y for _, y in readable]
+
+
+def test_tiny_measure_agreement_counts_each_model_against_the_labels(tmp_path: Path) -> None:
+    """measure_agreement with another network (the tiny model of another seed) standing in for int8,
+    so the two disagree: every figure recomputed here from both models' probabilities."""
+    from service_fixtures import CLASS_NAMES, build_tiny_model
+
+    from vit_service.backends.openvino_runtime import compile_for_cpu, convert
+    from vit_service.quantize import measure_agreement
+
+    model, artifact = build_tiny_model()
+    other = convert(build_tiny_model(seed=1)[0])
+    images = evaluation_images(tiny_image_folder(tmp_path / "images"), CLASS_NAMES)
+    figures = measure_agreement(model, artifact, other, images)
+    readable = [(p, y) for p, y in images if "broken" not in p]
+    x = torch.stack([artifact.preprocessing(open_image(p)) for p, _ in readable])
+    with torch.inference_mode():
+        p32 = model(x).softmax(-1).numpy()
+    request = compile_for_cpu(other, "int8").create_infer_request()
+    request.infer({0: x.numpy()})
+    p8 = torch.from_numpy(np.array(request.get_output_tensor(0).data)).softmax(-1).numpy()
+    labelled = np.array([y is not None for _, y in readable])
+    y = np.array([label for _, label in readable if label is not None])
+    agreement = np.mean(p8.argmax(1) == p32.argmax(1))
+    assert 0 < agreement < 1  # they do disagree, so each count below is its own model's
+    assert figures == pytest.approx({
+        "images": len(readable), "labelled": int(labelled.sum()), "agreement_top1": agreement,
+        "fp32_top1": np.mean(p32.argmax(1)[labelled] == y), "int8_top1": np.mean(p8.argmax(1)[labelled] == y),
+        "max_prob_diff": np.abs(p8 - p32).max(), "unreadable": 1}, abs=1e-4)
+    assert figures["fp32_top1"] != figures["int8_top1"]
+    unlabelled = [(p, None) for p, _ in readable]
+    assert measure_agreement(model, artifact, other, unlabelled)["int8_top1"] is None
