@@ -146,6 +146,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
        for n, args, why in [(3, "model, None, threads", _HINT), (4, 'model, "int8", None', _THREADS),
                             (6, "model, threads", _HINT + "; " + _THREADS), (7, 'model, "int8", ', _THREADS),
                             (8, 'model, "XXint8XX", threads', _HINT), (9, 'model, "INT8", threads', _HINT)]},
+    _Q + "x_build_int8__mutmut_34": ("(removed) subset_size=len(calibration),",
+                                     "NNCF's default subset_size is 300, CALIBRATION_IMAGES, and the list holds at most "
+                                     "CALIBRATION_IMAGES images: every one is used either way"),
 }
 
 
@@ -243,7 +246,8 @@ def mutated_line(module: str, name: str) -> str:
     out = subprocess.run([str(MUTMUT), "show", name], cwd=WORK / slug(module), env=env(), capture_output=True,
                          text=True).stdout
     added = [line[1:].strip() for line in out.splitlines() if line.startswith("+") and not line.startswith("+++")]
-    return added[0] if added else "?"
+    removed = [line[1:].strip() for line in out.splitlines() if line.startswith("-") and not line.startswith("---")]
+    return added[0] if added else f"(removed) {removed[0]}" if removed else "?"
 
 
 def report(modules: list[str]) -> None:

@@ -328,3 +328,22 @@ def test_tiny_measure_agreement_counts_each_model_against_the_labels(tmp_path: P
     assert figures["fp32_top1"] != figures["int8_top1"]
     unlabelled = [(p, None) for p, _ in readable]
     assert measure_agreement(model, artifact, other, unlabelled)["int8_top1"] is None
+
+
+def test_tiny_build_int8_refuses_what_it_cannot_quantize(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    from service_fixtures import build_tiny_model
+
+    from vit_service.quantize import QuantizeError, build_int8
+
+    model, artifact = build_tiny_model()
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(QuantizeError, match=r"^no readable images to calibrate int8 on \(.*broken.jpg"):
+        build_int8(model, artifact, tmp_path, [(str(tmp_path / "broken.jpg"), None)], measured_on="x")
+    with pytest.raises(QuantizeError, match=r"^no readable images to calibrate int8 on \(none given\)$"):
+        build_int8(model, artifact, tmp_path, [], measured_on="x")
+    monkeypatch.setitem(sys.modules, "nncf", None)  # not installed
+    with pytest.raises(QuantizeError, match=r"^int8 export needs openvino and nncf: pip install -e '\.\[int8\]'$"):
+        build_int8(model, artifact, tmp_path, [], measured_on="x")
+    assert not (tmp_path / INT8_FILE).exists()
