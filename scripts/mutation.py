@@ -56,9 +56,14 @@ MODULES: dict[str, list[str]] = {
     "training/callbacks/*.py": ["tests/test_short_recipe.py"],
     "training/export.py": ["tests/test_calibration.py", "tests/test_onnx.py"],
     "vit_service/serving/validation.py": ["tests/test_validation.py"],
-    "vit_service/serving/auth.py": ["tests/test_auth.py", "-k", "rules or config"],
-    "vit_service/serving/errors.py": ["tests/test_error_shape.py", "tests/test_validation.py", "-k",
-                                      "shaped or reshaped or not server"],
+    # (most of auth.py and errors.py is tested through a real server, which mutmut cannot follow)
+    "vit_service/serving/auth.py": [f"tests/test_auth.py::{t}" for t in (
+        "test_the_protected_routes_are_read_from_the_service", "test_keys_from_the_variable_and_the_file",
+        "test_auth_is_off_by_default_and_open_paths", "test_bad_key_settings_are_start_up_errors",
+        "test_empty_key_file_is_an_error_not_an_open_api")],
+    "vit_service/serving/errors.py": ["tests/test_error_shape.py::test_other_error_bodies_are_reshaped",
+                                      "tests/test_validation.py",
+                                      "tests/test_service.py::test_upload_cut_short_is_answered_408_json"],
 }
 
 # Survivors that cannot change behaviour: mutant name -> (its mutated line, as `mutmut show`
@@ -81,8 +86,8 @@ _F32_ONE = "in float32 arithmetic 1.000000000001 is 1.0"
 _SQUARE = "for a square image both branches give (short, short)"
 _ONE_PX = "differs only for a resize size of 1 px (the longer side is >= the shorter side >= the resize size)"
 _CPU = "the same on the CPU; on CUDA the constants would stay on the CPU: only a GPU run can tell"
-_OPTIMIZER = ("another LBFGS setting reaching the same minimum: within 3e-5 (relative) of a golden-section "
-              "oracle, as the original is, on the tests' synthetic logits (T 0.5 and 2.5)")
+_OPTIMIZER = ("another LBFGS setting (max_iter 101 or 20, lr 1 or 1.5) reaching the same minimum: within 3e-5 "
+              "(relative) of a golden-section oracle, as the original is, at T 0.5 and 2.5, and both bounds")
 _AT_MOST_1 = "a confidence is at most 1, so ceil(confidence x bins) - 1 <= bins - 1 and the upper bound never binds"
 _WEIGHTS = "np.bincount casts its weights to float64 itself"
 _NOT_INT8 = "only precision 'int8' changes the figures; any other default reads the same"
@@ -143,12 +148,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     # vit_service/calibration.py
     **{_C + f"x_fit_temperature__mutmut_{n}": (line, _OPTIMIZER) for n, line in [
         (1, "max_iter: int = 101) -> float:"),
-        (12, "log_t = torch.zeros(1, dtype=None, requires_grad=True)"),
-        (15, "log_t = torch.zeros(1, requires_grad=True)"),
-        (23, "optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn=None)"),
         (25, 'optimizer = torch.optim.LBFGS([log_t], max_iter=max_iter, line_search_fn="strong_wolfe")'),
         (26, 'optimizer = torch.optim.LBFGS([log_t], lr=0.5, line_search_fn="strong_wolfe")'),
-        (27, "optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, )"),
         (28, 'optimizer = torch.optim.LBFGS([log_t], lr=1.5, max_iter=max_iter, line_search_fn="strong_wolfe")')]},
     _C + "x_reference_record__mutmut_13": ('which = np.clip(np.searchsorted(SCORE_EDGES, top1, side="right") - 1, None, '
                                            'len(SCORE_EDGES) - 2)', "a top-1 score is at least 1/K > 0: index >= 0"),
@@ -286,7 +287,7 @@ def report(modules: list[str]) -> None:
         killed = count.get("killed", 0) + count.get("timeout", 0)
         scored = len(status) - len(equivalent) - count.get("no tests", 0)
         other = len(status) - killed - count.get("survived", 0) - count.get("no tests", 0)
-        rows.append(f"| `{module}` | {killed} / {scored} ({100 * killed / max(scored, 1):.0f}%) | "
+        rows.append(f"| `{module}` | {killed} / {scored} ({100 * killed / max(scored, 1):.1f}%) | "
                     f"{count.get('survived', 0) - len(equivalent)} | {len(equivalent)} | {count.get('no tests', 0)} | "
                     f"{other} |")
     print("| module | killed / scored | survived | equivalent | no test reaches it | other |")
