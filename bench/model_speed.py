@@ -13,9 +13,9 @@ that load from other processes on a shared machine hits both alike.
     python bench/model_speed.py                                  # vit_tiny, CPU or GPU
     python bench/model_speed.py --model vit_base_patch16_224 --device cuda --compile
 
-`--backends` measures inference backends instead (CPU, eval mode, our model only): torch eager
-fp32, torch bf16 autocast and onnxruntime fp32 on the exported model.onnx, img/s at each batch
-size, the backends timed in rotating order with the median kept (see backend_main):
+`--backends` measures the runtimes × precisions instead (CPU, the serving Predictor; see
+bench/bench_backends.py): torch fp32/bf16, openvino fp32/bf16/int8 and the retired onnxruntime
+fp32/dynamic int8, img/s at each batch size, timed in rotating order with the median kept:
 
     python bench/model_speed.py --backends        # vit_tiny + vit_small, batch 1 and 16
 """

@@ -2,7 +2,7 @@
 
 Setups, measured in one run on the same model and the same JPEGs:
     (a) raw       decode + resize/crop + forward in this process, one thread of calls, at several
-                  batch sizes (`vit_service.inference.Predictor`, the code the service runs)
+                  batch sizes (`vit_service.backends.load_backend`, the code the service runs)
     (b) batched   `bentoml serve vit_service.serving.service:ViTClassifier` with adaptive batching
     (c) unbatched the same server with VIT_BATCHING=0: one forward pass per request
     (d) naive     bench/naive_service.py: one batchable BentoML API on PIL images with per-request
@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))  # bench.local_server, whether run as a script or 
 
 from bench.local_server import free_port, local_server, server_process  # noqa: E402
 from vit_service.host import describe_host, host_line  # noqa: E402
+SERVER_MAX_BATCH = 16  # the service's VIT_MAX_BATCH_SIZE on a CPU
 IMAGES_ENV = "VIT_CIFAR10_DIR"  # a folder of JPEGs (e.g. CIFAR-10's test/ class folders)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_KINDS = {"small": (224, 224), "photo": (500, 375)}  # CIFAR-10 upscaled (bicubic), JPEG q90
@@ -84,10 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setups", default="raw,batched,unbatched,naive",
                    help="comma-separated subset of raw,batched,unbatched,naive,litserve")
     p.add_argument("--raw-int8", action="store_true",
-                   help="also run the raw loop on onnxruntime dynamic int8 (what vit-export --int8 writes): "
+                   help="also run the raw loop on openvino int8 (model.int8.xml, what vit-export --int8 writes): "
                         "the int8 ceiling beside the peers")
     p.add_argument("--int8", action="store_true",
-                   help="the generated model also holds model.int8.onnx with its record (vit-export --int8's), "
+                   help="the generated model also holds model.int8.xml with its record (vit-export --int8's), "
                         "agreement measured on the benchmark's JPEGs; then --precision int8 serves it")
     p.add_argument("--pin", action="store_true",
                    help="servers and the raw loop on one core with one torch thread, the load client on another")
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra server setting, e.g. VIT_MAX_LATENCY_MS=5000 (repeatable)")
     p.add_argument("--onnx", action="store_true",
-                   help="the generated model also holds model.onnx (then: --server-env VIT_BACKEND=onnxruntime)")
+                   help="the generated model also holds model.onnx (openvino then reads it instead of converting)")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--log-dir", type=Path, default=None, help="keep the server logs here (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
@@ -139,7 +140,7 @@ def machine_info(device: str) -> dict[str, Any]:
     import bentoml
     import torch
 
-    from vit_service.inference import resolve_device
+    from vit_service.backends.torch_runtime import resolve_device
 
     host = describe_host()
     dev = resolve_device(device)
@@ -194,7 +195,7 @@ def load_images(source: Path | None, kind: str, n: int) -> list[tuple[str, bytes
 def prepare_model(args: argparse.Namespace, home: Path,
                   images: list[tuple[str, bytes]] | None = None) -> tuple[str, Path]:
     """(model tag, model directory). Sets BENTOML_HOME to `home` unless --model-tag is given.
-    With --int8, the model also holds model.int8.onnx and its record, as `vit-export --int8`
+    With --int8, the model also holds model.int8.xml and its record, as `vit-export --int8`
     writes them, the agreement with fp32 measured on `images` (the benchmark's JPEGs)."""
     if args.model_tag:
         import bentoml
@@ -216,16 +217,17 @@ def prepare_model(args: argparse.Namespace, home: Path,
     artifact = ModelArtifact(config=config, class_names=list(CIFAR10_CLASSES),
                              preprocessing=Preprocessing(image_size=config.image_size),
                              metadata={"trained_by": "bench/serve_load.py (random init)"})
-    write_onnx = None
-    if args.onnx or args.int8:  # model.onnx beside the weights (VIT_BACKEND=onnxruntime|auto)
-        from vit_service.formats.onnx_export import export_onnx
+    write_extra = None
+    if args.onnx or args.int8:  # model.onnx / model.int8.xml beside the weights, as vit-export writes them
+        staging = Path(tempfile.mkdtemp(prefix="extra-", dir=home.parent))
+        if args.onnx:
+            from vit_service.formats.onnx_export import export_onnx
 
-        staging = Path(tempfile.mkdtemp(prefix="onnx-", dir=home.parent))
-        onnx_file = export_onnx(model, staging)
+            export_onnx(model, staging)
         if args.int8:
-            artifact.int8 = add_int8(model, artifact, onnx_file, images or [])
-        write_onnx = lambda folder: [shutil.copy(f, folder) for f in staging.glob("*.onnx")]  # noqa: E731
-    tag = save_to_bentoml("vit-bench", model, artifact, write_extra=write_onnx).tag
+            artifact.int8 = add_int8(model, artifact, staging, images or [])
+        write_extra = lambda folder: [shutil.copy(f, folder) for f in staging.iterdir() if f.is_file()]  # noqa: E731
+    tag = save_to_bentoml("vit-bench", model, artifact, write_extra=write_extra).tag
     return str(tag), Path(bentoml.models.get(tag).path)  # its path in the store, not the staging one
 
 
@@ -271,34 +273,44 @@ def decode_rate_per_core(images: list[tuple[str, bytes]], image_size: int, resiz
     return {"images": n, "cpu_s": cpu, "img_per_cpu_s": n / cpu, "ms_per_img": 1000 * cpu / n}
 
 
-def add_int8(model: Any, artifact: Any, onnx_file: Path, images: list[tuple[str, bytes]]) -> dict[str, Any]:
-    """Writes model.int8.onnx beside `onnx_file` with `vit_service.quantize.build_int8`, the function
-    `vit-export --int8` runs (so the benchmark runs the int8 graph the exporter writes), its
-    agreement with fp32 measured on `images` (the benchmark's JPEGs, unlabelled); returns its record."""
+def add_int8(model: Any, artifact: Any, out_dir: Path, images: list[tuple[str, bytes]]) -> dict[str, Any]:
+    """Writes model.int8.xml (+ .bin) into `out_dir` with `vit_service.quantize.build_int8`, the function
+    `vit-export --int8` runs (so the benchmark runs the int8 model the exporter writes), calibrated and
+    its agreement with fp32 measured on `images` (the benchmark's JPEGs, unlabelled); returns its record."""
     from vit_service.quantize import build_int8
 
-    calib = onnx_file.parent / "calib"  # build_int8 reads files
-    calib.mkdir(exist_ok=True)
+    calib = Path(tempfile.mkdtemp(prefix="calib-"))  # build_int8 reads files
     for name, data in images:
         (calib / name).write_bytes(data)
-    return build_int8(model, artifact, onnx_file, onnx_file.parent, [(str(p), None) for p in sorted(calib.iterdir())],
+    return build_int8(model, artifact, out_dir, [(str(p), None) for p in sorted(calib.iterdir())],
                       "bench/serve_load.py's JPEGs", log=lambda line: print(f"  {line}"))
 
 
 def int8_model_dir(model_dir: Path, out: Path, images: list[tuple[str, bytes]]) -> Path:
-    """A model folder holding model.int8.onnx as `vit-export --int8` writes it, for the raw int8 loop:
+    """A model folder holding model.int8.xml as `vit-export --int8` writes it, for the raw int8 loop:
     `model_dir` itself where it has one (exported with --int8, or generated here with --int8), else
     a copy of it to which `add_int8` adds one. The served model is left as it was."""
-    from vit_service.artifact import load_model
-    from vit_service.formats.onnx_export import export_onnx
+    from vit_service.artifact import MANIFEST_FILE, load_model
     from vit_service.quantize import INT8_FILE
 
     if (model_dir / INT8_FILE).is_file():
         return model_dir
     shutil.copytree(model_dir, out)
     model, artifact = load_model(model_dir)
-    add_int8(model, artifact, export_onnx(model, out), images)
+    artifact.int8 = add_int8(model, artifact, out, images)
+    (out / MANIFEST_FILE).unlink()
+    artifact.save(model, out)
     return out
+
+
+def raw_predictor(model_dir: Path, precision: str, threads: int | None) -> Any:
+    """openvino at `precision` on the folder's model, past the int8 guard (a random-init model has no
+    int8 that passes it): the raw loop's ceiling, never what the service would serve unguarded."""
+    from vit_service.backends.base import ModelSource, Predictor
+    from vit_service.backends.openvino_runtime import OpenVINORuntime
+
+    source = ModelSource(model_dir)
+    return Predictor(source, OpenVINORuntime(source, precision, threads=threads))
 
 
 @dataclass
@@ -311,21 +323,22 @@ class RawRun:
 def run_raw(model_dir: Path, images: list[tuple[str, bytes]], args: argparse.Namespace,
             int8: bool = False) -> RawRun:
     """Decode, preprocess and forward in this process, one batch after another, per batch size.
-    Decoding uses the server's settings (JPEG draft mode on, default pixel limit). `int8`: run the
-    folder's model.int8.onnx (int8_model_dir) on onnxruntime."""
-    from vit_service.inference import Predictor
-    from vit_service.onnx_backend import OnnxPredictor
+    Decoding uses the server's settings (JPEG draft mode on, default pixel limit). The predictor is
+    the server's: `load_backend` with the same settings and VIT_CACHE_DIR, so the backend decision
+    kept for this host (measured here first, when none is kept) is the one the server reads.
+    `int8`: the folder's model.int8.xml (int8_model_dir) on openvino."""
+    from vit_service.backends import load_backend
     from vit_service.preprocessing import decode_image
-    from vit_service.quantize import INT8_FILE
 
-    if int8:
-        predictor: Any = OnnxPredictor(model_dir, threads=args.threads, path=model_dir / INT8_FILE, precision="int8")
-    else:
-        predictor = Predictor.from_directory(model_dir, device=args.device, precision=args.precision)
+    predictor = (raw_predictor(model_dir, "int8", args.threads) if int8 else
+                 load_backend(model_dir, device=args.device, precision=args.precision, threads=args.threads))
+    predictor.warmup(SERVER_MAX_BATCH)  # the server's default VIT_MAX_BATCH_SIZE: the same decision key
+    for b in args.raw_batch_sizes:  # warm every batch size timed below
+        predictor.predict_proba(np.zeros((b, *predictor.input_shape), np.uint8))
+    print(f"  raw backend: {predictor.backend} {predictor.precision}"
+          + (f" ({predictor.decision['reason']}; rates {predictor.decision['rates_img_s']})" if predictor.decision else ""))
     pre = predictor.preprocessing
-    predictor.warmup(max(args.raw_batch_sizes))
-    precision = predictor.precision
-    print(f"  raw precision: {precision}")
+    precision = f"{predictor.backend} {predictor.precision}"
     results, cursor = [], 0
     for b in args.raw_batch_sizes:
         times: list[float] = []
@@ -567,7 +580,7 @@ def report(results: Results, args: argparse.Namespace, n_images: int) -> list[st
     best8 = max(raw_int8, key=lambda r: r["img_per_s"]) if raw_int8 else None
     raw8_1 = next((r for r in raw_int8 if r["batch_size"] == 1), None)
     for r, label in ((best, "(a) raw, best batch"), (raw1, "(a) raw, batch 1"),
-                     (best8, "(a) raw int8 (onnxruntime), best batch"), (raw8_1, "(a) raw int8 (onnxruntime), batch 1")):
+                     (best8, "(a) raw int8 (openvino), best batch"), (raw8_1, "(a) raw int8 (openvino), batch 1")):
         if r is not None:
             lines.append(f"| {label} ({r['batch_size']}) | {r.get('precision', '—')} | — | "
                          f"{r['img_per_s']:.1f} | {fmt(r['p50_ms'])} | "
@@ -635,6 +648,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)
     with tempfile.TemporaryDirectory(prefix="vit-serve-load-") as tmp:
+        # A cache of this run's own: the raw loop measures the backend decision and keeps it there,
+        # the servers (which inherit the variable) read it; no earlier run's verdict is reused.
+        os.environ["VIT_CACHE_DIR"] = str(Path(tmp) / "cache")
         images = load_images(args.images, args.image_kind, args.num_images)
         tag, model_dir = prepare_model(args, Path(tmp) / "bentoml", images)
         if not args.model_tag:
@@ -659,7 +675,7 @@ def main(argv: list[str] | None = None) -> None:
                 run = run_raw(model_dir, images, args)
                 results.raw, results.raw_precision = run.rows, run.precision
                 if args.raw_int8:
-                    print("(a) raw pipeline, onnxruntime dynamic int8 (model.int8.onnx, as vit-export --int8 writes it)")
+                    print("(a) raw pipeline, openvino int8 (model.int8.xml, as vit-export --int8 writes it)")
                     results.raw_int8 = run_raw(int8_model_dir(model_dir, Path(tmp) / "int8", images), images, args,
                                                int8=True).rows
         for setup in args.setups:  # in the order given: rerun in another order to see drift on a shared machine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import tempfile
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Backend decisions and openvino conversions (vit_service/backends/decision.py) go to a folder of this
+# test session, not the user's ~/.cache; every server and CLI the tests start inherits it.
+os.environ.setdefault("VIT_CACHE_DIR", tempfile.mkdtemp(prefix="vit-test-cache-"))
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -30,7 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python tests/service_fixtures.py` imports bench/ too
 
 from bench.local_server import DEFAULT_TARGET, local_server  # noqa: E402
+from vit_service.host import read_cpu  # noqa: E402
 BIN = Path(sys.executable).parent
+# Fake CPUs for the host decisions, as /proc/cpuinfo would describe them.
+AVX2_ONLY = read_cpu("model name\t: AMD EPYC 7B12\nflags\t\t: sse2 avx avx2 fma\n")
+WITH_BF16 = read_cpu("model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n")
 MODEL_NAME = "vit-classifier"  # the service's default tag, so VIT_MODEL_TAG can stay unset
 CLASS_NAMES = ["circle", "square", "triangle", "star"]
 
@@ -55,6 +59,13 @@ def build_tiny_model(seed: int = 0):
                   "_instantiator": "lightning.pytorch.cli.instantiate_module"},  # internal: /model_info hides it
     )
     return model, artifact
+
+
+def save_tiny_folder(folder: Path) -> Path:
+    """The tiny model saved as an exported model folder (as `vit-export --dir` writes one)."""
+    model, artifact = build_tiny_model()
+    artifact.save(model, folder)
+    return folder
 
 
 def save_tiny_model(bentoml_home: Path) -> str:

@@ -18,10 +18,9 @@ from torchmetrics.classification import MulticlassCalibrationError
 from conftest import run_cli
 from service_fixtures import build_tiny_model
 from vit_service.artifact import MANIFEST_FILE, ModelArtifact, load_model
-from vit_service.backend import load_backend
+from vit_service.backends import load_backend
 from vit_service.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE, ece, fit_temperature, nll
 from vit_service.explain import Explainer
-from vit_service.inference import Predictor
 from vit_service.preprocessing import open_image
 from vit_service.quantize import evaluation_images
 from vit_service.serving.settings import Settings
@@ -97,16 +96,15 @@ def logits_of(directory: Path, x: np.ndarray) -> np.ndarray:
         return model(artifact.preprocessing.normalize(torch.from_numpy(x))).numpy()
 
 
-def test_every_backend_serves_softmax_of_logits_over_t(calibrated_dir: Path) -> None:
-    from vit_service.onnx_backend import OnnxPredictor
-
+def test_every_backend_serves_softmax_of_logits_over_t(calibrated_dir: Path, tmp_path: Path) -> None:
     x = images()
     logits = logits_of(calibrated_dir, x)
     expected, plain = softmax64(logits, T), softmax64(logits)
     assert np.abs(expected - plain).max() > 0.01  # T changes the scores of this model
-    predictors = {"torch": Predictor.from_directory(calibrated_dir, device="cpu", precision="fp32"),
-                  "onnxruntime": OnnxPredictor(calibrated_dir),
-                  "auto": load_backend(calibrated_dir, backend="auto", device="cpu", precision="fp32")}
+    predictors = {name: load_backend(calibrated_dir, backend=name, device="cpu", precision="fp32", cache=tmp_path)
+                  for name in ("torch", "openvino", "auto")}
+    predictors["auto"].warmup(2)  # auto's runtime (torch or openvino fp32) is chosen here
+    assert predictors["auto"].backend in ("torch", "openvino")
     for name, predictor in predictors.items():
         got = predictor.predict_proba(x)
         assert np.abs(got - expected).max() <= 1e-6, name
@@ -125,8 +123,9 @@ def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch:
                                              tmp_path: Path) -> None:
     x = images(seed=1)
     plain = softmax64(logits_of(calibrated_dir, x))
-    for backend in ("torch", "onnxruntime"):
-        predictor = load_backend(calibrated_dir, backend=backend, device="cpu", precision="fp32", calibrated=False)
+    for backend in ("torch", "openvino"):
+        predictor = load_backend(calibrated_dir, backend=backend, device="cpu", precision="fp32", calibrated=False,
+                                 cache=tmp_path)
         assert np.abs(predictor.predict_proba(x) - plain).max() <= 1e-6, backend
         assert predictor.describe()["scores"].startswith("raw")
         assert predictor.describe()["calibration"]["temperature"] == T  # shown, not applied
@@ -158,7 +157,7 @@ def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch:
                                                    "VIT_SCORES": scores}), str(with_reference), "calibrated:v1",
                                 replacement=True)
         assert np.abs(asyncio.run(handle.predict(x, {})) - expected).max() <= 1e-6, scores
-        assert np.abs(handle.explainer.explain_uint8(x[:1])[0] - expected[:1]).max() <= 1e-5, scores
+        assert np.abs(handle.explainer().explain_uint8(x[:1])[0] - expected[:1]).max() <= 1e-5, scores
         drift = handle.drift_status()
         assert drift["available"] is (scores == "calibrated") and (scores == "calibrated" or "VIT_SCORES=raw" in
                                                                    drift["reason"]), drift
@@ -175,8 +174,8 @@ def test_a_model_exported_before_calibration_still_serves(calibrated_dir: Path, 
     assert artifact.calibration is None and artifact.reference is None and artifact.temperature == 1.0
     x = images(seed=2)
     plain = softmax64(logits_of(old, x))
-    for backend in ("torch", "onnxruntime"):
-        predictor = load_backend(old, backend=backend, device="cpu", precision="fp32")
+    for backend in ("torch", "openvino"):
+        predictor = load_backend(old, backend=backend, device="cpu", precision="fp32", cache=tmp_path)
         assert np.abs(predictor.predict_proba(x) - plain).max() <= 1e-6
         info = predictor.describe()
         assert info["calibration"] is None and info["scores"] == "raw (the model has no calibration)"

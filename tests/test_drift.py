@@ -83,14 +83,14 @@ def drift_server(tmp_path_factory: pytest.TempPathFactory):
     import json
 
     from service_fixtures import bentoml_server, encode, picture, save_tiny_model
-    from vit_service.inference import Predictor
+    from vit_service.backends import load_backend
     from vit_service.preprocessing import decode_image
 
     home = tmp_path_factory.mktemp("drift_home")
     tag = save_tiny_model(home)
     name, version = tag.split(":")
     folder = home / "models" / name / version  # the store's layout (this process's BentoML may have another home)
-    predictor = Predictor.from_directory(folder, device="cpu", precision="fp32")
+    predictor = load_backend(folder, backend="torch", device="cpu", precision="fp32")
     pre = predictor.preprocessing
     pixels = np.stack([pre.to_uint8(decode_image(encode(picture(1000 + i), "JPEG"), draft_size=pre.resize_size)).numpy()
                        for i in range(400)])

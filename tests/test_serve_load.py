@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench import serve_load
 from vit_service.artifact import ModelArtifact
-from vit_service.inference import Predictor
+from vit_service.backends import load_backend
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.preprocessing import Preprocessing
 
@@ -49,7 +49,7 @@ def jpeg(i: int, size: tuple[int, int] = (500, 375)) -> bytes:
 
 
 def test_litserve_peer_answers_what_our_model_answers(model_dir: Path, tmp_path: Path) -> None:
-    predictor = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    predictor = load_backend(model_dir, backend="torch", device="cpu", precision="fp32")
     with serve_load.litserve_server(tmp_path / "litserve.log", model_dir, {}, "cpu", ready_timeout=180) as url:
         for i in range(3):
             data = jpeg(i)
@@ -92,7 +92,7 @@ def test_pinned_run_with_the_litserve_peer(tmp_path: Path) -> None:
     assert result["args"]["server_cores"] != result["args"]["client_cores"]
     assert result["machine"]["torch_threads"] == 1
     assert result["raw"][0]["batch_size"] == 1 and result["raw"][0]["img_per_s"] > 0
-    assert [(r["precision"], r["batch_size"]) for r in result["raw_int8"]] == [("int8", 1)]
+    assert [(r["precision"], r["batch_size"]) for r in result["raw_int8"]] == [("openvino int8", 1)]
     assert any(line.startswith("int8 ceiling: raw int8 batch-1 p50 / best peer (f) LitServe") for line in result["report"])
     [row] = result["served"]
     assert row["setup"] == "litserve" and row["errors"] == 0 and row["img_per_s"] > 0 and row["p50_ms"] > 0
@@ -120,20 +120,18 @@ def test_pin_needs_two_cores() -> None:
 
 
 def test_raw_int8_model_is_quantized_and_agrees(model_dir: Path, tmp_path: Path) -> None:
-    import onnx
-
-    from vit_service.onnx_backend import OnnxPredictor
+    import openvino as ov
 
     from vit_service.quantize import INT8_FILE
 
-    images = [(f"x{i}.jpg", jpeg(i)) for i in range(4)]  # what vit-export --int8 measures its agreement on
+    images = [(f"x{i}.jpg", jpeg(i)) for i in range(4)]  # what vit-export --int8 calibrates and measures on
     int8_dir = serve_load.int8_model_dir(model_dir, tmp_path / "int8", images)
     assert not (model_dir / INT8_FILE).exists()  # the served model is left as it was
-    ops = {node.op_type for node in onnx.load(str(int8_dir / INT8_FILE)).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, sorted(ops)  # int8 matmuls, not fp32 ones
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(int8_dir / INT8_FILE)).get_ops()}
+    assert "FakeQuantize" in ops, sorted(ops)  # int8 quantization points, not a plain fp32 network
     assert serve_load.int8_model_dir(int8_dir, tmp_path / "again", images) == int8_dir  # an int8 model is reused
-    int8 = OnnxPredictor(int8_dir, threads=1, path=int8_dir / INT8_FILE, precision="int8")
-    fp32 = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    int8 = serve_load.raw_predictor(int8_dir, "int8", threads=1)  # the raw loop's: no guard on a random model
+    fp32 = load_backend(model_dir, backend="torch", device="cpu", precision="fp32")
     pixels = np.stack([fp32.preprocessing.to_uint8(Image.open(io.BytesIO(jpeg(i))).convert("RGB")).numpy()
                        for i in range(8)])
     a, b = int8.predict_proba(pixels), np.asarray(fp32.predict_proba(pixels))

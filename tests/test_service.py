@@ -719,7 +719,7 @@ def uint8_batch(pre, *datas: bytes) -> np.ndarray:
 
 
 def test_device_and_precision_choices():
-    from vit_service.inference import resolve_device, resolve_precision
+    from vit_service.backends.torch_runtime import resolve_device, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
@@ -735,10 +735,10 @@ def test_device_and_precision_choices():
 
 
 def test_bf16_autocast_stays_close_to_fp32(model_dir, reference):
-    from vit_service.inference import Predictor
+    from vit_service.backends import load_backend
 
-    predictor = Predictor.from_directory(model_dir, device="cpu", precision="bf16")
-    fp32 = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
+    predictor = load_backend(model_dir, backend="torch", device="cpu", precision="bf16")
+    fp32 = load_backend(model_dir, backend="torch", device="cpu", precision="fp32")
     seen = []  # the dtype a Linear layer computed in, inside the forward pass
     predictor.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     datas = [encode(picture(s), "PNG") for s in range(1, 9)]
@@ -765,47 +765,55 @@ def test_cpu_precision_rule():
     assert not is_faster(0.140, 0.100)
 
 
+FAKE_BF16_CPU = "model name\t: Fake Xeon (Sapphire Rapids)\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+
+
 @pytest.mark.parametrize("bf16_s, chosen", [(0.080, "bf16"), (0.095, "fp32")])
-def test_auto_precision_on_cpu_keeps_what_its_timings_say_and_runs_it(model_dir, monkeypatch, bf16_s, chosen):
-    """VIT_PRECISION=auto times both at warm-up. Here the timings are given (a clock that a
+def test_cpu_bf16_is_a_candidate_the_decision_keeps_by_its_timings_and_runs(model_dir, monkeypatch, tmp_path,
+                                                                          bf16_s, chosen):
+    """On a CPU with bf16 instructions (faked), torch fp32 and torch bf16 are the decision's
+    candidates, raced at warm-up (backends/decision.py). Here the timings are given (a clock that a
     forward pass advances by 0.100 s in fp32 and `bf16_s` in bf16), so the choice is known in
     advance; the forward pass then runs in it (seen by a hook on a Linear layer)."""
-    import vit_service.inference as inference
-    from vit_service.inference import Predictor
-
     import time
 
-    predictor = Predictor.from_directory(model_dir, device="cpu", precision="auto")
-    predictor.measure_cpu_bf16 = True  # as on a host with bf16 instructions (this one has them)
+    from vit_service.backends import decision, load_backend
+    from vit_service.backends.torch_runtime import TorchRuntime
+    from vit_service.host import read_cpu
+
     now = [0.0]
-    real_faster = inference.faster
+    real_faster, real_forward = decision.faster, TorchRuntime.forward
     # The race's clock is the fake one (its wall-time budget stays real, so it ends).
-    monkeypatch.setattr(inference, "faster", lambda candidate, baseline, **kw: real_faster(
+    monkeypatch.setattr(decision, "faster", lambda candidate, baseline, **kw: real_faster(
         candidate, baseline, **{**kw, "clock": lambda: now[0], "budget_clock": time.perf_counter}))
-    real_predict = predictor.predict_proba
 
-    def timed_predict(images):
-        now[0] += {"fp32": 0.100, "bf16": bf16_s}[predictor.precision]
-        return real_predict(images)
+    def timed_forward(runtime, pixels):
+        now[0] += {"fp32": 0.100, "bf16": bf16_s}[runtime.precision]
+        return real_forward(runtime, pixels)
 
-    monkeypatch.setattr(predictor, "predict_proba", timed_predict)
+    monkeypatch.setattr(TorchRuntime, "forward", timed_forward)
+    predictor = load_backend(model_dir, backend="torch", device="cpu", precision="auto",
+                             cpu=read_cpu(FAKE_BF16_CPU), cache=tmp_path)
+    assert predictor.backend == "not chosen yet"
     predictor.warmup(max_batch_size=4)
-    assert predictor.precision_timings == {"fp32": 0.1, "bf16": bf16_s}
-    assert predictor.describe()["precision"] == chosen
+    made = predictor.describe()["decision"]
+    assert (made["backend"], made["precision"], made["batch"]) == ("torch", chosen, 4)
+    assert made["rates_img_s"] == {"torch fp32": 40.0, "torch bf16": round(4 / bf16_s, 2)}
+    assert made["verdicts"] == [f"torch bf16 {0.1 / bf16_s:.2f}x torch fp32: "
+                                f"{'faster' if chosen == 'bf16' else 'not faster'} by the >= 10% rule"]
+    assert made["key"]["flags"] == ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    assert predictor.describe()["precision"] == predictor.precision == chosen
     seen = []
     predictor.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    real_predict(np.zeros((2, 3, 32, 32), np.uint8))
+    predictor.predict_proba(np.zeros((2, 3, 32, 32), np.uint8))
     assert seen == [{"bf16": torch.bfloat16, "fp32": torch.float32}[chosen]]
-    fixed = Predictor.from_directory(model_dir, device="cpu", precision="fp32")
-    fixed.warmup(max_batch_size=4)
-    assert fixed.precision == "fp32" and fixed.precision_timings == {}
 
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager(model_dir, reference):
-    from vit_service.inference import Predictor
+    from vit_service.backends import load_backend
 
-    predictor = Predictor.from_directory(model_dir, device="cpu", compile_mode="default")
+    predictor = load_backend(model_dir, backend="torch", device="cpu", compile_mode="default")
     predictor.warmup(max_batch_size=4)
     datas = [encode(picture(s), "JPEG") for s in (4, 5, 6)]
     probs = predictor.predict_proba(uint8_batch(predictor.preprocessing, *datas))

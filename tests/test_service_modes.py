@@ -68,7 +68,8 @@ def test_readyz_is_503_until_the_model_is_warm(gated_server):
     ("VIT_MAX_BATCH_SIZE", "abc", "VIT_MAX_BATCH_SIZE must be an integer, got 'abc'"),
     ("VIT_API_KEY_FILE", "{empty}", "VIT_API_KEY_FILE {empty}: holds no key (one key a line)"),
     ("VIT_PRECISION", "int8", "cannot serve vit-classifier:latest: VIT_PRECISION=int8 but the model has no int8 version"),
-    ("VIT_BACKEND", "onnxruntime", "cannot serve vit-classifier:latest: VIT_BACKEND=onnxruntime but the model has no model.onnx"),
+    ("VIT_BACKEND", "onnxruntime", "cannot serve vit-classifier:latest: VIT_BACKEND must be one of auto, torch, openvino, "
+                                   "got 'onnxruntime' (onnxruntime serving was retired"),
 ])
 def test_bad_setting_or_unservable_model_stops_serve_with_one_line(store, tmp_path, name, value, message):
     """`bentoml serve` exits non-zero at once, before any worker starts, printing one line that

@@ -240,11 +240,12 @@ def _keep_torch_backend_flags():
     torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _predictor(device: str, precision: str, monkeypatch, bf16_supported: bool = True):
-    from service_fixtures import build_tiny_model
-    from vit_service.inference import Predictor
+def _predictor(model_dir: Path, device: str, precision: str, monkeypatch, bf16_supported: bool = True):
+    """The torch runtime's Predictor for `device` as it is built on a host that has it; the model
+    stays on the CPU and where it was sent is recorded."""
+    from vit_service.backends.base import ModelSource, Predictor
+    from vit_service.backends.torch_runtime import TorchRuntime
 
-    model, artifact = build_tiny_model()
     moved = []
     real_module_to = torch.nn.Module.to
 
@@ -258,14 +259,16 @@ def _predictor(device: str, precision: str, monkeypatch, bf16_supported: bool = 
 
     monkeypatch.setattr(torch.nn.Module, "to", module_to)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
-    return Predictor(model, artifact, torch.device(device), precision=precision), moved
+    source = ModelSource(model_dir, torch.device(device))
+    return Predictor(source, TorchRuntime(source, precision=precision)), moved
 
 
 @pytest.mark.parametrize("bf16_supported, dtype", [(True, torch.bfloat16), (False, torch.float16)])
-def test_gpu_path_autocasts_channels_last_pinned_non_blocking(monkeypatch, bf16_supported: bool, dtype) -> None:
-    predictor, moved = _predictor("cuda", "auto", monkeypatch, bf16_supported)
+def test_gpu_path_autocasts_channels_last_pinned_non_blocking(tiny_model_dir: Path, monkeypatch, bf16_supported: bool,
+                                                              dtype) -> None:
+    predictor, moved = _predictor(tiny_model_dir, "cuda", "auto", monkeypatch, bf16_supported)
     assert predictor.precision == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    assert predictor.channels_last and predictor.describe()["channels_last"] is True
+    assert predictor.runtime.channels_last and predictor.describe()["channels_last"] is True
     assert ((torch.device("cuda"),), {}) in moved and ((), {"memory_format": torch.channels_last}) in moved
     assert torch.backends.cudnn.benchmark is True
     rec = _Recorder(monkeypatch)
@@ -275,9 +278,9 @@ def test_gpu_path_autocasts_channels_last_pinned_non_blocking(monkeypatch, bf16_
                          ("autocast", "cuda", dtype, True)]
 
 
-def test_cpu_path_has_none_of_the_gpu_steps(monkeypatch) -> None:
-    predictor, moved = _predictor("cpu", "fp32", monkeypatch)
-    assert not predictor.channels_last and predictor.describe()["channels_last"] is False
+def test_cpu_path_has_none_of_the_gpu_steps(tiny_model_dir: Path, monkeypatch) -> None:
+    predictor, moved = _predictor(tiny_model_dir, "cpu", "fp32", monkeypatch)
+    assert not predictor.runtime.channels_last and predictor.describe()["channels_last"] is False
     assert all(kwargs.get("memory_format") is None for _, kwargs in moved)
     rec = _Recorder(monkeypatch)
     predictor.predict_proba(np.zeros((2, 3, 32, 32), np.uint8))
@@ -326,9 +329,13 @@ def test_a_warm_sibling_is_seen_while_it_lives_and_not_after() -> None:
 
 
 def test_the_serving_backend_is_the_races_choice_once_warm(tiny_model_dir: Path) -> None:
-    """A model update reuses `InProcessModel.backend`: it must be what won the warm-up race, not
-    the first candidate the race started from."""
+    """A model update reuses `InProcessModel.serving`: it must be what the warm-up decision chose,
+    not the first candidate the race started from."""
     model = _in_process_model(tiny_model_dir, {"VIT_BACKEND": "auto"})
-    chosen = model._predictor.describe()["backend"]
-    assert model.backend == chosen and chosen in ("torch", "onnxruntime")
-    assert model.backend == asyncio.run(model.describe()).description["serving"]["backend"]
+    described = model._predictor.describe()
+    assert model.serving == (described["backend"], described["precision"])
+    assert model.serving == (described["decision"]["backend"], described["decision"]["precision"])
+    assert model.serving[0] in ("torch", "openvino") and model.serving[1] == "fp32"  # VIT_PRECISION=fp32
+    serving = asyncio.run(model.describe()).description["serving"]
+    assert model.serving == (serving["backend"], serving["precision"])
+    model.close()

@@ -36,5 +36,5 @@ def test_vit_backend_is_read_by_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("VIT_DEVICE", "cpu")
     monkeypatch.delenv("VIT_BACKEND", raising=False)
     assert Settings.from_env().backend == "auto"
-    monkeypatch.setenv("VIT_BACKEND", " onnxruntime ")
-    assert Settings.from_env().backend == "onnxruntime"
+    monkeypatch.setenv("VIT_BACKEND", " openvino ")
+    assert Settings.from_env().backend == "openvino"

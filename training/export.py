@@ -1,6 +1,6 @@
 """`vit-export`: a training checkpoint, or a pretrained ViT (`--from`), -> a BentoML model holding
 everything serving needs; optionally also a transformers folder (`--hf-dir`), `model.onnx` (`--onnx`)
-and an int8 model (`--int8`: model.onnx + model.int8.onnx, measured against fp32 on the run's
+and an int8 model (`--int8`: model.int8.xml + .bin for OpenVINO, calibrated and measured against fp32 on the run's
 validation images or `--calib DIR`, the figures recorded in vit_artifact.json).
 
 Every export also fits a temperature on the same images (the run's validation folder or `--calib DIR`,
@@ -68,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         artifact.int8 = artifact.calibration = artifact.reference = None
         directory, images = _measurement_images(artifact, args)
         _calibrate(model, artifact, directory, images)
-        onnx_file = _export_onnx_first(model) if args.onnx or args.int8 else None
+        onnx_file = _export_onnx_first(model) if args.onnx else None
         extra = [onnx_file] if onnx_file else []
-        if onnx_file and args.int8:
-            artifact.int8 = _build_int8(model, artifact, onnx_file, directory, images)
-        if artifact.int8:  # model.int8.onnx beside model.onnx, its figures in vit_artifact.json
-            extra.append(onnx_file.parent / artifact.int8["file"])
-            _int8_calibration(artifact, onnx_file.parent / artifact.int8["file"], images)
+        if args.int8:  # model.int8.xml + .bin beside the weights, its figures in vit_artifact.json
+            int8_dir = Path(tempfile.mkdtemp(prefix="vit-export-int8-"))
+            artifact.int8 = _build_int8(model, artifact, int8_dir, directory, images)
+            extra += [int8_dir / artifact.int8["file"], int8_dir / artifact.int8["weights_file"]]
+            _int8_calibration(artifact, int8_dir / artifact.int8["file"], images)
         copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
         earlier = _earlier_exports(args.name, artifact)
         bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
@@ -184,21 +184,21 @@ def _int8_calibration(artifact: ModelArtifact, int8_file: Path, images: list[tup
          f"{artifact.calibration['int8']['ece_after']:.3f} with the same T")
 
 
-def _build_int8(model: VisionTransformer, artifact: ModelArtifact, onnx_file: Path, directory: str | None,
+def _build_int8(model: VisionTransformer, artifact: ModelArtifact, out_dir: Path, directory: str | None,
                 images: list[tuple[str, int | None]]) -> dict[str, Any]:
-    """Quantizes `onnx_file` and measures it on --calib DIR or the training run's validation folder."""
+    """Quantizes the model, calibrated and measured on --calib DIR or the training run's validation folder."""
     if not directory:
         val_dir = (artifact.metadata.get("dataset") or {}).get("val_dir")
         if val_dir:
-            raise ExportError(f"--int8: the run's validation folder {val_dir} is not there to measure int8 on; "
+            raise ExportError(f"--int8: the run's validation folder {val_dir} is not there to calibrate int8 on; "
                               "give --calib DIR")
-        raise ExportError("--int8 measures the int8 model against fp32 on real images: give --calib DIR "
-                          "(images, in class folders named like the model's classes for accuracy)")
-    record = build_int8(model, artifact, onnx_file, onnx_file.parent, images, str(Path(directory).resolve()),
-                        log=_say)
+        raise ExportError("--int8 calibrates the int8 model and measures it against fp32 on real images: give "
+                          "--calib DIR (images, in class folders named like the model's classes for accuracy)")
+    record = build_int8(model, artifact, out_dir, images, str(Path(directory).resolve()), log=_say)
     if record["agreement_top1"] < MIN_AGREEMENT:
         _say(f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
-             f"(< {MIN_AGREEMENT:.0%}): recorded, but serving will not use it unless forced")
+             f"(< {MIN_AGREEMENT:.0%}): recorded, but it will not serve (VIT_PRECISION=auto passes it over and "
+             "VIT_PRECISION=int8 refuses to start); more or other --calib images may help")
     return record
 
 
@@ -213,9 +213,9 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
                                                    "average pooling, is skipped with a message and exit code 3)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch) into the model")
     p.add_argument("--int8", action="store_true",
-                   help="also write an int8 model (model.int8.onnx, onnxruntime dynamic quantization, with "
-                        "model.onnx) and record its top-1 agreement with fp32 and both accuracies, measured on "
-                        "the run's validation images or --calib DIR")
+                   help="also write an int8 model (model.int8.xml + .bin: NNCF static quantization for OpenVINO, "
+                        "calibrated on the run's validation images or --calib DIR) and record its top-1 agreement "
+                        "with fp32 and both accuracies, measured on the same images")
     p.add_argument("--calib", metavar="DIR", help="images to fit the temperature on and to measure --int8 on, "
                                                    "instead of the run's validation folder (class folders named like "
                                                    "the model's classes give labels: calibration and accuracies); "

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from vit_service.artifact import ModelArtifact
-from vit_service.inference import classes_preview
+from vit_service.predictions import classes_preview
 from vit_service.model import VisionTransformer
 
 Method = Literal["rollout", "grad"]

@@ -20,7 +20,8 @@ import numpy as np
 
 from vit_service.explain import HEAD_FUSIONS, METHODS, Explainer
 from vit_service.formats.sources import FORMATS, ModelFormat, ModelSourceError, load_model_source
-from vit_service.inference import resolve_device, top_k_predictions
+from vit_service.backends.torch_runtime import resolve_device
+from vit_service.predictions import top_k_predictions
 from vit_service.overlay import render_overlay
 from vit_service.preprocessing import IMAGE_EXTENSIONS, InvalidImageError, list_images, open_image
 

@@ -1,21 +1,21 @@
-"""int8 CPU inference with an accuracy guard: `vit-export --int8` writes `model.int8.onnx` beside
-`model.onnx` and records, in vit_artifact.json ("int8"), how it agrees with the fp32 model on
+"""Static int8 for the CPU with an accuracy guard: `vit-export --int8` writes `model.int8.xml` (+ .bin,
+OpenVINO's format) and records, in vit_artifact.json ("int8"), how it agrees with the fp32 model on
 real images: top-1 agreement and both top-1 accuracies. Serving uses the figures as a guard: int8
 only where the recorded agreement is >= MIN_AGREEMENT (99%).
 
-Which int8: onnxruntime *dynamic* quantization (weights int8, activations uint8 with a range taken
-per batch). Against torch.ao dynamic int8 and both fp32 runtimes it was the fastest or tied in every
-cell measured (bench/README.md, "Which int8: onnxruntime dynamic"), it is a plain file any
-onnxruntime loads, and torch.ao's eager quantization is deprecated (torch 2.14 warns it will be
-removed). Static quantization was not taken: it needs representative images at export and fixes
-activation ranges after LayerNorm/GELU/softmax, where ViTs have outliers; dynamic needs no data to
-build. Weights are quantized per tensor first; if that misses the agreement threshold, per output
-channel is tried and the better-agreeing one kept (per channel is slower, so it is the fallback).
+Which int8: NNCF's static post-training quantization of the OpenVINO model (weights int8 per
+channel, activations int8 with ranges calibrated on the export's images), served by OpenVINO's VNNI
+/ AMX kernels: 1.4-1.7x onnxruntime's dynamic int8 on the avx512_vnni host (bench/README.md,
+"Backends"). Transformers collapse when LayerNorm, GELU or softmax are quantized carelessly, so
+NNCF's TRANSFORMER model type (which keeps those in float and applies SmoothQuant) is the first try;
+where it misses the guard, the second keeps every MLP's fc2 (whose inputs, after GELU, hold the
+outliers) in float too, and the better-agreeing one is kept, recorded with which it was ("recipe").
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,30 +29,21 @@ from vit_service.model import VisionTransformer
 from vit_service.preprocessing import (IMAGE_EXTENSIONS, InvalidImageError, Preprocessing, is_image_file, list_images,
                                        open_image)
 
-INT8_FILE = "model.int8.onnx"
+INT8_FILE = "model.int8.xml"  # OpenVINO IR; its weights in model.int8.bin beside it
 MIN_AGREEMENT = 0.99  # int8 is served only where it agreed with fp32 on >= 99% of the images
 EVAL_BATCH = 64
+CALIBRATION_IMAGES = 300  # NNCF's default subset size
+# What each try keeps in float beyond what the TRANSFORMER model type already does: nothing, then every
+# MLP's second layer (node names as openvino.convert_model writes a torch module's). Measured on the
+# CIFAR-10 model (bench/README.md, "int8"), these two agreed best of the variants tried.
+RECIPES: list[tuple[str, list[str]]] = [
+    ("NNCF TRANSFORMER", []),
+    ("NNCF TRANSFORMER, mlp.fc2 in float", [r".*mlp\.fc2/.*"]),
+]
 
 
 class QuantizeError(ValueError):
     """int8 export is not possible: the message names what to install or which folder is wrong."""
-
-
-def quantize_dynamic_int8(fp32_onnx: str | os.PathLike[str], out: str | os.PathLike[str],
-                          per_channel: bool = False) -> Path:
-    """`fp32_onnx` -> `out`: onnxruntime dynamic quantization of every MatMul/Gemm to int8."""
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise QuantizeError("int8 export needs onnxruntime: pip install -e '.[onnx]'") from None
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # it logs a "consider pre-processing" hint on every call
-    try:
-        quantize_dynamic(str(fp32_onnx), str(out), weight_type=QuantType.QInt8, per_channel=per_channel)
-    finally:
-        root.setLevel(level)
-    return Path(out)
 
 
 def evaluation_images(directory: str | os.PathLike[str], class_names: list[str],
@@ -81,20 +72,16 @@ def evaluation_images(directory: str | os.PathLike[str], class_names: list[str],
     return images[:limit] if limit else images
 
 
-class _OnnxRunner:
-    """One onnxruntime session over normalised float32 pixels -> logits."""
+def _openvino_runner(model: Any, threads: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
+    """Normalised float32 pixels -> logits through an OpenVINO model compiled as serving compiles it."""
+    from vit_service.backends.openvino_runtime import compile_for_cpu
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    request = compile_for_cpu(model, "int8", threads).create_infer_request()
 
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        return self.session.run(["logits"], {"pixel_values": pixels.numpy()})[0]  # (B, K)
+    def run(pixels: torch.Tensor) -> np.ndarray:
+        request.infer({0: pixels.numpy()})
+        return np.array(request.get_output_tensor(0).data)  # (B, K)
+    return run
 
 
 def pixel_batches(preprocessing: Preprocessing, images: list[tuple[str, int | None]], skipped: list[str],
@@ -129,12 +116,13 @@ def image_logits(run: Callable[[torch.Tensor], np.ndarray | torch.Tensor], prepr
     return np.concatenate(logits), np.asarray(labels, np.int64)
 
 
-def measure_agreement(model: VisionTransformer, artifact: ModelArtifact, int8_onnx: str | os.PathLike[str],
+def measure_agreement(model: VisionTransformer, artifact: ModelArtifact, int8_model: Any,
                       images: list[tuple[str, int | None]]) -> dict[str, Any]:
-    """Top-1 of the fp32 torch model (what serving runs) and of the int8 graph on the same images,
-    preprocessed as serving does: {"images", "labelled", "agreement_top1", "fp32_top1", "int8_top1",
-    "max_prob_diff"}; accuracies are None without labelled images."""
-    int8 = _OnnxRunner(Path(int8_onnx))
+    """Top-1 of the fp32 torch model (the reference) and of the int8 model (an OpenVINO model or its
+    .xml file, compiled as serving compiles it) on the same images, preprocessed as serving does:
+    {"images", "labelled", "agreement_top1", "fp32_top1", "int8_top1", "max_prob_diff"}; accuracies
+    are None without labelled images."""
+    int8 = _openvino_runner(int8_model)
     model = model.eval()
     agree = correct32 = correct8 = labelled = 0
     max_diff = 0.0
@@ -160,42 +148,69 @@ def measure_agreement(model: VisionTransformer, artifact: ModelArtifact, int8_on
             "max_prob_diff": round(max_diff, 5), "unreadable": len(skipped)}
 
 
-def int8_logits(int8_onnx: str | os.PathLike[str], preprocessing: Preprocessing,
+def int8_logits(int8_file: str | os.PathLike[str], preprocessing: Preprocessing,
                 images: list[tuple[str, int | None]]) -> tuple[np.ndarray, np.ndarray]:
-    """`image_logits` of the int8 graph (for its ECE with the fp32 model's temperature)."""
-    return image_logits(_OnnxRunner(Path(int8_onnx)), preprocessing, images)
+    """`image_logits` of the int8 model (for its ECE with the fp32 model's temperature)."""
+    return image_logits(_openvino_runner(str(int8_file)), preprocessing, images)
 
 
-def build_int8(model: VisionTransformer, artifact: ModelArtifact, fp32_onnx: str | os.PathLike[str],
-               out_dir: str | os.PathLike[str], images: list[tuple[str, int | None]], measured_on: str,
+def build_int8(model: VisionTransformer, artifact: ModelArtifact, out_dir: str | os.PathLike[str],
+               images: list[tuple[str, int | None]], measured_on: str,
                log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Writes `out_dir/model.int8.onnx` (per tensor; per channel if that agrees better where per
-    tensor misses MIN_AGREEMENT) and returns the record for vit_artifact.json's "int8"."""
-    import onnxruntime
+    """Writes `out_dir/model.int8.xml` (+ .bin): the first of RECIPES that meets MIN_AGREEMENT, else
+    the best-agreeing one, calibrated on up to CALIBRATION_IMAGES of `images` and measured on all of
+    them; returns the record for vit_artifact.json's "int8"."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        raise QuantizeError("int8 export needs openvino and nncf: pip install -e '.[int8]'") from None
+    from vit_service.backends.openvino_runtime import convert
 
-    out = Path(out_dir) / INT8_FILE
-    best: tuple[dict[str, Any], Path] | None = None
-    for per_channel in (False, True):
-        path = Path(out_dir) / (f"{INT8_FILE}.per_channel" if per_channel else INT8_FILE)
-        quantize_dynamic_int8(fp32_onnx, path, per_channel=per_channel)
-        figures = {"weights": "int8 per output channel" if per_channel else "int8 per tensor", **measure_agreement(
-            model, artifact, path, images)}
-        log(f"int8 ({figures['weights']}): top-1 agreement with fp32 {figures['agreement_top1']:.2%} on "
+    skipped: list[str] = []
+    calibration = [pixels.numpy() for pixels, _ in pixel_batches(artifact.preprocessing, images[:CALIBRATION_IMAGES],
+                                                                 skipped, batch_size=1)]
+    if not calibration:
+        raise QuantizeError(f"no readable images to calibrate int8 on ({skipped[0] if skipped else 'none given'})")
+    fp32 = convert(model)
+    best: tuple[dict[str, Any], Any] | None = None
+    for recipe, kept_in_float in RECIPES:
+        with _quiet_nncf():
+            int8 = nncf.quantize(fp32, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                                 subset_size=len(calibration),
+                                 ignored_scope=nncf.IgnoredScope(patterns=kept_in_float, validate=False))
+        figures = {"recipe": recipe, **measure_agreement(model, artifact, int8, images)}
+        log(f"int8 ({recipe}): top-1 agreement with fp32 {figures['agreement_top1']:.2%} on "
             f"{figures['images']} images" + (f"; top-1 fp32 {figures['fp32_top1']:.2%}, int8 {figures['int8_top1']:.2%}"
                                              if figures["labelled"] else ""))
         if best is None or figures["agreement_top1"] > best[0]["agreement_top1"]:
-            best = (figures, path)
+            best = (figures, int8)
         if figures["agreement_top1"] >= MIN_AGREEMENT:
             break
     assert best is not None
-    figures, path = best
-    if path != out:
-        path.replace(out)
-    for leftover in Path(out_dir).glob(f"{INT8_FILE}.*"):
-        leftover.unlink()
-    return {"file": INT8_FILE, "method": "onnxruntime dynamic quantization", **figures,
-            "activations": "uint8, range per batch", "measured_on": measured_on,
-            "min_agreement": MIN_AGREEMENT, "onnxruntime": onnxruntime.__version__}
+    figures, int8 = best
+    out = Path(out_dir) / INT8_FILE
+    ov.save_model(int8, str(out), compress_to_fp16=False)
+    return {"file": INT8_FILE, "weights_file": out.with_suffix(".bin").name, "runtime": "openvino",
+            "method": "NNCF static post-training quantization", **figures,
+            "calibration_images": len(calibration), "activations": "int8, ranges calibrated at export",
+            "measured_on": measured_on, "min_agreement": MIN_AGREEMENT,
+            "openvino": ov.get_version().split("-")[0], "nncf": nncf.__version__}
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF logs at INFO and draws progress bars on stdout, which carries only vit-export's model tag."""
+    import logging
+
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        nncf.set_log_level(logging.INFO)
 
 
 def int8_guard(record: dict[str, Any] | None, min_agreement: float = MIN_AGREEMENT) -> str | None:
@@ -203,6 +218,9 @@ def int8_guard(record: dict[str, Any] | None, min_agreement: float = MIN_AGREEME
     top-1 agreement with fp32 below `min_agreement`."""
     if not record:
         return "the model has no int8 version (export it with vit-export --int8)"
+    if record.get("runtime") != "openvino":
+        return ("its int8 version was made for onnxruntime by an older vit-export, which serving no longer runs "
+                "(re-export it with vit-export --int8)")
     agreement = record.get("agreement_top1")
     if agreement is None:
         return "the model's int8 record has no measured agreement (re-export it with vit-export --int8)"
@@ -212,5 +230,5 @@ def int8_guard(record: dict[str, Any] | None, min_agreement: float = MIN_AGREEME
     return None
 
 
-__all__ = ["INT8_FILE", "MIN_AGREEMENT", "QuantizeError", "build_int8", "evaluation_images", "image_logits",
-           "int8_guard", "int8_logits", "measure_agreement", "pixel_batches", "quantize_dynamic_int8"]
+__all__ = ["INT8_FILE", "MIN_AGREEMENT", "RECIPES", "QuantizeError", "build_int8", "evaluation_images", "image_logits",
+           "int8_guard", "int8_logits", "measure_agreement", "pixel_batches"]

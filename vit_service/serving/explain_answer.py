@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vit_service.inference import top_k_predictions
+from vit_service.predictions import top_k_predictions
 from vit_service.preprocessing import Preprocessing
 
 METHOD_FIELD, CLASS_FIELD, FORMAT_FIELD = "method", "class_name", "format"

@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vit_service.serving import metrics
+from vit_service.serving.bentoml_compat import worker_index
 from vit_service.serving.errors import RequestError, error_response
 from vit_service.serving.validation import TOP_K_FIELD, parse_top_k
 
@@ -39,6 +40,7 @@ MAX_FILENAME_BYTES = 200  # the OS caps names at 255; a longer one is someone's 
 _timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("vit_timings", default=None)
 _answered_by: contextvars.ContextVar[str | None] = contextvars.ContextVar("vit_answered_by", default=None)
 MODEL_HEADER = "x-model-version"  # which model version answered (the store's NAME:VERSION)
+WORKER_HEADER = "x-worker"  # which worker process answered (1, 2, ...): "the same answer from every worker" is checkable
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class HttpFront:
                 metrics.images_total.labels(endpoint=route.api, outcome=outcome).inc(n_images)
         if tag:
             response.headers[MODEL_HEADER] = tag
+            response.headers[WORKER_HEADER] = str(worker_index())
         if timings:
             response.headers["server-timing"] = metrics.server_timing(timings)
             metrics.observe_stages(timings)

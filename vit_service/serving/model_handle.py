@@ -12,11 +12,12 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from vit_service.predictor import ImagePredictor
+from vit_service.backends import Predictor
 from vit_service.preprocessing import Preprocessing
 from vit_service.serving import metrics, restarts
 from vit_service.serving.bentoml_compat import worker_index
@@ -69,7 +70,7 @@ class InProcessModel:
         """`replacement`: a new version loaded beside the serving one (model_updates.py): warmed up
         here, in the caller's thread, and a failed warm-up raises instead of leaving it unready."""
         predictor = load_predictor(settings, model_path)
-        self.explainer = make_explainer(predictor, model_path, calibrated=settings.scores == "calibrated")
+        self._explainer: Any = None  # made at the first /explain, on the predictor's one torch model
         self.explain_pool = ThreadPoolExecutor(1, thread_name_prefix="explain")  # beside, never inside, the batcher
         self.batcher = AdaptiveBatcher(predictor.predict_proba,
                                        max_batch_size=settings.max_batch_size if settings.batching else 1,
@@ -82,7 +83,7 @@ class InProcessModel:
         self.no_drift = ("the model was exported without a validation reference (re-export it with this version's "
                          "vit-export)" if not reference else "VIT_SCORES=raw: the reference holds calibrated scores")
         self.tag = str(tag)
-        self._predictor, self._configured_backend = predictor, settings.backend
+        self._predictor = predictor
         self._info: ModelInfo | None = None
         self.warm = threading.Event()
         self.failed = False
@@ -114,12 +115,22 @@ class InProcessModel:
             warm()
 
     @property
-    def backend(self) -> str:
-        """The backend that serves: VIT_BACKEND=auto's choice is known only once the warm-up raced."""
-        return str(self._predictor.describe().get("backend", self._configured_backend))
+    def serving(self) -> tuple[str, str]:
+        """(backend, precision) that serve: VIT_BACKEND=auto's choice is known once warm."""
+        return self._predictor.backend, self._predictor.precision
+
+    def explainer(self) -> Any:
+        """The /explain engine, made on first use (in the explain thread) on the predictor's torch
+        model: the runtime's own for torch, loaded once beside another runtime (backends/base.py)."""
+        if self._explainer is None:
+            from vit_service.explain import Explainer
+
+            p = self._predictor
+            self._explainer = Explainer(p.model, p.artifact, p.device, calibrated=p.calibrated)
+        return self._explainer
 
     @staticmethod
-    def _smoke_test(predictor: ImagePredictor) -> None:
+    def _smoke_test(predictor: Predictor) -> None:
         """A prediction before the first request: probabilities of every class, finite, summing to 1."""
         probs = predictor.predict_proba(np.zeros((2, *predictor.input_shape), np.uint8))  # (2, K)
         k = len(predictor.artifact.class_names)
@@ -168,13 +179,13 @@ class InProcessModel:
     async def explain(self, pixels: np.ndarray, method: str, class_index: int | None) -> Explained:
         loop = asyncio.get_running_loop()
         probs, target, maps = await loop.run_in_executor(
-            self.explain_pool, self.explainer.explain_uint8, pixels, method, class_index)
+            self.explain_pool, lambda: self.explainer().explain_uint8(pixels, method, class_index))
         return Explained(np.asarray(probs[0], np.float32), int(target[0]), np.asarray(maps[0], np.float32))
 
 
-def load_predictor(settings: Settings, model_path: str) -> ImagePredictor:
-    """The exported model on its device (not yet warmed up), with the configured threads and backend."""
-    from vit_service.backend import load_backend
+def load_predictor(settings: Settings, model_path: str) -> Predictor:
+    """The exported model (its runtime chosen at warm-up), with the configured threads and backend."""
+    from vit_service.backends import load_backend
 
     threads = settings.torch_threads  # the rule in settings.py: decode + model threads <= cores
     if threads:
@@ -182,28 +193,16 @@ def load_predictor(settings: Settings, model_path: str) -> ImagePredictor:
 
         torch.set_num_threads(threads)
     return load_backend(model_path, backend=settings.backend, device=settings.device, precision=settings.precision,
-                        compile_mode=settings.compile_mode, threads=threads, calibrated=settings.scores == "calibrated")
+                        compile_mode=settings.compile_mode, threads=threads, calibrated=settings.scores == "calibrated",
+                        cache=Path(settings.cache_dir) if settings.cache_dir else None)
 
 
-def warm_up(predictor: ImagePredictor, settings: Settings, tag: Any) -> None:
+def warm_up(predictor: Predictor, settings: Settings, tag: Any) -> None:
     seconds = predictor.warmup(settings.max_batch_size)
     logger.info("model %s ready on %s in %.1f s", tag, predictor.describe(), seconds)
 
 
-def make_explainer(predictor: ImagePredictor, model_path: str, calibrated: bool = True) -> Any:
-    """The /explain engine. Attention maps need the torch model (its attention and gradients), so
-    when onnxruntime serves /classify (VIT_BACKEND) the torch model is loaded beside it."""
-    from vit_service.artifact import load_model
-    from vit_service.explain import Explainer
-
-    model = getattr(predictor, "model", None)
-    if model is None:
-        model, _ = load_model(model_path)
-        return Explainer(model, predictor.artifact, "cpu", calibrated=calibrated)  # onnxruntime: CPU-only hosts
-    return Explainer(model, predictor.artifact, getattr(predictor, "device", "cpu"), calibrated=calibrated)
-
-
-def describe_model(predictor: ImagePredictor, settings: Settings, tag: Any) -> dict[str, Any]:
+def describe_model(predictor: Predictor, settings: Settings, tag: Any) -> dict[str, Any]:
     """What /model_info shows of the model and how it is served."""
     import torch
 
@@ -219,6 +218,6 @@ def describe_model(predictor: ImagePredictor, settings: Settings, tag: Any) -> d
         # Keys starting with "_" (e.g. Lightning's "_instantiator") are internal.
         "metadata": {k: v for k, v in artifact.metadata.items() if not str(k).startswith("_")},
         # torch_threads: the intra-op threads torch really uses in this process (VIT_TORCH_THREADS).
-        "serving": {**predictor.describe(), "torch_threads": torch.get_num_threads(), "batching": settings.batching,
+        "serving": {**predictor.describe(), "worker": worker_index(), "torch_threads": torch.get_num_threads(), "batching": settings.batching,
                     "max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms},
     }

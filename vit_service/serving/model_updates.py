@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vit_service.formats.onnx_export import ONNX_FILE
 from vit_service.serving import metrics
 
 logger = logging.getLogger("bentoml.vit_service")
@@ -63,7 +62,7 @@ class ModelWatcher:
     def check_once(self) -> None:
         import bentoml
 
-        from vit_service.backend import check_servable
+        from vit_service.backends import check_servable
         from vit_service.serving.model_handle import InProcessModel
 
         latest = bentoml.models.get(f"{self.name}:latest")
@@ -72,7 +71,8 @@ class ModelWatcher:
             return
         logger.info("model update: loading %s beside %s", tag, self.service.model.tag)
         start = time.perf_counter()
-        settings = dataclasses.replace(self.settings, backend=self.move_backend(Path(latest.path)))
+        backend, precision = self.move_backend(Path(latest.path))
+        settings = dataclasses.replace(self.settings, backend=backend, precision=precision)
         try:
             check_servable(latest.path, settings.backend, settings.precision)
             candidate = InProcessModel(settings, latest.path, latest.tag, replacement=True)
@@ -91,14 +91,18 @@ class ModelWatcher:
         # The old version's last requests finish in its batcher; its threads stop once they have.
         threading.Timer(self.settings.timeout + 5, old.close).start()
 
-    def move_backend(self, folder: Path) -> str:
-        """The backend a new version loads with: the serving version's, not a new race (a race, and an
-        ONNX export for it, in every worker at once took the cores the requests needed: bench/README.md,
-        "Model updates"); torch where that was onnxruntime on an exported graph the new version lacks."""
-        if self.settings.precision == "int8":
-            return self.settings.backend  # int8 runs its own graph, model.int8.onnx
-        serving = self.service.model.backend
-        return "torch" if serving == "onnxruntime" and not (folder / ONNX_FILE).is_file() else serving
+    def move_backend(self, folder: Path) -> tuple[str, str]:
+        """(backend, precision) a new version loads with: the serving version's, not a new race (a race
+        in every worker at once took the cores the requests needed: bench/README.md, "Model updates");
+        where that is int8 and the new version's int8 does not pass its guard, the same backend's
+        other precisions are measured (and kept, decision.py)."""
+        from vit_service.artifact import ModelArtifact
+        from vit_service.quantize import int8_guard
+
+        backend, precision = self.service.model.serving
+        if precision == "int8" and int8_guard(ModelArtifact.read(folder).int8):
+            return backend, self.settings.precision
+        return backend, precision
 
     def stop(self) -> None:
         self._stop.set()

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse, Response
 
 from vit_service.explain import METHODS
-from vit_service.inference import top_k_predictions
+from vit_service.predictions import top_k_predictions
 from vit_service.serving import inference_protocol, metrics, pages
 from vit_service.serving.auth import AuthConfig, AuthMiddleware
 from vit_service.serving.bentoml_compat import fold_unknown_paths, label_metrics_with_model
@@ -76,7 +76,7 @@ class ViTClassifier:
         """In the `bentoml serve` process, before any worker starts: a model that cannot be served
         with these settings stops the server with its one-line reason and a non-zero exit (a
         worker failing in `__init__` would be restarted forever while clients wait)."""
-        from vit_service.backend import check_servable
+        from vit_service.backends import check_servable
 
         try:
             check_servable(bentoml.models.get(SETTINGS.model_tag).path, SETTINGS.backend, SETTINGS.precision)

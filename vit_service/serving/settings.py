@@ -167,18 +167,21 @@ class Settings:
     model_tag: str = setting("VIT_MODEL_TAG", f"`{DEFAULT_MODEL_TAG}`", "model in the BentoML model store",
                              text(DEFAULT_MODEL_TAG))
     device: str = setting("VIT_DEVICE", "`auto`", "`auto` (CUDA when available), `cpu`, `cuda`, `cuda:N`", text("auto"))
-    precision: str = setting("VIT_PRECISION", "`auto`", "`fp32`, `bf16`, `fp16`, `int8` (`model.int8.onnx` from "
-                             "`vit-export --int8`, on onnxruntime; refused if its recorded top-1 agreement with fp32 "
-                             "is < 99%); `auto`: bf16 (fp16 on older GPUs) on CUDA; on a CPU bf16 autocast only where "
-                             "the CPU has avx512_bf16/amx and it is measured >= 10% faster at warm-up, and int8 where "
-                             "the guard passes and it is measured >= 10% faster", text("auto"))
+    precision: str = setting("VIT_PRECISION", "`auto`", "`fp32`, `bf16`, `fp16` (torch only), `int8` (`model.int8.xml` "
+                             "from `vit-export --int8`, on openvino; refused if its recorded top-1 agreement with fp32 "
+                             "is < 99%); `auto`: bf16 (fp16 on older GPUs) on CUDA; on a CPU what the kept decision "
+                             "chose (see `VIT_BACKEND`)", text("auto"))
     compile_mode: str | None = setting("VIT_COMPILE", "`0`", "`1` (torch.compile's default mode) or a mode, e.g. "
                                        "`max-autotune`", read_compile)
-    backend: str = setting("VIT_BACKEND", "`auto`", "`torch`, `onnxruntime` (needs `model.onnx`: `vit-export --onnx`); "
-                           "`auto` uses torch on GPUs and, on a CPU-only host with onnxruntime, times both at warm-up and "
-                           "keeps onnxruntime if >= 10% faster (`/model_info` shows the choice and timings); a model "
-                           "without `model.onnx` gets it exported at first load into `.onnx-cache/` in its folder "
-                           "(needs the onnx extra)", text("auto"))
+    backend: str = setting("VIT_BACKEND", "`auto`", "`torch` or `openvino` (CPU); `auto` is torch on GPUs, and on a "
+                           "CPU the fastest of torch fp32 and bf16, openvino fp32, bf16 and int8 (bf16 only where the "
+                           "CPU has avx512_bf16/amx, int8 only where its guard passes), each kept only if >= 10% "
+                           "faster than the best before it: measured at the first start on a host and kept in "
+                           "`VIT_CACHE_DIR` for every later start and worker (`/model_info` shows the choice, why, "
+                           "and the rates)", text("auto"))
+    cache_dir: str = setting("VIT_CACHE_DIR", "`~/.cache/vit-service`", "where the backend decision and openvino's "
+                             "conversion of a model without `model.onnx` are kept (never in the model store); if it "
+                             "cannot be written, a folder in the temporary directory", text(""))
     scores: str = setting("VIT_SCORES", "`calibrated`", "`calibrated`: scores are softmax(logits / T), T fitted at "
                           "export (docs/explain.md, Calibration; a model exported without one serves the plain softmax); "
                           "`raw`: the plain softmax. Top-1 and the order of the top-k are the same either way",
@@ -206,7 +209,7 @@ class Settings:
                                   integer(lambda host: max(1, host.cores - 1) if host.gpu else host.cores))  # see from_env
     torch_threads: int | None = setting("VIT_TORCH_THREADS", "host on CPU: cores / workers - decode threads; "
                                         "else torch's (one per core)",
-                                        "intra-op threads of the model (torch and onnxruntime)", read_optional_int)
+                                        "intra-op threads of the model (torch and openvino)", read_optional_int)
     model_watch_s: int = setting("VIT_MODEL_WATCH_S", "10", "with a `:latest` tag, seconds between looks for a new "
                                  "version, which serves once loaded, warmed and checked (docs/serving.md, model "
                                  "updates); `0`: never", integer(10, minimum=0))

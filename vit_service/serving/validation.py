@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vit_service.inference import classes_preview
+from vit_service.predictions import classes_preview
 from vit_service.preprocessing import InvalidImageError, Preprocessing, decode_image
 from vit_service.serving.errors import RequestError
 

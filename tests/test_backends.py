@@ -1,0 +1,253 @@
+"""The backends package (vit_service/backends/): the registry, OpenVINO against torch on real JPEGs,
+the CPU decision measured once per host and kept (re-measured on another CPU), one decision for
+every worker, /explain on every backend with one torch model, and a real server on each backend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import vit_service.backends as backends
+from service_fixtures import (AVX2_ONLY, MODEL_NAME, REPO, WITH_BF16, bentoml_server, build_tiny_model, encode, picture,
+                              save_tiny_folder, save_tiny_model)
+from vit_service.backends import REGISTRY, candidates, check_servable, load_backend, runtime_class
+from vit_service.backends.decision import Candidate
+
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return save_tiny_folder(tmp_path / "model")
+
+
+def jpeg_batch(n: int, size: int = 32) -> np.ndarray:
+    """(n, 3, size, size) uint8: real JPEG bytes decoded and cropped as serving does."""
+    from vit_service.preprocessing import Preprocessing, decode_image
+
+    pre = Preprocessing(image_size=size, crop_pct=1.0)
+    return np.stack([pre.to_uint8(decode_image(encode(picture(i, (120, 90)), "JPEG", quality=90))).numpy()
+                     for i in range(n)])
+
+
+# ------------------------------------------------------------------------------------ registry
+
+def test_every_registered_backend_loads_by_its_name() -> None:
+    assert backends.BACKENDS == ("auto", *REGISTRY)
+    for name in REGISTRY:
+        cls = runtime_class(name)
+        assert cls.name == name and "fp32" in cls.precisions
+
+
+@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime"])
+def test_an_unknown_backend_is_a_start_up_error_naming_the_choices(tiny_dir: Path, name: str) -> None:
+    with pytest.raises(ValueError, match=rf"VIT_BACKEND must be one of auto, torch, openvino, got '{name}'"):
+        load_backend(tiny_dir, backend=name)
+    with pytest.raises(ValueError, match="retired"):
+        check_servable(tiny_dir, "onnxruntime")
+
+
+def test_candidates_follow_the_flags_the_guard_and_the_settings() -> None:
+    _, artifact = build_tiny_model()
+    labels = lambda cs: [c.label for c in cs]  # noqa: E731
+    assert labels(candidates("auto", "auto", "cpu", AVX2_ONLY, artifact)) == ["torch fp32", "openvino fp32"]
+    assert labels(candidates("auto", "auto", "cpu", WITH_BF16, artifact)) == [
+        "torch fp32", "torch bf16", "openvino fp32", "openvino bf16"]  # no int8: the model has none
+    artifact.int8 = {"file": "model.int8.xml", "runtime": "openvino", "agreement_top1": 0.995, "images": 200}
+    assert labels(candidates("openvino", "auto", "cpu", AVX2_ONLY, artifact)) == ["openvino fp32", "openvino int8"]
+    artifact.int8["agreement_top1"] = 0.98  # below the guard: never a candidate
+    assert labels(candidates("openvino", "auto", "cpu", WITH_BF16, artifact)) == ["openvino fp32", "openvino bf16"]
+    assert labels(candidates("auto", "bf16", "cpu", AVX2_ONLY, artifact)) == ["torch bf16", "openvino bf16"]
+    assert labels(candidates("auto", "auto", "cuda", WITH_BF16, artifact)) == ["torch auto"]
+    assert labels(candidates("auto", "auto", "cpu", WITH_BF16, artifact, compile_mode="default")) == ["torch auto"]
+
+
+# ------------------------------------------------------------------- openvino against torch
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("bf16", 0.03)])
+def test_openvino_matches_torch_fp32_on_real_jpegs(tiny_dir: Path, precision: str, tolerance: float) -> None:
+    """fp32: the same network to float rounding; bf16 (8 bits of mantissa): probabilities within
+    0.03 and the same top-1 on these images. bf16 runs where the CPU has no bf16 too (emulated)."""
+    x = jpeg_batch(12)
+    torch_fp32 = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32")
+    openvino = load_backend(tiny_dir, backend="openvino", precision=precision, cache=tiny_dir.parent / "cache")
+    assert (openvino.backend, openvino.precision) == ("openvino", precision)
+    expected, served = torch_fp32.predict_proba(x), openvino.predict_proba(x)
+    assert served.shape == expected.shape == (12, 4) and served.dtype == np.float32
+    assert np.abs(served - expected).max() <= tolerance
+    assert (served.argmax(1) == expected.argmax(1)).all()
+    assert np.allclose(served.sum(1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match=r"uint8 batch of shape \(B, 3, 32, 32\)"):
+        openvino.predict_proba(x.astype(np.float32))
+
+
+def test_openvino_keeps_its_conversion_outside_the_model_folder(tiny_dir: Path) -> None:
+    """A model without model.onnx is converted once; the conversion is kept in the cache folder and
+    read by the next start. Nothing is written into the model's own folder."""
+    before = sorted(p.name for p in tiny_dir.iterdir())
+    cache = tiny_dir.parent / "cache"
+    load_backend(tiny_dir, backend="openvino", precision="fp32", cache=cache)
+    kept = list((cache / "openvino").glob("*/model.xml"))
+    assert len(kept) == 1 and kept[0].with_suffix(".bin").is_file()
+    stamp = kept[0].stat().st_mtime_ns
+    second = load_backend(tiny_dir, backend="openvino", precision="fp32", cache=cache)
+    assert kept[0].stat().st_mtime_ns == stamp and not second.source.loaded  # read back: no torch model loaded
+    assert sorted(p.name for p in tiny_dir.iterdir()) == before
+
+
+def test_explain_uses_the_one_torch_model_on_every_backend(tiny_dir: Path) -> None:
+    from vit_service.explain import Explainer
+
+    x = jpeg_batch(1)
+    cache = tiny_dir.parent / "cache"
+    load_backend(tiny_dir, backend="openvino", precision="fp32", cache=cache)  # converts once, kept in the cache
+    for backend in REGISTRY:
+        predictor = load_backend(tiny_dir, backend=backend, precision="fp32", cache=cache)
+        assert predictor.source.loaded == (backend == "torch")  # openvino reads its kept conversion: no torch model
+        model = predictor.model
+        assert predictor.model is model  # loaded once, then the same object
+        if backend == "torch":
+            assert predictor.runtime.model is model  # the runtime's own, not a second copy
+        probs, target, maps = Explainer(model, predictor.artifact, predictor.device).explain_uint8(x)
+        assert maps.shape == (1, 4, 4) and int(target[0]) == int(predictor.predict_proba(x).argmax())
+
+
+# ------------------------------------------------------------------- the decision, kept
+
+def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> None:
+    cache = tiny_dir.parent / "cache"
+    first = load_backend(tiny_dir, cpu=WITH_BF16, cache=cache)
+    assert first.backend == "not chosen yet"
+    first.warmup(4)
+    decision = first.describe()["decision"]
+    assert decision["reused"] is False and Path(decision["kept"]).is_file()
+    assert set(decision["rates_img_s"]) == {"torch fp32", "torch bf16", "openvino fp32", "openvino bf16"}
+    assert all(r > 0 for r in decision["rates_img_s"].values()) and len(decision["verdicts"]) == 3
+    assert (first.backend, first.precision) == (decision["backend"], decision["precision"])
+    assert decision["key"]["cpu"] == "AMD EPYC 9B14" and "avx512_bf16" in decision["key"]["flags"]
+
+    def no_race(*args, **kwargs):
+        raise AssertionError("timed again although a decision is kept for this host")
+
+    monkeypatch.setattr(backends, "race", no_race)
+    second = load_backend(tiny_dir, cpu=WITH_BF16, cache=cache)
+    second.warmup(4)
+    assert second.describe()["decision"]["reused"] is True
+    assert (second.backend, second.precision) == (first.backend, first.precision)
+    x = jpeg_batch(3)
+    assert second.predict_proba(x).tobytes() == first.predict_proba(x).tobytes()
+    monkeypatch.undo()
+
+    # another CPU (no bf16): never the other host's verdict, measured again without bf16 candidates
+    other = load_backend(tiny_dir, cpu=AVX2_ONLY, cache=cache)
+    other.warmup(4)
+    again = other.describe()["decision"]
+    assert again["reused"] is False and again["kept"] != decision["kept"]
+    assert set(again["rates_img_s"]) == {"torch fp32", "openvino fp32"} and other.precision == "fp32"
+    # so is another batch size limit
+    limit = load_backend(tiny_dir, cpu=WITH_BF16, cache=cache)
+    limit.warmup(8)
+    assert limit.describe()["decision"]["reused"] is False
+
+
+def test_the_rule_keeps_the_trusted_candidate_unless_ten_percent_faster() -> None:
+    """decision.race with fake clocks: a candidate replaces the best only at >= 10% less time."""
+    from vit_service.backends import decision
+
+    clock = {"t": 0.0}
+    cost = {"torch fp32": 0.100, "openvino fp32": 0.095, "openvino bf16": 0.088}
+
+    def call(label):
+        def run(x):
+            clock["t"] += cost[label]
+        return run
+
+    picks = {Candidate(*label.split()): call(label) for label in cost}
+    verdict = decision.race(picks, np.zeros((2, 3, 32, 32), np.uint8), budget_s=10, clock=lambda: clock["t"])
+    # openvino fp32 is 5% faster than torch: not enough, torch stays the best; bf16 takes 12% less
+    # time than torch: it serves (had fp32 replaced torch, bf16 would be only 7% faster than it)
+    assert (verdict.backend, verdict.precision) == ("openvino", "bf16")
+    assert verdict.rates_img_s == {"torch fp32": 20.0, "openvino fp32": 21.05, "openvino bf16": 22.73}
+    assert "not faster" in verdict.verdicts[0] and "1.14x torch fp32" in verdict.reason
+    # nobody 10% faster: the reference serves, although openvino fp32 took 5% less time
+    cost["openvino bf16"] = 0.097
+    verdict = decision.race(picks, np.zeros((2, 3, 32, 32), np.uint8), budget_s=10, clock=lambda: clock["t"])
+    assert (verdict.backend, verdict.precision) == ("torch", "fp32") and "no candidate" in verdict.reason
+
+
+WORKER = """
+import json, sys
+from pathlib import Path
+from vit_service.backends import load_backend
+p = load_backend(sys.argv[1], cache=Path(sys.argv[2]))
+p.warmup(4)
+print(json.dumps(p.describe()["decision"]))
+"""
+
+
+def test_workers_starting_together_serve_one_decision(tiny_dir: Path) -> None:
+    """Two processes at once: one measures under the lock, the other reads its verdict."""
+    cache = tiny_dir.parent / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tiny_dir), str(cache)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["reused"] for r in results) == [False, True]
+    assert {(r["backend"], r["precision"], r["kept"]) for r in results} == {
+        (results[0]["backend"], results[0]["precision"], results[0]["kept"])}
+
+
+# ------------------------------------------------------------------- real servers
+
+def test_two_workers_give_the_same_upload_the_same_bytes(tmp_path: Path) -> None:
+    """VIT_WORKERS=2 with the default backend choice: the same JPEG posted on fresh connections until
+    both workers (the x-worker header) have answered; every body is byte for byte the same."""
+    home = tmp_path / "bentoml"
+    save_tiny_model(home)
+    data = encode(picture(7, (160, 120)), "JPEG", quality=90)
+    env = {"VIT_WORKERS": "2", "VIT_DECODE_THREADS": "1", "VIT_CACHE_DIR": str(tmp_path / "cache")}
+    bodies: dict[str, set[bytes]] = {}
+    with bentoml_server(home, tmp_path / "server.log", env) as url:
+        for _ in range(200):
+            with httpx.Client(base_url=url, timeout=60) as client:  # a new connection each time
+                r = client.post("/classify", files={"image": ("x.jpg", data, "image/jpeg")})
+            assert r.status_code == 200, r.text
+            bodies.setdefault(r.headers["x-worker"], set()).add(r.content)
+            if len(bodies) == 2 and sum(map(len, bodies.values())) >= 2:
+                break
+        infos = {}
+        for _ in range(200):
+            with httpx.Client(base_url=url, timeout=60) as client:
+                r = client.post("/model_info", json={})
+            infos.setdefault(r.json()["serving"]["worker"], r.json()["serving"]["decision"])
+            if len(infos) == 2:
+                break
+    assert set(bodies) == {"1", "2"}, f"only worker(s) {sorted(bodies)} answered in 200 connections"
+    assert len(set().union(*bodies.values())) == 1  # the same bytes from both
+    decisions = list(infos.values())
+    assert len(decisions) == 2 and decisions[0]["kept"] == decisions[1]["kept"]
+    assert sorted(d["reused"] for d in decisions) == [False, True]
+
+
+@pytest.mark.parametrize("backend", list(REGISTRY))
+def test_a_real_server_classifies_and_explains_on_each_backend(tmp_path: Path, backend: str) -> None:
+    home = tmp_path / "bentoml"
+    save_tiny_model(home)
+    data = encode(picture(3, (160, 120)), "JPEG", quality=90)
+    with bentoml_server(home, tmp_path / "server.log", {"VIT_BACKEND": backend, "VIT_WORKERS": "1"}) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            classified = client.post("/classify", files={"image": ("x.jpg", data, "image/jpeg")})
+            explained = client.post("/explain", files={"image": ("x.jpg", data, "image/jpeg")})
+            info = client.post("/model_info", json={}).json()
+    assert classified.status_code == 200 and explained.status_code == 200, (classified.text, explained.text)
+    assert info["serving"]["backend"] == backend and info["model_tag"].startswith(MODEL_NAME)
+    top = classified.json()["predictions"][0]
+    assert explained.json()["explained_class"] == top["label"]
