@@ -39,16 +39,10 @@ MODULES: dict[str, list[str]] = {
     "vit_service/explain.py": ["tests/test_explain.py"],
     "vit_service/calibration.py": ["tests/test_calibration_math.py", "tests/test_calibration.py", "-k",
                                    "not backend and not raw_setting and not export and not artifact and not server"],
-    # the inference backends: vit_service/backends/ once the backends issue has moved them there
+    # the inference backends (registry, Predictor, runtimes, the kept decision)
     "vit_service/backends/*.py": ["tests/test_serving_speed.py", "tests/test_calibration.py", "tests/test_host.py",
                                   "tests/test_int8.py", "tests/test_onnx.py", "tests/test_serving_decisions.py",
                                   "-k", "not export and not server and not http"],
-    "vit_service/backend.py": ["tests/test_serving_speed.py", "tests/test_onnx.py"],
-    "vit_service/inference.py": ["tests/test_serving_speed.py", "tests/test_calibration.py",
-                                 "tests/test_serving_decisions.py", "-k", "not export and not server and not http"],
-    "vit_service/onnx_backend.py": ["tests/test_onnx.py", "tests/test_calibration.py", "-k",
-                                    "not export and not server and not http"],
-    "vit_service/predictor.py": ["tests/test_serving_decisions.py", "tests/test_serving_speed.py"],
     "vit_service/host.py": ["tests/test_host.py"],
     "vit_service/quantize.py": ["tests/test_int8.py"],
     "training/module.py": ["tests/test_recipe.py"],
