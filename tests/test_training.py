@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, demo_config, run_cli
+from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
 from training.cli import run_cli as run_lightning_cli
 from training.module import ViTClassifier, warmup_cosine
 from vit_service.artifact import load_model
@@ -129,14 +129,14 @@ def test_export_bad_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes |
     path = tmp_path / "model.ckpt"
     if content is not None:
         path.write_bytes(content)
-    result = run_cli("vit-export", "--ckpt", str(path), env={"BENTOML_HOME": str(tmp_path / "b")})
+    result = run_cli_in_process("vit-export", "--ckpt", str(path), env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2
     assert message in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_export_ema_requires_ema_weights(trained_run: Path, tmp_path: Path) -> None:
-    result = run_cli("vit-export", "--ckpt", str(trained_run / "checkpoints/last.ckpt"), "--ema",
+    result = run_cli_in_process("vit-export", "--ckpt", str(trained_run / "checkpoints/last.ckpt"), "--ema",
                      env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2 and "no EMA weights" in result.stderr
 
@@ -192,7 +192,7 @@ def test_class_mismatch_between_train_and_val_is_a_clear_error(demo_data: Path, 
     shutil.copytree(demo_data, data)
     victim = sorted((data / "val").iterdir())[0]
     shutil.rmtree(victim)
-    result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, data)), "--trainer.fast_dev_run", "1")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(demo_config(tmp_path, data)), "--trainer.fast_dev_run", "1")
     assert result.returncode != 0
     assert victim.name in result.stderr and "Traceback" not in result.stderr
 
@@ -201,7 +201,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "val").mkdir()
-    result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, empty)), "--trainer.fast_dev_run", "1")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(demo_config(tmp_path, empty)), "--trainer.fast_dev_run", "1")
     assert result.returncode != 0
     assert str(empty / "train") in result.stderr and "Traceback" not in result.stderr
 
