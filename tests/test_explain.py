@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 from vit_service.explain import (Explainer, attention_rollout, explain_batch, gradient_rollout,
                                  normalize_map, peak_point)
 from vit_service.model import ViTConfig, VisionTransformer
@@ -255,7 +255,8 @@ def test_cli_takes_folders_as_vit_train_predict_does(artifact_dir: Path, images:
 
 
 def test_cli_error_is_one_line_naming_the_file(artifact_dir: Path, tmp_path: Path) -> None:
-    r = run_cli("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir), "--out", str(tmp_path / "out"))
+    r = run_cli_in_process("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir),
+                           "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("vit-explain: error:") and "nope.jpg" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import demo_config, reference_eval_transform, run_cli
+from tests.conftest import demo_config, reference_eval_transform, run_cli, run_cli_in_process
 from training.module import ViTClassifier
 
 # Monitoring elapsed time (mode min) makes the first epoch the "best" one for certain, so the best
@@ -128,7 +128,7 @@ def test_export_run_picks_the_best_checkpoint_not_the_last(runs: dict, tmp_path:
 
 
 def test_export_run_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_cli("vit-export", "--run", str(tmp_path), env={"BENTOML_HOME": str(tmp_path / "b")})
+    result = run_cli_in_process("vit-export", "--run", str(tmp_path), env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2 and "no checkpoints" in result.stderr and str(tmp_path) in result.stderr
     assert "Traceback" not in result.stderr
 
