@@ -80,25 +80,78 @@ def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = N
     return path
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A temporary folder `name` that `build(folder)` fills once per test session, shared by the
+    pytest-xdist workers: the first worker to ask builds it while another that asks waits (it
+    would otherwise build the same thing itself), then both read it. A failed build leaves no
+    mark, so the next worker to ask tries again. Only for what tests read and never change."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's folder, above each worker's popen-gwN
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo dataset (6 classes) in ImageNet layout."""
+    """A small demo dataset (6 classes) in ImageNet layout (one per session: built_once)."""
     from training.demo_data import generate_demo_dataset
 
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, seed=0, train_per_class=12, val_per_class=4)
-    return root
+    return built_once(tmp_path_factory, "demo",
+                      lambda root: generate_demo_dataset(root, seed=0, train_per_class=12, val_per_class=4))
 
 
 @pytest.fixture(scope="session")
 def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (short) `vit-train fit` run on the demo data; returns its run folder (version_0)."""
-    root = tmp_path_factory.mktemp("run")
-    config = demo_config(root, demo_data, max_epochs=2)
-    result = run_cli("vit-train", "fit", "--config", str(config))
-    assert result.returncode == 0, result.stderr[-4000:]
-    (root / "fit.log").write_text(result.stdout + result.stderr)  # what the user saw (test_training.py)
-    return root / "version_0"
+    """A real (short) `vit-train fit` run on the demo data; returns its run folder (version_0).
+    One per session, whichever xdist worker asks first (built_once): tests only read it."""
+    def fit(root: Path) -> None:
+        config = demo_config(root, demo_data, max_epochs=2)
+        result = run_cli("vit-train", "fit", "--config", str(config))
+        assert result.returncode == 0, result.stderr[-4000:]
+        (root / "fit.log").write_text(result.stdout + result.stderr)  # what the user saw (test_training.py)
+
+    return built_once(tmp_path_factory, "run", fit) / "version_0"
+
+
+def damage_for_int8(ckpt: Path, out: Path) -> Path:
+    """The same model in fp32 with an int8-hostile head: one input column holds the same huge weight
+    in every row. In fp32 that adds one constant to every logit (predictions unchanged); in int8 the
+    head's scale grows to fit it and every other head weight rounds to zero."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    w = state["state_dict"]["model.head.weight"]  # (K, D)
+    w[:, 0] = 200 * w.abs().max()
+    torch.save(state, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_exports(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`vit-export --int8` by the real CLI into one BentoML store ("home"): the demo run ("good",
+    vit-good: passes the accuracy guard) and its best checkpoint with an int8-hostile head
+    (damage_for_int8: "damaged", vit-damaged, below the guard); each command's stderr beside its
+    folder (good.stderr, damaged.stderr). One per session (built_once): tests/test_int8.py and
+    tests/test_serving_speed.py read them."""
+    def export(root: Path) -> None:
+        damaged = damage_for_int8(next((trained_run / "checkpoints").glob("best-*.ckpt")), root / "damaged.ckpt")
+        for name, source in (("good", ["--run", str(trained_run)]), ("damaged", ["--ckpt", str(damaged)])):
+            result = run_cli("vit-export", *source, "--int8", "--dir", str(root / name), "--name", f"vit-{name}",
+                             env={"BENTOML_HOME": str(root / "bentoml")})
+            assert result.returncode == 0, result.stderr[-3000:]
+            (root / f"{name}.stderr").write_text(result.stderr)
+
+    root = built_once(tmp_path_factory, "int8", export)
+    return {"good": root / "good", "damaged": root / "damaged", "home": root / "bentoml"}
 
 
 def eval_logits(ckpt_path: Path, folder: str = "val", bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
