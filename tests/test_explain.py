@@ -330,15 +330,16 @@ def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tm
 
 
 def test_cli_head_fusion_and_discard_ratio_reach_the_rollout(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
-    # The real CLI with --head-fusion max --discard-ratio 0.5: its grid is the rollout computed
+    # The real CLI (in this process) with --head-fusion max --discard-ratio 0.5: its grid is the rollout computed
     # with those settings (the rollout itself is checked by hand above), not the default's.
     from vit_service.artifact import load_model
     from vit_service.explain import Explainer
 
-    r = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--head-fusion", "max",
-                "--discard-ratio", "0.5", "--out", str(tmp_path / "max"))
+    r = run_cli_in_process("vit-explain", str(images[0]), "--model", str(artifact_dir), "--head-fusion", "max",
+                           "--discard-ratio", "0.5", "--out", str(tmp_path / "max"))
     assert r.returncode == 0, r.stderr
-    default = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--out", str(tmp_path / "mean"))
+    default = run_cli_in_process("vit-explain", str(images[0]), "--model", str(artifact_dir),
+                                 "--out", str(tmp_path / "mean"))
     assert default.returncode == 0, default.stderr
     grid = np.load(tmp_path / "max" / f"{images[0].stem}.npy")
     record = json.loads((tmp_path / "max" / f"{images[0].stem}.json").read_text())
