@@ -226,14 +226,15 @@ def timm_vit() -> Callable[..., torch.nn.Module]:
 
 @pytest.fixture(scope="session")
 def tiny_model_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `bentoml serve` of the tiny test model (service_fixtures.py), shared by the /explain
-    and web-page tests; yields (url, BENTOML_HOME)."""
-    from service_fixtures import bentoml_server, save_tiny_model
+    """A real `bentoml serve` of the tiny test model (service_fixtures.py; fp32, one worker),
+    shared by the tests that only read from it (/explain, the web page, the Open Inference
+    Protocol, a model without calibration or drift reference); yields (url, BENTOML_HOME)."""
+    from service_fixtures import bentoml_server, copy_tiny_model
 
     home = tmp_path_factory.mktemp("bentoml_home_tiny")
-    save_tiny_model(home)
+    copy_tiny_model(home)
     log = tmp_path_factory.mktemp("tiny_server") / "serve.log"
-    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32"}) as url:
+    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32", "VIT_WORKERS": "1"}) as url:
         yield url, home
     text = log.read_text()
     assert "Traceback" not in text and "status=500" not in text, text[-4000:]
@@ -247,10 +248,10 @@ API_KEYS = ("alpha-key-7f3c9e", "beta-key-2b81d4", "gamma-key-file-5a60c1")
 def keyed_model_server(tmp_path_factory: pytest.TempPathFactory):
     """The tiny test model served with API keys on and /metrics protected (tests/test_auth.py,
     the web page's key prompt); yields (url, server log path)."""
-    from service_fixtures import bentoml_server, save_tiny_model
+    from service_fixtures import bentoml_server, copy_tiny_model
 
     home = tmp_path_factory.mktemp("bentoml_home_keyed")
-    save_tiny_model(home)
+    copy_tiny_model(home)
     folder = tmp_path_factory.mktemp("keyed_server")
     key_file = folder / "api_keys"
     key_file.write_text(f"# one key a line\n{API_KEYS[2]}\n")

@@ -211,10 +211,10 @@ def test_overlay_tints_by_relevance_and_carries_its_colour_bar() -> None:
 
 
 def test_cli_writes_overlay_grid_and_json(images: list[Path], tmp_path: Path) -> None:
-    from tests.service_fixtures import save_tiny_model
+    from tests.service_fixtures import copy_tiny_model
 
     home = tmp_path / "bentoml_home"
-    save_tiny_model(home)  # as vit-classifier, then named by its tag as in the README
+    copy_tiny_model(home)  # as vit-classifier, then named by its tag as in the README
     out = tmp_path / "out"
     r = run_cli("vit-explain", *map(str, images), "--model", "vit-classifier:latest", "--out", str(out),
                 env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"})
