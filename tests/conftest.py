@@ -30,28 +30,51 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# A fresh Python's warning filters (no -W, no PYTHONWARNINGS): what a console script run alone shows.
+FRESH_PYTHON_WARNINGS = [("ignore", ResourceWarning), ("ignore", ImportWarning), ("ignore", PendingDeprecationWarning),
+                         ("ignore", DeprecationWarning)]
+
+
 def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
                        ) -> subprocess.CompletedProcess[str]:
-    """run_cli for commands that fail fast (a bad argument, a missing file): the console script's
-    own entry point (pyproject's [project.scripts]) called in this process with sys.argv, the
-    environment and the working directory set, its exit code and printed output returned as
-    run_cli returns them. A subprocess would spend ~11 s importing Lightning to print one line.
-    An exception escaping the entry point fails the test (where a subprocess would print a
-    traceback); os.environ, sys.argv and the working directory are restored afterwards.
-    Not for what must see a fresh process: import-time settings (BENTOML_HOME, HF_*), imports."""
+    """run_cli without the new process: the console script's own entry point (pyproject's
+    [project.scripts]) called here with sys.argv, the environment and the working directory set,
+    returning its exit code and output as run_cli does. A vit-train subprocess spends ~11 s (on
+    the AVX2 host) importing Lightning before it reads its first argument.
+
+    stdout and stderr hold what the command printed, Lightning's log lines, and the warnings a
+    fresh Python would print (its default filters, each warning once per place). An exception
+    escaping the entry point fails the test, where a subprocess would print a traceback.
+    os.environ, sys.argv, the working directory and the log streams are restored afterwards.
+    Not for what only a new process shows: import-time settings (BENTOML_HOME, HF_*), what gets
+    imported, import-time warnings, a model store written (BentoML keeps its home once read)."""
     import contextlib
     import io
+    import logging
+    import warnings
     from importlib.metadata import entry_points
 
     (script,) = entry_points(group="console_scripts", name=args[0])
     entry = script.load()
     out, err = io.StringIO(), io.StringIO()
+    # Lightning logs to a StreamHandler made at its import (stderr then): point it here meanwhile.
+    handlers = [h for name, logger in logging.Logger.manager.loggerDict.items()
+                if name.split(".")[0] == "lightning" and isinstance(logger, logging.Logger)
+                for h in logger.handlers if type(h) is logging.StreamHandler]
+    saved_streams = [h.stream for h in handlers]
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     try:
         os.environ.update(env or {})
         sys.argv = [str(BIN / args[0]), *args[1:]]
         os.chdir(cwd or REPO)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for h in handlers:
+            h.setStream(err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category in FRESH_PYTHON_WARNINGS:
+                warnings.simplefilter(action, category, append=True)
+            warnings.simplefilter("default", append=True)  # the rest: once per place, as Python's default
             try:
                 code = entry()
             except SystemExit as e:
@@ -60,10 +83,14 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
                 print(code, file=sys.stderr)
                 code = 1
     finally:
+        for h, stream in zip(handlers, saved_streams):
+            h.setStream(stream)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
+    for w in caught:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
 
 

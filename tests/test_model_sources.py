@@ -33,8 +33,8 @@ def finetuned_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config = ViTConfig(image_size=64, patch_size=8, num_classes=6, **INIT_ARCH)
     classes = sorted(p.name for p in (demo_data / "train").iterdir())
     save_transformers_folder(VisionTransformer(config), ModelArtifact(config, classes, Preprocessing(64, 1.0)), init)
-    result = run_cli("vit-train", "fit", "--config", str(demo_config(root, demo_data, max_epochs=1)),
-                     "--model.init_from", str(init), "--trainer.limit_train_batches", "2")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(demo_config(root, demo_data, max_epochs=1)),
+                                "--model.init_from", str(init), "--trainer.limit_train_batches", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     for f in init.iterdir():  # the init model is gone: readers must not need it
         f.unlink()

@@ -158,8 +158,8 @@ def test_ckpt_path_best_is_the_best_run_under_the_root_and_is_recorded(trained_r
         torch.save(state, ckpt)
     best_v0 = next((root / "version_0/checkpoints").glob("best-*.ckpt"))
     config = demo_config(tmp_path, demo_data)
-    result = run_cli("vit-train", "validate", "--config", str(config), "--trainer.default_root_dir", str(root),
-                     "--ckpt_path", "best")
+    result = run_cli_in_process("vit-train", "validate", "--config", str(config), "--trainer.default_root_dir",
+                                str(root), "--ckpt_path", "best")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"--ckpt_path best: {root}/version_0/checkpoints/{best_v0.name}" in result.stdout
     assert "the best of 2 run(s)" in result.stdout

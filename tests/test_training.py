@@ -66,8 +66,8 @@ def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_pat
     """--trainer.limit_val_batches evaluates part of the val set: the progress line and the
     export say on how many images the val figures are (issue 30: "val top-1" of 1 class in 10)."""
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
-                     "--data.batch_size", "8")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
+                                "--data.batch_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert "(val on 8 of 24 images)" in printed, printed[-3000:]
@@ -92,7 +92,7 @@ def test_resume_from_last_continues_step_count(trained_run: Path, demo_data: Pat
     shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")
     before = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     config = demo_config(root, demo_data, max_epochs=3)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--ckpt_path", "last")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
     after = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert after["epoch"] == before["epoch"] + 1
@@ -137,14 +137,14 @@ def test_export_bad_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes |
 
 def test_export_ema_requires_ema_weights(trained_run: Path, tmp_path: Path) -> None:
     result = run_cli_in_process("vit-export", "--ckpt", str(trained_run / "checkpoints/last.ckpt"), "--ema",
-                     env={"BENTOML_HOME": str(tmp_path / "b")})
+                                env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2 and "no EMA weights" in result.stderr
 
 
 def test_ema_is_validated_checkpointed_and_exportable(demo_data: Path, tmp_path: Path) -> None:
     ema = [{"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}]
     config = demo_config(tmp_path, demo_data, callbacks=ema, max_epochs=1, limit_train_batches=3)
-    result = run_cli("vit-train", "fit", "--config", str(config))
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt_path = next((tmp_path / "version_0/checkpoints").glob("best-*.ckpt"))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
