@@ -30,6 +30,70 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# A fresh Python's warning filters (no -W, no PYTHONWARNINGS): what a console script run alone shows.
+FRESH_PYTHON_WARNINGS = [("ignore", ResourceWarning), ("ignore", ImportWarning), ("ignore", PendingDeprecationWarning),
+                         ("ignore", DeprecationWarning)]
+
+
+def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+                       ) -> subprocess.CompletedProcess[str]:
+    """run_cli without the new process: the console script's own entry point (pyproject's
+    [project.scripts]) called here with sys.argv, the environment and the working directory set,
+    returning its exit code and output as run_cli does. A vit-train subprocess spends ~11 s (on
+    the AVX2 host) importing Lightning before it reads its first argument.
+
+    stdout and stderr hold what the command printed, Lightning's log lines, and the warnings a
+    fresh Python would print (its default filters, each warning once per place). An exception
+    escaping the entry point fails the test, where a subprocess would print a traceback.
+    os.environ, sys.argv, the working directory and the log streams are restored afterwards.
+    Not for what only a new process shows: import-time settings (BENTOML_HOME, HF_*), what gets
+    imported, import-time warnings, a model store written (BentoML keeps its home once read)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name=args[0])
+    entry = script.load()
+    out, err = io.StringIO(), io.StringIO()
+    # Lightning logs to a StreamHandler made at its import (stderr then): point it here meanwhile.
+    handlers = [h for name, logger in logging.Logger.manager.loggerDict.items()
+                if name.split(".")[0] == "lightning" and isinstance(logger, logging.Logger)
+                for h in logger.handlers if type(h) is logging.StreamHandler]
+    saved_streams = [h.stream for h in handlers]
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    try:
+        os.environ.update(env or {})
+        sys.argv = [str(BIN / args[0]), *args[1:]]
+        os.chdir(cwd or REPO)
+        for h in handlers:
+            h.setStream(err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()
+            for action, category in FRESH_PYTHON_WARNINGS:
+                warnings.simplefilter(action, category, append=True)
+            warnings.simplefilter("default", append=True)  # the rest: once per place, as Python's default
+            try:
+                code = entry()
+            except SystemExit as e:
+                code = e.code
+            if code is not None and not isinstance(code, int):  # sys.exit("message"), as Python prints it
+                print(code, file=sys.stderr)
+                code = 1
+    finally:
+        for h, stream in zip(handlers, saved_streams):
+            h.setStream(stream)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    for w in caught:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
+
+
 def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = None, **trainer: object) -> Path:
     """configs/demo.yaml with every output under `run_dir` (runs in run_dir/version_N) and data
     from `demo_root`."""
@@ -43,25 +107,78 @@ def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = N
     return path
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A temporary folder `name` that `build(folder)` fills once per test session, shared by the
+    pytest-xdist workers: the first worker to ask builds it while another that asks waits (it
+    would otherwise build the same thing itself), then both read it. A failed build leaves no
+    mark, so the next worker to ask tries again. Only for what tests read and never change."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's folder, above each worker's popen-gwN
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo dataset (6 classes) in ImageNet layout."""
+    """A small demo dataset (6 classes) in ImageNet layout (one per session: built_once)."""
     from training.demo_data import generate_demo_dataset
 
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, seed=0, train_per_class=12, val_per_class=4)
-    return root
+    return built_once(tmp_path_factory, "demo",
+                      lambda root: generate_demo_dataset(root, seed=0, train_per_class=12, val_per_class=4))
 
 
 @pytest.fixture(scope="session")
 def trained_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real (short) `vit-train fit` run on the demo data; returns its run folder (version_0)."""
-    root = tmp_path_factory.mktemp("run")
-    config = demo_config(root, demo_data, max_epochs=2)
-    result = run_cli("vit-train", "fit", "--config", str(config))
-    assert result.returncode == 0, result.stderr[-4000:]
-    (root / "fit.log").write_text(result.stdout + result.stderr)  # what the user saw (test_training.py)
-    return root / "version_0"
+    """A real (short) `vit-train fit` run on the demo data; returns its run folder (version_0).
+    One per session, whichever xdist worker asks first (built_once): tests only read it."""
+    def fit(root: Path) -> None:
+        config = demo_config(root, demo_data, max_epochs=2)
+        result = run_cli("vit-train", "fit", "--config", str(config))
+        assert result.returncode == 0, result.stderr[-4000:]
+        (root / "fit.log").write_text(result.stdout + result.stderr)  # what the user saw (test_training.py)
+
+    return built_once(tmp_path_factory, "run", fit) / "version_0"
+
+
+def damage_for_int8(ckpt: Path, out: Path) -> Path:
+    """The same model in fp32 with an int8-hostile head: one input column holds the same huge weight
+    in every row. In fp32 that adds one constant to every logit (predictions unchanged); in int8 the
+    head's scale grows to fit it and every other head weight rounds to zero."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    w = state["state_dict"]["model.head.weight"]  # (K, D)
+    w[:, 0] = 200 * w.abs().max()
+    torch.save(state, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_exports(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`vit-export --int8` by the real CLI into one BentoML store ("home"): the demo run ("good",
+    vit-good: passes the accuracy guard) and its best checkpoint with an int8-hostile head
+    (damage_for_int8: "damaged", vit-damaged, below the guard); each command's stderr beside its
+    folder (good.stderr, damaged.stderr). One per session (built_once): tests/test_int8.py and
+    tests/test_serving_speed.py read them."""
+    def export(root: Path) -> None:
+        damaged = damage_for_int8(next((trained_run / "checkpoints").glob("best-*.ckpt")), root / "damaged.ckpt")
+        for name, source in (("good", ["--run", str(trained_run)]), ("damaged", ["--ckpt", str(damaged)])):
+            result = run_cli("vit-export", *source, "--int8", "--dir", str(root / name), "--name", f"vit-{name}",
+                             env={"BENTOML_HOME": str(root / "bentoml")})
+            assert result.returncode == 0, result.stderr[-3000:]
+            (root / f"{name}.stderr").write_text(result.stderr)
+
+    root = built_once(tmp_path_factory, "int8", export)
+    return {"good": root / "good", "damaged": root / "damaged", "home": root / "bentoml"}
 
 
 def eval_logits(ckpt_path: Path, folder: str = "val", bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,14 +253,15 @@ def timm_vit() -> Callable[..., torch.nn.Module]:
 
 @pytest.fixture(scope="session")
 def tiny_model_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `bentoml serve` of the tiny test model (service_fixtures.py), shared by the /explain
-    and web-page tests; yields (url, BENTOML_HOME)."""
-    from service_fixtures import bentoml_server, save_tiny_model
+    """A real `bentoml serve` of the tiny test model (service_fixtures.py; fp32, one worker),
+    shared by the tests that only read from it (/explain, the web page, the Open Inference
+    Protocol, a model without calibration or drift reference); yields (url, BENTOML_HOME)."""
+    from service_fixtures import bentoml_server, copy_tiny_model
 
     home = tmp_path_factory.mktemp("bentoml_home_tiny")
-    save_tiny_model(home)
+    copy_tiny_model(home)
     log = tmp_path_factory.mktemp("tiny_server") / "serve.log"
-    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32"}) as url:
+    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32", "VIT_WORKERS": "1"}) as url:
         yield url, home
     text = log.read_text()
     assert "Traceback" not in text and "status=500" not in text, text[-4000:]
@@ -157,10 +275,10 @@ API_KEYS = ("alpha-key-7f3c9e", "beta-key-2b81d4", "gamma-key-file-5a60c1")
 def keyed_model_server(tmp_path_factory: pytest.TempPathFactory):
     """The tiny test model served with API keys on and /metrics protected (tests/test_auth.py,
     the web page's key prompt); yields (url, server log path)."""
-    from service_fixtures import bentoml_server, save_tiny_model
+    from service_fixtures import bentoml_server, copy_tiny_model
 
     home = tmp_path_factory.mktemp("bentoml_home_keyed")
-    save_tiny_model(home)
+    copy_tiny_model(home)
     folder = tmp_path_factory.mktemp("keyed_server")
     key_file = folder / "api_keys"
     key_file.write_text(f"# one key a line\n{API_KEYS[2]}\n")

@@ -7,14 +7,17 @@ BentoML has already cached.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -74,6 +77,25 @@ def save_tiny_model(bentoml_home: Path) -> str:
     out = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
+
+
+@functools.cache
+def _tiny_model_template() -> tuple[Path, str]:
+    """A store holding the tiny model, saved once per test process: (its home, the tag)."""
+    home = Path(tempfile.mkdtemp(prefix="vit-tiny-store-"))
+    atexit.register(shutil.rmtree, home, True)
+    return home, save_tiny_model(home)
+
+
+def copy_tiny_model(bentoml_home: Path) -> str:
+    """The tiny model put into a new store at `bentoml_home`: a copy of the files save_tiny_model
+    wrote once in this process (the same model and tag) instead of another ~5 s subprocess. Only
+    models/ is copied (the servers' Prometheus files live beside it). For a store's first model;
+    a new version in a store uses save_tiny_model."""
+    template, tag = _tiny_model_template()
+    assert not (bentoml_home / "models").exists(), bentoml_home
+    shutil.copytree(template / "models", bentoml_home / "models")
+    return tag
 
 
 def bentoml_server(bentoml_home: Path, log_path: Path, env: dict[str, str] | None = None,
@@ -160,7 +182,7 @@ def unusual_images() -> dict[str, tuple[bytes, str]]:
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A temporary BENTOML_HOME holding the tiny model; returns (home, full tag)."""
     home = tmp_path_factory.mktemp("bentoml_home")
-    return home, save_tiny_model(home)
+    return home, copy_tiny_model(home)
 
 
 def reference_pixels(data: bytes, size: int, mean, std):

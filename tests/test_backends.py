@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import vit_service.backends as backends
-from service_fixtures import (AVX2_ONLY, MODEL_NAME, REPO, WITH_BF16, bentoml_server, build_tiny_model, encode, picture,
-                              save_tiny_folder, save_tiny_model)
+from service_fixtures import (AVX2_ONLY, MODEL_NAME, REPO, WITH_BF16, bentoml_server, build_tiny_model, copy_tiny_model,
+                              encode, picture, save_tiny_folder)
 from vit_service.backends import REGISTRY, candidates, check_servable, load_backend, runtime_class
 from vit_service.backends.decision import Candidate
 
@@ -286,7 +286,7 @@ def test_two_workers_give_the_same_upload_the_same_bytes(tmp_path: Path) -> None
     """VIT_WORKERS=2 with the default backend choice: the same JPEG posted on fresh connections until
     both workers (the x-worker header) have answered; every body is byte for byte the same."""
     home = tmp_path / "bentoml"
-    save_tiny_model(home)
+    copy_tiny_model(home)
     data = encode(picture(7, (160, 120)), "JPEG", quality=90)
     env = {"VIT_WORKERS": "2", "VIT_DECODE_THREADS": "1", "VIT_CACHE_DIR": str(tmp_path / "cache")}
     bodies: dict[str, set[bytes]] = {}
@@ -315,7 +315,7 @@ def test_two_workers_give_the_same_upload_the_same_bytes(tmp_path: Path) -> None
 @pytest.mark.parametrize("backend", list(REGISTRY))
 def test_a_real_server_classifies_and_explains_on_each_backend(tmp_path: Path, backend: str) -> None:
     home = tmp_path / "bentoml"
-    save_tiny_model(home)
+    copy_tiny_model(home)
     data = encode(picture(3, (160, 120)), "JPEG", quality=90)
     with bentoml_server(home, tmp_path / "server.log", {"VIT_BACKEND": backend, "VIT_WORKERS": "1"}) as url:
         with httpx.Client(base_url=url, timeout=60) as client:

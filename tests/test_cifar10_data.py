@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 from training.cifar10 import TRAIN_BATCHES
 
 NAMES = ["airplane", "automobile", "bird"]
@@ -71,7 +71,7 @@ def test_archive_becomes_class_folders(archive: tuple[Path, dict], tmp_path: Pat
     assert result.returncode == 0, result.stderr
     assert f"train: {5 * PER_BATCH} images" in result.stdout and f"test: {PER_BATCH} images" in result.stdout
     _check_output(out, batches)
-    again = run_cli("vit-data", "cifar10", str(path), "--out", str(out))  # never over an earlier copy
+    again = run_cli_in_process("vit-data", "cifar10", str(path), "--out", str(out))  # never over an earlier copy
     assert again.returncode == 2 and "already holds files" in again.stderr
 
 
@@ -94,7 +94,7 @@ def test_class_folders_given_as_the_archive_are_named_usable_as_they_are(tmp_pat
     assert main(["cifar10", str(tmp_path / "src"), "--out", str(converted)]) == 0
     for given, expected in ((converted, {"train_dir": "train", "val_dir": "test", "test_dir": "test"}),
                             (converted / "train", {"train_dir": ""})):
-        result = run_cli("vit-data", "cifar10", str(given), "--out", str(tmp_path / "out"))
+        result = run_cli_in_process("vit-data", "cifar10", str(given), "--out", str(tmp_path / "out"))
         assert result.returncode == 2, result.stdout + result.stderr  # an error, as before
         assert "already holds image class folders" in result.stderr and "Traceback" not in result.stderr
         options = dict(re.findall(r"--data\.(\w+_dir) (\S+)", result.stderr))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from tests.conftest import demo_config, reference_eval_transform, run_cli
+from tests.conftest import demo_config, reference_eval_transform, run_cli, run_cli_in_process
 from training.cli import ViTCLI
 from training.data import ImageFolderDataModule
 from training.module import ViTClassifier
@@ -56,8 +56,8 @@ def test_best_checkpoint_is_the_best_epoch(trained_run: Path) -> None:
 
 def test_validate_reproduces_the_recorded_val_metrics(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     last = trained_run / "checkpoints/last.ckpt"
-    result = run_cli("vit-train", "validate", "--config", str(demo_config(tmp_path, demo_data)),
-                     "--ckpt_path", str(last))
+    result = run_cli_in_process("vit-train", "validate", "--config", str(demo_config(tmp_path, demo_data)),
+                                "--ckpt_path", str(last))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _metrics(tmp_path)
     recorded = _recorded(last)
@@ -133,7 +133,7 @@ def test_corrupt_file_is_skipped_and_counted(demo_data: Path, tmp_path: Path) ->
     bad = sorted((data / "val").iterdir())[2] / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     config = demo_config(tmp_path, data, max_epochs=1, limit_train_batches=1)
-    result = run_cli("vit-train", "fit", "--config", str(config))
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     assert _column(_metrics(tmp_path), "data/skipped_files") == [1.0]
     warnings = [line for line in result.stderr.splitlines() if "skipping unreadable image" in line]

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service_fixtures import store  # noqa: F401  (session fixture)
-
 from vit_service.serving.drift import MIN_TO_JUDGE, DriftWindow, psi
 
 EDGES = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
@@ -82,12 +80,12 @@ def drift_server(tmp_path_factory: pytest.TempPathFactory):
     then sends (the model's own predictions on them), served with a 300-prediction window."""
     import json
 
-    from service_fixtures import bentoml_server, encode, picture, save_tiny_model
+    from service_fixtures import bentoml_server, copy_tiny_model, encode, picture
     from vit_service.backends import load_backend
     from vit_service.preprocessing import decode_image
 
     home = tmp_path_factory.mktemp("drift_home")
-    tag = save_tiny_model(home)
+    tag = copy_tiny_model(home)
     name, version = tag.split(":")
     folder = home / "models" / name / version  # the store's layout (this process's BentoML may have another home)
     predictor = load_backend(folder, backend="torch", device="cpu", precision="fp32")
@@ -157,15 +155,14 @@ def test_drift_gauges_on_a_real_server(drift_server):
     assert abs(shifted["vit_drift_top1_score_mean"] - stable["vit_drift_top1_score_mean"]) > 0.01
 
 
-def test_a_model_without_a_reference_serves_without_drift(store, tmp_path):
+def test_a_model_without_a_reference_serves_without_drift(tiny_model_server):
     import httpx
 
-    from service_fixtures import bentoml_server, encode, picture
+    from service_fixtures import encode, picture
 
-    home, tag = store
-    with bentoml_server(home, tmp_path / "serve.log", env={"VIT_WORKERS": "1"}) as url:
-        _send(url, [encode(picture(i), "JPEG") for i in range(20)])
-        info = httpx.get(f"{url}/model_info", timeout=30).json()["drift"]
-        assert info["available"] is False and "without a validation reference" in info["reason"]
-        assert "vit_drift_" not in httpx.get(f"{url}/metrics", timeout=30).text.replace("# HELP vit_drift_", "").replace(
-            "# TYPE vit_drift_", "")
+    url, _ = tiny_model_server  # the tiny model as saved without vit-export: no validation reference
+    _send(url, [encode(picture(i), "JPEG") for i in range(20)])
+    info = httpx.get(f"{url}/model_info", timeout=30).json()["drift"]
+    assert info["available"] is False and "without a validation reference" in info["reason"]
+    assert "vit_drift_" not in httpx.get(f"{url}/metrics", timeout=30).text.replace("# HELP vit_drift_", "").replace(
+        "# TYPE vit_drift_", "")

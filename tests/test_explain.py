@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 from vit_service.explain import (Explainer, attention_rollout, explain_batch, gradient_rollout,
                                  normalize_map, peak_point)
 from vit_service.model import ViTConfig, VisionTransformer
@@ -211,10 +211,10 @@ def test_overlay_tints_by_relevance_and_carries_its_colour_bar() -> None:
 
 
 def test_cli_writes_overlay_grid_and_json(images: list[Path], tmp_path: Path) -> None:
-    from tests.service_fixtures import save_tiny_model
+    from tests.service_fixtures import copy_tiny_model
 
     home = tmp_path / "bentoml_home"
-    save_tiny_model(home)  # as vit-classifier, then named by its tag as in the README
+    copy_tiny_model(home)  # as vit-classifier, then named by its tag as in the README
     out = tmp_path / "out"
     r = run_cli("vit-explain", *map(str, images), "--model", "vit-classifier:latest", "--out", str(out),
                 env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"})
@@ -255,7 +255,8 @@ def test_cli_takes_folders_as_vit_train_predict_does(artifact_dir: Path, images:
 
 
 def test_cli_error_is_one_line_naming_the_file(artifact_dir: Path, tmp_path: Path) -> None:
-    r = run_cli("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir), "--out", str(tmp_path / "out"))
+    r = run_cli_in_process("vit-explain", str(tmp_path / "nope.jpg"), "--model", str(artifact_dir),
+                           "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("vit-explain: error:") and "nope.jpg" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -329,15 +330,16 @@ def test_cli_reads_a_vit_train_checkpoint(trained_run: Path, demo_data: Path, tm
 
 
 def test_cli_head_fusion_and_discard_ratio_reach_the_rollout(artifact_dir: Path, images: list[Path], tmp_path: Path) -> None:
-    # The real CLI with --head-fusion max --discard-ratio 0.5: its grid is the rollout computed
+    # The real CLI (in this process) with --head-fusion max --discard-ratio 0.5: its grid is the rollout computed
     # with those settings (the rollout itself is checked by hand above), not the default's.
     from vit_service.artifact import load_model
     from vit_service.explain import Explainer
 
-    r = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--head-fusion", "max",
-                "--discard-ratio", "0.5", "--out", str(tmp_path / "max"))
+    r = run_cli_in_process("vit-explain", str(images[0]), "--model", str(artifact_dir), "--head-fusion", "max",
+                           "--discard-ratio", "0.5", "--out", str(tmp_path / "max"))
     assert r.returncode == 0, r.stderr
-    default = run_cli("vit-explain", str(images[0]), "--model", str(artifact_dir), "--out", str(tmp_path / "mean"))
+    default = run_cli_in_process("vit-explain", str(images[0]), "--model", str(artifact_dir),
+                                 "--out", str(tmp_path / "mean"))
     assert default.returncode == 0, default.stderr
     grid = np.load(tmp_path / "max" / f"{images[0].stem}.npy")
     record = json.loads((tmp_path / "max" / f"{images[0].stem}.json").read_text())

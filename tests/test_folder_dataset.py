@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -225,9 +224,9 @@ def test_verify_reports_counts_unreadable_files_and_class_mismatch(tmp_path: Pat
 
 
 def _vit_data(*args: str) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).parent / "vit-data"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "training.data_cli"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
+    from tests.conftest import run_cli_in_process
+
+    return run_cli_in_process("vit-data", *args)
 
 
 def test_cli_demo_then_verify_exit_codes(tmp_path: Path) -> None:

@@ -16,19 +16,18 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service_fixtures import BIN, CLASS_NAMES, REPO, bentoml_server, encode, picture
-from service_fixtures import store  # noqa: F401  (session fixture)
+from service_fixtures import BIN, CLASS_NAMES, REPO, encode, picture
 
 MODEL = "vit-classifier"
 
 
 @pytest.fixture(scope="module")
-def served(store, tmp_path_factory: pytest.TempPathFactory):
-    home, tag = store
-    log = tmp_path_factory.mktemp("oip") / "serve.log"
-    with bentoml_server(home, log, env={"VIT_PRECISION": "fp32", "VIT_WORKERS": "1"}) as url:
-        yield url, tag.split(":")[1]
-    assert "Traceback" not in log.read_text()
+def served(tiny_model_server):
+    """conftest's tiny_model_server (fp32, one worker; its log checked for tracebacks at the end):
+    (url, the served model's version)."""
+    url, home = tiny_model_server
+    (version,) = [p.name for p in (home / "models" / MODEL).iterdir() if p.is_dir()]
+    return url, version
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,14 @@ def export(*args: str, home: Path):
 
 
 @pytest.fixture(scope="module")
-def int8_export(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo run exported with --int8 by the real CLI (measured on the run's validation images)."""
-    root = tmp_path_factory.mktemp("int8")
-    out = export("--run", str(trained_run), "--int8", "--dir", str(root / "out"), home=root / "bentoml")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "top-1 agreement with fp32" in out.stderr
-    store = list((root / "bentoml" / "models" / "vit-classifier").glob("*/" + INT8_FILE))
+def int8_export(int8_exports: dict[str, Path]) -> Path:
+    """The demo run exported with --int8 by the real CLI (measured on the run's validation images):
+    conftest's int8_exports, shared with tests/test_serving_speed.py."""
+    assert "top-1 agreement with fp32" in (int8_exports["good"].parent / "good.stderr").read_text()
+    store = list((int8_exports["home"] / "models" / "vit-good").glob("*/" + INT8_FILE))
     assert len(store) == 1  # in the BentoML model too
     assert ModelArtifact.read(store[0].parent).int8 is not None
-    return root / "out"
+    return int8_exports["good"]
 
 
 def test_int8_export_records_agreement_and_both_accuracies(int8_export: Path, demo_data: Path) -> None:
@@ -97,24 +95,12 @@ def test_int8_ece_with_the_fp32_temperature(int8_export: Path, demo_data: Path) 
     assert int8.describe()["calibration"] == {"temperature": t, **calibration["int8"]}
 
 
-def damage_for_int8(ckpt: Path, out: Path) -> Path:
-    """The same model in fp32 with an int8-hostile head: one input column holds the same huge weight
-    in every row. In fp32 that adds one constant to every logit (predictions unchanged); in int8 the
-    head's scale grows to fit it and every other head weight rounds to zero."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    w = state["state_dict"]["model.head.weight"]  # (K, D)
-    w[:, 0] = 200 * w.abs().max()
-    torch.save(state, out)
-    return out
-
-
-def test_the_guard_refuses_a_model_damaged_for_int8(trained_run: Path, tmp_path: Path) -> None:
-    ckpt = damage_for_int8(next((trained_run / "checkpoints").glob("best-*.ckpt")), tmp_path / "damaged.ckpt")
-    out = export("--ckpt", str(ckpt), "--int8", "--dir", str(tmp_path / "out"), home=tmp_path / "bentoml")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"int8 ({RECIPES[1][0]})" in out.stderr  # the first recipe missed the guard, the second was tried
-    assert "it will not serve (VIT_PRECISION=auto passes it over and VIT_PRECISION=int8 refuses to start)" in out.stderr
-    record = ModelArtifact.read(tmp_path / "out").int8
+def test_the_guard_refuses_a_model_damaged_for_int8(int8_exports: dict[str, Path]) -> None:
+    # `vit-export --ckpt <damage_for_int8 of the demo run> --int8` (conftest's int8_exports; exit 0)
+    stderr = (int8_exports["damaged"].parent / "damaged.stderr").read_text()
+    assert f"int8 ({RECIPES[1][0]})" in stderr  # the first recipe missed the guard, the second was tried
+    assert "it will not serve (VIT_PRECISION=auto passes it over and VIT_PRECISION=int8 refuses to start)" in stderr
+    record = ModelArtifact.read(int8_exports["damaged"]).int8
     assert record is not None and record["agreement_top1"] < MIN_AGREEMENT
     assert "below the 99% guard" in int8_guard(record)
 

@@ -192,11 +192,11 @@ def test_fit_in_memory_flips_half_the_images(demo_data: Path, tmp_path: Path) ->
 
 
 def test_in_memory_refuses_per_image_augmentations(demo_data: Path, tmp_path: Path) -> None:
-    from tests.conftest import run_cli as run_console
+    from tests.conftest import run_cli_in_process
 
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=1)
-    result = run_console("vit-train", "fit", "--config", str(config), "--data.in_memory", "true",
-                         "--data.auto_augment", "rand-m9-mstd0.5-inc1")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.in_memory", "true",
+                                "--data.auto_augment", "rand-m9-mstd0.5-inc1")
     assert result.returncode != 0
     assert "--data.in_memory augments whole batches" in result.stderr
     assert "Traceback" not in result.stderr

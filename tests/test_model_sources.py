@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import demo_config, run_cli
+from tests.conftest import demo_config, run_cli, run_cli_in_process
 from training.run_checkpoints import MODEL_FORMATS
 from vit_service.artifact import ModelArtifact, load_model
 from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY, ModelSourceError, load_model_source
@@ -33,8 +33,8 @@ def finetuned_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config = ViTConfig(image_size=64, patch_size=8, num_classes=6, **INIT_ARCH)
     classes = sorted(p.name for p in (demo_data / "train").iterdir())
     save_transformers_folder(VisionTransformer(config), ModelArtifact(config, classes, Preprocessing(64, 1.0)), init)
-    result = run_cli("vit-train", "fit", "--config", str(demo_config(root, demo_data, max_epochs=1)),
-                     "--model.init_from", str(init), "--trainer.limit_train_batches", "2")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(demo_config(root, demo_data, max_epochs=1)),
+                                "--model.init_from", str(init), "--trainer.limit_train_batches", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     for f in init.iterdir():  # the init model is gone: readers must not need it
         f.unlink()
@@ -96,5 +96,6 @@ def test_old_checkpoint_without_config_falls_back_to_its_hyper_parameters(finetu
 def test_bad_sources_are_one_clear_error(tmp_path: Path, make, message: str) -> None:
     with pytest.raises(ModelSourceError, match=message):
         load_model_source(str(make(tmp_path)))
-    result = run_cli("vit-explain", str(Path(__file__)), "--model", str(make(tmp_path)), "--out", str(tmp_path / "o"))
+    result = run_cli_in_process("vit-explain", str(Path(__file__)), "--model", str(make(tmp_path)),
+                                "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, demo_config, run_cli
+from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
 
 # Lines that need something this test cannot have, with the reason.
 SKIPPED = {
@@ -158,8 +158,8 @@ def test_ckpt_path_best_is_the_best_run_under_the_root_and_is_recorded(trained_r
         torch.save(state, ckpt)
     best_v0 = next((root / "version_0/checkpoints").glob("best-*.ckpt"))
     config = demo_config(tmp_path, demo_data)
-    result = run_cli("vit-train", "validate", "--config", str(config), "--trainer.default_root_dir", str(root),
-                     "--ckpt_path", "best")
+    result = run_cli_in_process("vit-train", "validate", "--config", str(config), "--trainer.default_root_dir",
+                                str(root), "--ckpt_path", "best")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"--ckpt_path best: {root}/version_0/checkpoints/{best_v0.name}" in result.stdout
     assert "the best of 2 run(s)" in result.stdout
@@ -180,7 +180,8 @@ def test_resuming_from_an_empty_or_mistyped_root_is_refused(demo_data: Path, tmp
     behind a misleading hint; refused with exit 2 and what to check, and nothing is written."""
     config = demo_config(tmp_path, demo_data)
     root = tmp_path / "runs" / "nothing"
-    result = _fit_last(config, root)
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.default_root_dir", str(root),
+                                "--ckpt_path", "last")
     assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
     assert f"{root}: no run to resume with --ckpt_path last" in result.stderr
     assert "--trainer.default_root_dir" in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import demo_config, run_cli
+from conftest import demo_config, run_cli_in_process
 
 from training.precision import choose_precision, race_train_step
 from vit_service.host import Race, read_cpu
@@ -77,7 +77,7 @@ def test_ddp_processes_inherit_rank_zeros_choice(monkeypatch):
 
 def test_vit_train_resolves_auto_and_saves_the_resolved_value(demo_data: Path, tmp_path: Path):
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.precision", "auto")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.precision", "auto")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("precision auto -> ")]
     assert len(lines) == 1, result.stdout  # printed once

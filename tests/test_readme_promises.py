@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, demo_config, run_cli
+from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
 
 
 def _make_n(*args: str) -> str:
@@ -99,8 +99,8 @@ def test_logger_from_the_command_line_replaces_csv_and_tensorboard_and_progress_
         demo_data: Path, tmp_path: Path) -> None:
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     csv_dir = tmp_path / "own_csv"
-    r = run_cli("vit-train", "fit", "--config", str(config), "--progress.when", "never",
-                "--trainer.logger", yaml.safe_dump({"class_path": "lightning.pytorch.loggers.CSVLogger",
+    r = run_cli_in_process("vit-train", "fit", "--config", str(config), "--progress.when", "never",
+                           "--trainer.logger", yaml.safe_dump({"class_path": "lightning.pytorch.loggers.CSVLogger",
                                                     "init_args": {"save_dir": str(csv_dir), "name": "mine"}}))
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(tmp_path.rglob("events.out.tfevents.*")) == []  # no TensorBoard

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import demo_config, eval_logits, run_cli
+from tests.conftest import demo_config, eval_logits, run_cli_in_process
 from training.report import most_confused_classes, write_report
 
 
@@ -32,8 +32,8 @@ def test_fit_writes_training_curves_beside_the_logs(trained_run: Path) -> None:
 def test_validate_writes_the_evaluation_report(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     # Its own run folder: the shared training run's folder stays as fit left it.
     config = demo_config(tmp_path, demo_data)
-    r = run_cli("vit-train", "validate", "--config", str(config), "--report.temperature", "2.0",
-                "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"))
+    r = run_cli_in_process("vit-train", "validate", "--config", str(config), "--report.temperature", "2.0",
+                           "--ckpt_path", str(trained_run / "checkpoints" / "last.ckpt"))
     assert r.returncode == 0, r.stderr[-3000:]
     report = _one(list(tmp_path.rglob("report-validate")))
     assert f"evaluation report: {report / 'README.md'}" in r.stdout

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import demo_config, reference_eval_transform, run_cli
+from tests.conftest import demo_config, reference_eval_transform, run_cli, run_cli_in_process
 from training.module import ViTClassifier
 
 # Monitoring elapsed time (mode min) makes the first epoch the "best" one for certain, so the best
@@ -29,8 +29,8 @@ def runs(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     roots = {name: tmp_path_factory.mktemp(name) / "out" for name in ("a", "b")}
     outputs = {}
     for name, epochs, extra in (("a", "2", []), ("b", "1", ["--progress.every_n_steps", "1"])):
-        result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.default_root_dir",
-                         str(roots[name]), "--trainer.max_epochs", epochs, *BEST_IS_FIRST, *extra, cwd=cwd)
+        result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.default_root_dir",
+                                    str(roots[name]), "--trainer.max_epochs", epochs, *BEST_IS_FIRST, *extra, cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = result.stdout
     return {"cwd": cwd, "config": config, "roots": roots, "stdout": outputs}
@@ -66,12 +66,12 @@ def test_ckpt_path_best_picks_the_best_checkpoint_not_the_last(runs: dict, demo_
     assert recorded[best]["val_loss"] != recorded[ckpts / "last.ckpt"]["val_loss"]
     common = ["--config", str(runs["config"]), "--trainer.default_root_dir", str(root), "--ckpt_path", "best"]
 
-    val = run_cli("vit-train", "validate", *common, cwd=runs["cwd"])
+    val = run_cli_in_process("vit-train", "validate", *common, cwd=runs["cwd"])
     assert val.returncode == 0, val.stderr[-3000:]
     rows = list(csv.DictReader((root / "version_1/metrics.csv").open()))
     assert [float(r["val/loss"]) for r in rows if r.get("val/loss")] == [pytest.approx(recorded[best]["val_loss"], abs=1e-5)]
 
-    test = run_cli("vit-train", "test", *common, "--data.test_dir", str(demo_data / "val"), cwd=runs["cwd"])
+    test = run_cli_in_process("vit-train", "test", *common, "--data.test_dir", str(demo_data / "val"), cwd=runs["cwd"])
     assert test.returncode == 0, test.stderr[-3000:]
     rows = list(csv.DictReader((root / "version_2/metrics.csv").open()))
     assert [float(r["test/loss"]) for r in rows if r.get("test/loss")] == [pytest.approx(recorded[best]["val_loss"], abs=1e-5)]
@@ -79,7 +79,8 @@ def test_ckpt_path_best_picks_the_best_checkpoint_not_the_last(runs: dict, demo_
     # predict: every row's labels and scores are the best checkpoint's model on that image (top-1
     # = its argmax), computed here with the module and a PIL + torchvision eval transform.
     images = sorted((demo_data / "val").glob("*/*.jpg"))[::3]
-    pred = run_cli("vit-train", "predict", *common, "--data.predict_dir", str(demo_data / "val"), cwd=runs["cwd"])
+    pred = run_cli_in_process("vit-train", "predict", *common, "--data.predict_dir", str(demo_data / "val"),
+                              cwd=runs["cwd"])
     assert pred.returncode == 0, pred.stderr[-3000:]
     rows = {r["path"]: r for r in csv.DictReader((root / "version_3/predictions.csv").open())}
     assert len(rows) == len(list((demo_data / "val").glob("*/*.jpg")))
@@ -103,9 +104,9 @@ def test_ckpt_path_best_picks_the_best_checkpoint_not_the_last(runs: dict, demo_
 def test_resume_last_continues_the_latest_run_in_its_folder(runs: dict) -> None:
     root = runs["roots"]["a"]
     rows_before = list(csv.DictReader((root / "version_0/metrics.csv").open()))
-    result = run_cli("vit-train", "fit", "--config", str(runs["config"]), "--trainer.default_root_dir",
-                     str(root), "--trainer.max_epochs", "3", "--ckpt_path", "last", *BEST_IS_FIRST,
-                     cwd=runs["cwd"])
+    result = run_cli_in_process("vit-train", "fit", "--config", str(runs["config"]), "--trainer.default_root_dir",
+                                str(root), "--trainer.max_epochs", "3", "--ckpt_path", "last", *BEST_IS_FIRST,
+                                cwd=runs["cwd"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in root.iterdir()) == ["version_0"]  # no new run folder
     last = torch.load(root / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
@@ -128,7 +129,7 @@ def test_export_run_picks_the_best_checkpoint_not_the_last(runs: dict, tmp_path:
 
 
 def test_export_run_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_cli("vit-export", "--run", str(tmp_path), env={"BENTOML_HOME": str(tmp_path / "b")})
+    result = run_cli_in_process("vit-export", "--run", str(tmp_path), env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2 and "no checkpoints" in result.stderr and str(tmp_path) in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -142,9 +143,9 @@ def test_predict_writes_one_row_per_image_and_names_unreadable_files(runs: dict,
         (images / ("nested" if i % 2 else "") / f"img{i}.jpg").write_bytes(src.read_bytes())
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     root = runs["roots"]["b"]
-    result = run_cli("vit-train", "predict", "--config", str(runs["config"]), "--trainer.default_root_dir",
-                     str(root), "--data.predict_dir", str(images), "--ckpt_path", "best",
-                     "--predict_writer.top_k", "3", "--data.batch_size", "4", cwd=runs["cwd"])
+    result = run_cli_in_process("vit-train", "predict", "--config", str(runs["config"]), "--trainer.default_root_dir",
+                                str(root), "--data.predict_dir", str(images), "--ckpt_path", "best",
+                                "--predict_writer.top_k", "3", "--data.batch_size", "4", cwd=runs["cwd"])
     assert result.returncode == 0, result.stderr[-3000:]
     out = root / "version_1/predictions.csv"  # a new run folder, with its config beside the rows
     assert (root / "version_1/config.yaml").is_file()
@@ -160,9 +161,9 @@ def test_predict_writes_one_row_per_image_and_names_unreadable_files(runs: dict,
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-5
     assert list(runs["cwd"].iterdir()) == []
 
-    jsonl = run_cli("vit-train", "predict", "--config", str(runs["config"]), "--trainer.default_root_dir",
-                    str(root), "--data.predict_dir", str(images), "--ckpt_path", "last",
-                    "--predict_writer.format", "jsonl", cwd=runs["cwd"])
+    jsonl = run_cli_in_process("vit-train", "predict", "--config", str(runs["config"]), "--trainer.default_root_dir",
+                               str(root), "--data.predict_dir", str(images), "--ckpt_path", "last",
+                               "--predict_writer.format", "jsonl", cwd=runs["cwd"])
     assert jsonl.returncode == 0, jsonl.stderr[-3000:]
     records = [json.loads(line) for line in (root / "version_2/predictions.jsonl").read_text().splitlines()]
     assert [r["path"] for r in records] == sorted([str(images / "broken.jpg"), *rows])

@@ -62,14 +62,20 @@ def test_readyz_is_503_until_the_model_is_warm(gated_server):
 
 # ------------------------------------------------------------------------------ bad settings
 
+# Each way `bentoml serve` stops: a VIT_* value settings.py refuses, the key file (auth.py), the
+# model check before any worker starts (backends.check_servable). Where two cases take the same
+# way, the second is slow here (a failing `bentoml serve` is ~10 s of imports) and its message is
+# checked in-process below (test_refusals_name_the_problem_in_process).
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("VIT_WORKERS", "0", "VIT_WORKERS must be at least 1, got 0"),
-    ("VIT_DEVICE", "tpu", "VIT_DEVICE must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    ("VIT_MAX_BATCH_SIZE", "abc", "VIT_MAX_BATCH_SIZE must be an integer, got 'abc'"),
+    pytest.param("VIT_DEVICE", "tpu", "VIT_DEVICE must be auto, cpu, cuda or cuda:N, got 'tpu'", marks=pytest.mark.slow),
+    pytest.param("VIT_MAX_BATCH_SIZE", "abc", "VIT_MAX_BATCH_SIZE must be an integer, got 'abc'", marks=pytest.mark.slow),
     ("VIT_API_KEY_FILE", "{empty}", "VIT_API_KEY_FILE {empty}: holds no key (one key a line)"),
     ("VIT_PRECISION", "int8", "cannot serve vit-classifier:latest: VIT_PRECISION=int8 but the model has no int8 version"),
-    ("VIT_BACKEND", "onnxruntime", "cannot serve vit-classifier:latest: VIT_BACKEND must be one of auto, torch, openvino, "
-                                   "got 'onnxruntime' (onnxruntime serving was retired"),
+    pytest.param("VIT_BACKEND", "onnxruntime", "cannot serve vit-classifier:latest: VIT_BACKEND must be one of auto, "
+                 "torch, openvino, got 'onnxruntime' (onnxruntime serving was retired", marks=pytest.mark.slow),
 ])
 def test_bad_setting_or_unservable_model_stops_serve_with_one_line(store, tmp_path, name, value, message):
     """`bentoml serve` exits non-zero at once, before any worker starts, printing one line that
@@ -86,3 +92,22 @@ def test_bad_setting_or_unservable_model_stops_serve_with_one_line(store, tmp_pa
     assert out.returncode != 0
     assert printed.splitlines()[-1].startswith(f"vit-service: {message}"), printed[-2000:]
     assert "Traceback" not in printed and "Started" not in printed, printed[-2000:]
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("VIT_DEVICE", "tpu", "VIT_DEVICE must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("VIT_MAX_BATCH_SIZE", "abc", "VIT_MAX_BATCH_SIZE must be an integer, got 'abc'"),
+    ("VIT_BACKEND", "onnxruntime", "VIT_BACKEND must be one of auto, torch, openvino, got 'onnxruntime' "
+                                   "(onnxruntime serving was retired"),
+])
+def test_refusals_name_the_problem_in_process(store, name, value, message):
+    """The messages of the cases above that are slow here, from the code `bentoml serve` runs:
+    Settings.from_env (what service.py reads at import) and check_servable (the model check)."""
+    from vit_service.backends import check_servable
+    from vit_service.serving.settings import Settings
+
+    home, tag = store
+    with pytest.raises(ValueError) as refused:
+        settings = Settings.from_env({name: value})
+        check_servable(home / "models" / Path(tag.replace(":", "/")), settings.backend, settings.precision)
+    assert str(refused.value).startswith(message)

@@ -14,7 +14,6 @@ import torch
 
 pytest.importorskip("nncf", reason="the int8 extra: pip install -e '.[int8]'")
 
-from conftest import run_cli  # noqa: E402
 from service_fixtures import AVX2_ONLY, bentoml_server, encode, picture, save_tiny_folder  # noqa: E402
 from vit_service.artifact import MANIFEST_FILE  # noqa: E402
 from vit_service.backends import load_backend  # noqa: E402
@@ -46,22 +45,10 @@ def test_bf16_is_never_timed_on_a_cpu_without_bf16_instructions(tiny_dir: Path, 
 
 
 @pytest.fixture(scope="module")
-def int8_models(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def int8_models(int8_exports: dict[str, Path]) -> dict[str, Path]:
     """The demo run exported with --int8 (passes the guard), and the same with an int8-hostile head
-    (fails it): see tests/test_int8.py."""
-    from test_int8 import damage_for_int8
-
-    root = tmp_path_factory.mktemp("int8_serving")
-    ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    damaged = damage_for_int8(ckpt, root / "damaged.ckpt")
-    out = {}
-    for name, source in (("good", ckpt), ("damaged", damaged)):
-        result = run_cli("vit-export", "--ckpt", str(source), "--int8", "--dir", str(root / name),
-                         "--name", f"vit-{name}", env={"BENTOML_HOME": str(root / "bentoml")})
-        assert result.returncode == 0, result.stderr[-3000:]
-        out[name] = root / name
-    out["home"] = root / "bentoml"
-    return out
+    (fails it): conftest's int8_exports, shared with tests/test_int8.py."""
+    return int8_exports
 
 
 def test_int8_guard_at_serving(int8_models: dict[str, Path]) -> None:

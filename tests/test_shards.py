@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_in_process
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError, ImageFolderDataset
 from training.module import ViTClassifier
@@ -65,7 +65,7 @@ def test_optimize_cli_drops_corrupt_files_lists_them_and_downscales(demo_data: P
 
 
 def test_optimize_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_cli("vit-data", "optimize", str(tmp_path / "nope"), str(tmp_path / "out"))
+    result = run_cli_in_process("vit-data", "optimize", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr and "Traceback" not in result.stderr
 
 

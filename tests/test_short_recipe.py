@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, eval_logits, macro_accuracy, run_cli
+from tests.conftest import REPO, eval_logits, macro_accuracy, run_cli_in_process
 from training.callbacks import ProgressiveResize, TimeBudget
 
 RECIPE = REPO / "configs/cifar10_30min.yaml"
@@ -32,8 +32,8 @@ def _recipe_on(demo_data: Path, run_dir: Path, callbacks: list[dict] | None = No
 
 
 def test_recipe_fast_dev_run(demo_data: Path, tmp_path: Path) -> None:
-    result = run_cli("vit-train", "fit", "--config", str(_recipe_on(demo_data, tmp_path)),
-                     "--trainer.fast_dev_run", "2")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(_recipe_on(demo_data, tmp_path)),
+                                "--trainer.fast_dev_run", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time budget: 30 min of training" in result.stdout
     assert "progressive resize: training at 16 px" in result.stdout
@@ -48,8 +48,8 @@ def test_budget_stops_training_and_validates_once(demo_data: Path, tmp_path: Pat
         {"class_path": "tests.training_probe.TrainingProbe", "init_args": {"out_dir": str(tmp_path)}},
     ]
     # bf16-mixed as given (the config's `auto` measures, and may pick fp32 on a busy or older CPU).
-    result = run_cli("vit-train", "fit", "--config", str(_recipe_on(demo_data, tmp_path, callbacks)),
-                     "--trainer.precision", "bf16-mixed", env={"PYTHONPATH": str(REPO)})  # the probe comes from tests/
+    result = run_cli_in_process("vit-train", "fit", "--config", str(_recipe_on(demo_data, tmp_path, callbacks)),
+                                "--trainer.precision", "bf16-mixed")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "time budget spent after" in result.stdout
     last = max(tmp_path.rglob("last*.ckpt"), key=lambda f: f.stat().st_mtime)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, demo_config, run_cli
+from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
 from training.cli import run_cli as run_lightning_cli
 from training.module import ViTClassifier, warmup_cosine
 from vit_service.artifact import load_model
@@ -66,8 +66,8 @@ def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_pat
     """--trainer.limit_val_batches evaluates part of the val set: the progress line and the
     export say on how many images the val figures are (issue 30: "val top-1" of 1 class in 10)."""
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
-                     "--data.batch_size", "8")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
+                                "--data.batch_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert "(val on 8 of 24 images)" in printed, printed[-3000:]
@@ -92,7 +92,7 @@ def test_resume_from_last_continues_step_count(trained_run: Path, demo_data: Pat
     shutil.copytree(trained_run / "checkpoints", run_dir / "checkpoints")
     before = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     config = demo_config(root, demo_data, max_epochs=3)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--ckpt_path", "last")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
     after = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert after["epoch"] == before["epoch"] + 1
@@ -129,22 +129,22 @@ def test_export_bad_checkpoint_is_a_clear_error(tmp_path: Path, content: bytes |
     path = tmp_path / "model.ckpt"
     if content is not None:
         path.write_bytes(content)
-    result = run_cli("vit-export", "--ckpt", str(path), env={"BENTOML_HOME": str(tmp_path / "b")})
+    result = run_cli_in_process("vit-export", "--ckpt", str(path), env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2
     assert message in result.stderr and str(path) in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_export_ema_requires_ema_weights(trained_run: Path, tmp_path: Path) -> None:
-    result = run_cli("vit-export", "--ckpt", str(trained_run / "checkpoints/last.ckpt"), "--ema",
-                     env={"BENTOML_HOME": str(tmp_path / "b")})
+    result = run_cli_in_process("vit-export", "--ckpt", str(trained_run / "checkpoints/last.ckpt"), "--ema",
+                                env={"BENTOML_HOME": str(tmp_path / "b")})
     assert result.returncode == 2 and "no EMA weights" in result.stderr
 
 
 def test_ema_is_validated_checkpointed_and_exportable(demo_data: Path, tmp_path: Path) -> None:
     ema = [{"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}]
     config = demo_config(tmp_path, demo_data, callbacks=ema, max_epochs=1, limit_train_batches=3)
-    result = run_cli("vit-train", "fit", "--config", str(config))
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt_path = next((tmp_path / "version_0/checkpoints").glob("best-*.ckpt"))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -192,7 +192,7 @@ def test_class_mismatch_between_train_and_val_is_a_clear_error(demo_data: Path, 
     shutil.copytree(demo_data, data)
     victim = sorted((data / "val").iterdir())[0]
     shutil.rmtree(victim)
-    result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, data)), "--trainer.fast_dev_run", "1")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(demo_config(tmp_path, data)), "--trainer.fast_dev_run", "1")
     assert result.returncode != 0
     assert victim.name in result.stderr and "Traceback" not in result.stderr
 
@@ -201,7 +201,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "val").mkdir()
-    result = run_cli("vit-train", "fit", "--config", str(demo_config(tmp_path, empty)), "--trainer.fast_dev_run", "1")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(demo_config(tmp_path, empty)), "--trainer.fast_dev_run", "1")
     assert result.returncode != 0
     assert str(empty / "train") in result.stderr and "Traceback" not in result.stderr
 
