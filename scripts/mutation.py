@@ -61,12 +61,14 @@ MODULES: dict[str, list[str]] = {
     "training/callbacks/*.py": ["tests/test_short_recipe.py"],
     "training/export.py": ["tests/test_calibration.py", "tests/test_onnx.py"],
     "vit_service/serving/validation.py": ["tests/test_validation.py"],
-    # (most of auth.py and errors.py is tested through a real server, which mutmut cannot follow)
-    "vit_service/serving/auth.py": [f"tests/test_auth.py::{t}" for t in (
+    # auth.py and errors.py: their middleware in-process (httpx's ASGI transport) and their pure parts;
+    # the served checks (test_auth.py, test_error_shape.py) go through a server mutmut cannot follow
+    "vit_service/serving/auth.py": ["tests/test_auth_middleware.py", *[f"tests/test_auth.py::{t}" for t in (
         "test_the_protected_routes_are_read_from_the_service", "test_keys_from_the_variable_and_the_file",
         "test_auth_is_off_by_default_and_open_paths", "test_bad_key_settings_are_start_up_errors",
-        "test_empty_key_file_is_an_error_not_an_open_api")],
-    "vit_service/serving/errors.py": ["tests/test_error_shape.py::test_other_error_bodies_are_reshaped",
+        "test_empty_key_file_is_an_error_not_an_open_api")]],
+    "vit_service/serving/errors.py": ["tests/test_error_middleware.py",
+                                      "tests/test_error_shape.py::test_other_error_bodies_are_reshaped",
                                       "tests/test_validation.py",
                                       "tests/test_service.py::test_upload_cut_short_is_answered_408_json"],
 }
@@ -102,6 +104,10 @@ _HINT = ("compile_for_cpu compiles every precision but fp32 and bf16 as it compi
          "flags): any other value is int8")
 _THREADS = "no caller passes threads, so it is always None (OpenVINO's default)"
 _C = "vit_service.calibration."
+_E = "vit_service.serving.errors."
+_A = "vit_service.serving.auth."
+_CODEC = "codec names are case-insensitive: the same codec"
+_FALSY = "None and False (or a missing key's None) are both false where the value is only tested"
 EQUIVALENT: dict[str, tuple[str, str]] = {
     _P + "x__open__mutmut_9": ("if width < 1 and height < 1:", _ZERO_SIZE),
     _P + "x__open__mutmut_14": ("raise InvalidImageError(None)", _ZERO_SIZE),
@@ -161,6 +167,32 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     _Q + "x_build_int8__mutmut_34": ("(removed) subset_size=len(calibration),",
                                      "NNCF's default subset_size is 300, CALIBRATION_IMAGES, and the list holds at most "
                                      "CALIBRATION_IMAGES images: every one is used either way"),
+    # vit_service/serving/errors.py and auth.py
+    **{_E + name: (line, why) for name, line, why in [
+        ("x_shaped_message__mutmut_7", 'text = body.decode("UTF-8", "replace").strip()', _CODEC),
+        ("x_shaped_message__mutmut_20", 'data = ""', "None and \"\" are both not a dict: the same branch follows"),
+        ("xǁErrorShapeMiddlewareǁ__call____mutmut_14", "forwarded = None  # whether anything of the answer went out yet",
+         _FALSY),
+        ("xǁErrorShapeMiddlewareǁ__call____mutmut_43", 'if message.get("more_body", None):', _FALSY),
+        ("xǁErrorShapeMiddlewareǁ__call____mutmut_45", 'if message.get("more_body", ):', _FALSY),
+        ("xǁErrorShapeMiddlewareǁ_send_shaped__mutmut_13",
+         'headers = {k.decode("LATIN-1").lower(): v.decode("latin-1") for k, v in raw_headers}', _CODEC),
+        ("xǁErrorShapeMiddlewareǁ_send_shaped__mutmut_16",
+         'headers = {k.decode("latin-1").lower(): v.decode("LATIN-1") for k, v in raw_headers}', _CODEC),
+        ("xǁErrorShapeMiddlewareǁ_send_shaped__mutmut_36",
+         'message = shaped_message(start["status"], headers.get("content-type", "XXXX"), body, scope, headers.get("allow"))',
+         'no content type and "XXXX" are both neither JSON nor text/plain: the same branch'),
+    ]},
+    **{_A + name: (line, why) for name, line, why in [
+        ("x_read_key_file__mutmut_3", "lines = Path(raw).read_text(encoding=None).splitlines()",
+         "Python reads files as UTF-8 under a UTF-8 or the C locale (PEP 538 coerces C to C.UTF-8): "
+         "only a host with a non-UTF-8 locale could tell"),
+        ("x_read_key_file__mutmut_6", 'lines = Path(raw).read_text(encoding="UTF-8").splitlines()', _CODEC),
+        ("xǁAuthMiddlewareǁ__call____mutmut_18", 'authorization = ""', "check() answers None and \"\" alike: missing"),
+        ("xǁAuthMiddlewareǁ__call____mutmut_32", 'authorization = value.decode("LATIN-1")', _CODEC),
+        ("xǁAuthMiddlewareǁ__init____mutmut_5", "self.on_failure = on_failure or (lambda reason: 0)",
+         "the callback's return value is never used"),
+    ]},
     # vit_service/calibration.py
     **{_C + f"x_fit_temperature__mutmut_{n}": (line, _OPTIMIZER) for n, line in [
         (1, "max_iter: int = 101) -> float:"),
