@@ -31,7 +31,8 @@ FAST = ["-m", "not slow"]
 
 # module (a glob where a package) -> pytest arguments selecting its fast, in-process tests.
 MODULES: dict[str, list[str]] = {
-    "vit_service/model.py": ["tests/test_model.py"],
+    # torch.compile cannot trace mutmut's trampolines (fullgraph fails in the stats run): compile tests left out
+    "vit_service/model.py": ["tests/test_model.py", "-k", "not compile"],
     "vit_service/preprocessing.py": ["tests/test_preprocessing.py", "tests/test_folder_dataset.py",
                                      "tests/test_explain.py::test_crop_box_is_the_region_the_model_sees"],
     "vit_service/artifact.py": ["tests/test_checkpoints.py", "tests/test_calibration.py", "-k",

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vit_service.formats.checkpoints import load_weights
-from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.model import ViTConfig, VisionTransformer, resample_pos_embed
 
 # Small enough that forward, backward and torch.compile stay fast on a 2-core CPU.
 TINY = ViTConfig(image_size=32, patch_size=8, num_classes=5, embed_dim=64, depth=2, num_heads=2)
@@ -151,3 +151,38 @@ def test_config_errors():
         ViTConfig.from_preset("vit_tiny_patch16_224", image_size=200)
     with pytest.raises(ValueError, match="image_size 30 is not a multiple of patch_size 4"):
         ViTConfig(image_size=30, patch_size=4)
+
+
+def test_config_refuses_token_pooling_without_a_class_token() -> None:
+    with pytest.raises(ValueError, match=r"^global_pool='token' needs class_token=True$"):
+        ViTConfig(global_pool="token", class_token=False)
+    assert ViTConfig(global_pool="avg", class_token=False).class_token is False  # avg pooling needs none
+
+
+def test_resample_pos_embed_keeps_the_dtype_and_refuses_a_non_square_grid() -> None:
+    pos = torch.randn(1, 1 + 16, 8).to(torch.bfloat16)  # a class token + a 4x4 grid
+    out = resample_pos_embed(pos, (6, 6), num_prefix_tokens=1)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1 + 36, 8)
+    torch.testing.assert_close(out[:, :1], pos[:, :1], rtol=0, atol=0)  # the class token is not resampled
+    with pytest.raises(ValueError, match=r"^position embeddings of 15 patches are not a square grid$"):
+        resample_pos_embed(torch.randn(1, 1 + 15, 8), (4, 4), num_prefix_tokens=1)
+
+
+def test_reset_classifier_keeps_the_device_and_one_class_is_a_linear_head() -> None:
+    with torch.device("meta"):
+        model = VisionTransformer(ViTConfig(image_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                            num_classes=3))
+    model.reset_classifier(5)
+    assert model.head.weight.device.type == "meta" and model.head.out_features == 5
+    model.reset_classifier(1)  # one logit (a binary score) is a head, not no head
+    assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 1
+    model.reset_classifier(0)
+    assert isinstance(model.head, torch.nn.Identity)
+
+
+def test_set_grad_checkpointing_turns_it_on_by_default() -> None:
+    model = VisionTransformer(ViTConfig(image_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=3))
+    model.set_grad_checkpointing()
+    assert model.grad_checkpointing is True
+    model.set_grad_checkpointing(False)
+    assert model.grad_checkpointing is False
