@@ -106,6 +106,7 @@ _HINT = ("compile_for_cpu compiles every precision but fp32 and bf16 as it compi
 _THREADS = "no caller passes threads, so it is always None (OpenVINO's default)"
 _C = "vit_service.calibration."
 _E = "vit_service.serving.errors."
+_M = "vit_service.model."
 _A = "vit_service.serving.auth."
 _CODEC = "codec names are case-insensitive: the same codec"
 _FALSY = "None and False (or a missing key's None) are both false where the value is only tested"
@@ -168,6 +169,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     _Q + "x_build_int8__mutmut_34": ("(removed) subset_size=len(calibration),",
                                      "NNCF's default subset_size is 300, CALIBRATION_IMAGES, and the list holds at most "
                                      "CALIBRATION_IMAGES images: every one is used either way"),
+    # vit_service/model.py
+    _M + "xǁAttentionǁforward__mutmut_42": ("attn = ((q * self.scale) @ k.transpose(+2, -1)).softmax(dim=-1)  # (B, h, N, N)",
+                                           "k is 4-D (B, h, N, d): dimension 2 is dimension -2"),
+    **{_M + f"x_resample_pos_embed__mutmut_{n}": (line, "align_corners=None means False for bicubic (torch's default)")
+       for n, line in [(42, 'grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=None)'),
+                       (47, 'grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, )')]},
     # vit_service/serving/errors.py and auth.py
     **{_E + name: (line, why) for name, line, why in [
         ("x_shaped_message__mutmut_7", 'text = body.decode("UTF-8", "replace").strip()', _CODEC),
@@ -277,13 +284,24 @@ def run(module: str, jobs: int, budget_s: float | None, names: list[str]) -> int
             except subprocess.TimeoutExpired:
                 print(f"    {time.monotonic() - start:4.0f} s  {progress(log)}", flush=True)
                 if budget_s is not None and time.monotonic() - start > budget_s:
-                    os.killpg(proc.pid, signal.SIGINT)  # mutmut stops its workers and keeps what it has
-                    proc.wait()
+                    _stop(proc)
                     print(f"==> {module}: stopped after the {budget_s:.0f} s budget; run again to continue")
     print(f"==> {module}: {time.monotonic() - start:.0f} s, exit {proc.returncode}; {progress(log)}", flush=True)
-    if proc.returncode not in (0, -signal.SIGINT):
+    if proc.returncode not in (0, -signal.SIGINT, -signal.SIGKILL):
         print(log.read_text(errors="replace")[-3000:])
     return proc.returncode
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stops a mutmut run: SIGINT first (it records what it has), then its whole process group, since
+    with the forkserver its forked workers can go on past SIGINT (seen with mutmut 3.8). Every
+    finished mutant's result is already on disk; only the ones in flight run again next time."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def progress(log: Path) -> str:

@@ -186,3 +186,23 @@ def test_set_grad_checkpointing_turns_it_on_by_default() -> None:
     assert model.grad_checkpointing is True
     model.set_grad_checkpointing(False)
     assert model.grad_checkpointing is False
+
+
+def test_attention_paths_agree_and_dropout_only_while_training() -> None:
+    from vit_service.model import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(dim=16, num_heads=2, qkv_bias=True, attn_drop=0.5, proj_drop=0.0)
+    x = torch.randn(2, 5, 16)
+    attn.eval()
+    fused, none = attn(x)
+    explicit, weights = attn(x, return_attn=True)
+    assert none is None and weights.shape == (2, 2, 5, 5)  # (B, h, N, N), rows sum to 1
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 5))
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)  # no dropout in eval, on either path
+    torch.testing.assert_close(attn(x)[0], fused, rtol=0, atol=0)  # deterministic
+    attn.train()
+    assert not torch.allclose(attn(x)[0], fused, atol=1e-3)  # attention dropout in training (fused path)
+    assert not torch.allclose(attn(x, return_attn=True)[0], fused, atol=1e-3)  # and on the explicit path
+    attn.attn_drop = 0.0
+    torch.testing.assert_close(attn(x, return_attn=True)[0], fused, rtol=1e-5, atol=1e-5)  # p=0: no change
