@@ -107,6 +107,8 @@ _THREADS = "no caller passes threads, so it is always None (OpenVINO's default)"
 _C = "vit_service.calibration."
 _E = "vit_service.serving.errors."
 _M = "vit_service.model."
+_REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
+              "input requires grad (always: it follows the patch embedding); None is True with a warning")
 _A = "vit_service.serving.auth."
 _CODEC = "codec names are case-insensitive: the same codec"
 _FALSY = "None and False (or a missing key's None) are both false where the value is only tested"
@@ -175,6 +177,28 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     **{_M + f"x_resample_pos_embed__mutmut_{n}": (line, "align_corners=None means False for bicubic (torch's default)")
        for n, line in [(42, 'grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=None)'),
                        (47, 'grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, )')]},
+    _M + "xǁVisionTransformerǁ_pos_embed__mutmut_23": (
+        "x = torch.cat([self.cls_token.expand(x.shape[0], +1, -1), x], dim=1)  # (B, N, D)",
+        "expand keeps a size-1 dimension at 1 whether given -1 (keep) or 1"),
+    **{_M + f"xǁBlockǁ__init____mutmut_{n}": (line, "DropPath(0.0) returns its input unchanged, as nn.Identity does")
+       for n, line in [(27, "self.drop_path1 = DropPath(drop_path) if (drop_path > 0) or True else nn.Identity()"),
+                       (29, "self.drop_path1 = DropPath(drop_path) if drop_path >= 0 else nn.Identity()"),
+                       (54, "self.drop_path2 = DropPath(drop_path) if (drop_path > 0) or True else nn.Identity()"),
+                       (56, "self.drop_path2 = DropPath(drop_path) if drop_path >= 0 else nn.Identity()")]},
+    **{_M + f"xǁVisionTransformerǁforward_features__mutmut_{n}": (line, _REENTRANT)
+       for n, line in [(7, "x = checkpoint(blk, x, use_reentrant=None)"), (10, "x = checkpoint(blk, x, )"),
+                       (11, "x = checkpoint(blk, x, use_reentrant=True)")]},
+    _M + "xǁVisionTransformerǁ__init____mutmut_9": ("self.grad_checkpointing = True",
+                                                   "checkpointing recomputes the same values: outputs and gradients are "
+                                                   "equal (test_grad_checkpointing_gives_same_gradients); only memory differs"),
+    _M + "xǁDropPathǁforward__mutmut_3": ("if self.p == 1.0 or not self.training:",
+                                         "at p = 0 the mask path keeps every sample (keep = 1): x either way; "
+                                         "p = 1 is never configured (drop_path_rate < 1)"),
+    _M + "xǁLayerScaleǁ__init____mutmut_3": ("self.gamma = nn.Parameter(init_values / torch.ones(dim))",
+                                            "v / 1 is v * 1"),
+    _M + "xǁVisionTransformerǁ_embed__mutmut_9": (
+        "return self._pos_embed(tokens, (x.shape[+2] // P, x.shape[-1] // P))  # (B, N, D)",
+        "x is 4-D here (PatchEmbed refused anything else): dimension 2 is dimension -2"),
     # vit_service/serving/errors.py and auth.py
     **{_E + name: (line, why) for name, line, why in [
         ("x_shaped_message__mutmut_7", 'text = body.decode("UTF-8", "replace").strip()', _CODEC),

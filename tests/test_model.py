@@ -206,3 +206,79 @@ def test_attention_paths_agree_and_dropout_only_while_training() -> None:
     assert not torch.allclose(attn(x, return_attn=True)[0], fused, atol=1e-3)  # and on the explicit path
     attn.attn_drop = 0.0
     torch.testing.assert_close(attn(x, return_attn=True)[0], fused, rtol=1e-5, atol=1e-5)  # p=0: no change
+
+
+def test_layer_scale_and_no_qkv_bias_match_timm(timm_vit) -> None:
+    """DeiT-III style blocks (LayerScale) and attention without a qkv bias, against timm."""
+    ref = timm_vit("vit_tiny_patch16_224", init_values=1e-5, qkv_bias=False, img_size=64)
+    ours = VisionTransformer(ViTConfig.from_preset("vit_tiny_patch16_224", init_values=1e-5, qkv_bias=False,
+                                                   image_size=64)).eval()
+    sd = ref.state_dict()
+    assert "blocks.0.ls1.gamma" in sd and "blocks.0.attn.qkv.bias" not in sd
+    ours.load_state_dict(sd, strict=True)
+    x = _images(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
+
+
+def test_drop_path_only_while_training() -> None:
+    config = ViTConfig(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=2)
+    plain = VisionTransformer(config)
+    dropped = VisionTransformer(ViTConfig(**{**config.__dict__, "drop_path_rate": 0.5}))
+    dropped.load_state_dict(plain.state_dict())
+    x = _images(4, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)  # eval: no stochastic depth
+        dropped.train(), plain.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(dropped(x), plain(x), atol=1e-4)  # training: residual branches dropped
+
+
+def test_config_errors_name_the_setting() -> None:
+    with pytest.raises(ValueError, match=r"^global_pool must be 'token' or 'avg', got 'max'$"):
+        ViTConfig(global_pool="max")
+    with pytest.raises(ValueError, match=r"^embed_dim 30 is not divisible by num_heads 4$"):
+        ViTConfig(embed_dim=30, num_heads=4)
+
+
+def test_stochastic_depth_grows_linearly_over_the_blocks() -> None:
+    from vit_service.model import DropPath
+
+    model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                                        drop_path_rate=0.5))
+    rates = [[getattr(b, name).p if isinstance(getattr(b, name), DropPath) else 0.0 for name in ("drop_path1", "drop_path2")]
+             for b in model.blocks]
+    assert rates == [[0.0, 0.0], [0.25, 0.25], [0.5, 0.5]]
+    assert all(isinstance(model.blocks[0].drop_path1 if i == 0 else model.blocks[0].drop_path2, nn.Identity) for i in (0, 1))
+
+
+def test_without_a_class_token_or_head() -> None:
+    model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                        class_token=False, global_pool="avg", num_classes=0))
+    assert model.cls_token is None and model.num_prefix_tokens == 0 and model.grad_checkpointing is False
+    assert isinstance(model.head, nn.Identity) and "cls_token" not in model.state_dict()
+    assert model(_images(2, 3, 32, 32)).shape == (2, 32)  # pooled features: (B, D)
+    assert model.forward_features(_images(2, 3, 32, 32)).shape == (2, 16, 32)  # 16 patches, no prefix token
+    one = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=1))
+    assert isinstance(one.head, nn.Linear) and one.head.out_features == 1
+
+
+def test_init_weights_follows_timm() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(image_size=64, patch_size=8, embed_dim=192, depth=1, num_heads=3))
+    assert 0.015 < model.pos_embed.std().item() < 0.025  # trunc_normal_(std=0.02)
+    assert 0 < model.cls_token.std().item() < 1e-5  # normal(std=1e-6): tiny, not zero
+
+
+def test_drop_path_keeps_or_drops_whole_samples_and_rescales() -> None:
+    from vit_service.model import DropPath
+
+    torch.manual_seed(0)
+    drop = DropPath(0.5).train()
+    out = drop(torch.ones(256, 3, 4))
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}  # each sample dropped, or kept and scaled by 1 / keep
+    assert (per_sample == per_sample[:, :1]).all()  # the whole sample at once
+    assert 0.35 < (per_sample[:, 0] == 0).float().mean().item() < 0.65
+    torch.testing.assert_close(drop.eval()(torch.ones(2, 3)), torch.ones(2, 3))

@@ -288,9 +288,9 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x + pos_embed)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x)  # (B, Gh*Gw, D); anything but (B, C, H, W) is refused there
         P = self.config.patch_size
-        grid = (x.shape[-2] // P, x.shape[-1] // P) if x.ndim == 4 else (0, 0)
-        return self._pos_embed(self.patch_embed(x), grid)  # (B, N, D)
+        return self._pos_embed(tokens, (x.shape[-2] // P, x.shape[-1] // P))  # (B, N, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, N, D) tokens after the final norm."""
