@@ -352,3 +352,97 @@ def test_cli_head_fusion_and_discard_ratio_reach_the_rollout(artifact_dir: Path,
     assert np.allclose(grid, expected[("max", 0.5)], atol=1e-5)
     assert np.abs(expected[("max", 0.5)] - expected[("mean", 0.0)]).max() > 0.05  # the flags change the map
     assert np.allclose(np.load(tmp_path / "mean" / f"{images[0].stem}.npy"), expected[("mean", 0.0)], atol=1e-5)
+
+
+def test_rollout_of_bf16_maps_equals_float32() -> None:
+    """A model run in bf16 hands over bf16 attention maps; the rollout computes in float32 either way."""
+    torch.manual_seed(0)
+    maps = [torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(3)]
+    expected = attention_rollout(maps, 1)
+    low = attention_rollout([m.to(torch.bfloat16) for m in maps], 1)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, expected, rtol=0, atol=2e-2)
+
+
+def test_discard_weakest_zeroes_the_lowest_off_diagonal_entries_per_map() -> None:
+    from vit_service.explain import _discard_weakest
+
+    a = torch.tensor([[[0.05, 0.2, 0.3], [0.4, 0.01, 0.6], [0.7, 0.8, 0.02]],
+                      [[0.9, 0.1, 0.5], [0.15, 0.9, 0.35], [0.25, 0.45, 0.9]]])  # (B=2, 3, 3)
+    out = _discard_weakest(a, 1 / 3)  # k = int(9 / 3) = 3 entries per map
+    expected = a.clone()
+    expected[0, 0, 1] = expected[0, 0, 2] = expected[0, 1, 0] = 0.0  # 0.2, 0.3, 0.4 (the diagonal is kept)
+    expected[1, 0, 1] = expected[1, 1, 0] = expected[1, 2, 0] = 0.0  # 0.1, 0.15, 0.25
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(_discard_weakest(a, 0.1), a, rtol=0, atol=0)  # int(0.9) = 0: nothing discarded
+    one = _discard_weakest(a, 0.12)  # int(1.08) = 1: only the lowest
+    assert (one == 0).sum().item() == 2 and one[0, 0, 1] == 0 and one[1, 0, 1] == 0
+
+
+def test_rollout_defaults_read_the_class_token_and_check_the_ratio() -> None:
+    torch.manual_seed(1)
+    maps = [torch.rand(1, 2, 5, 5).softmax(-1) for _ in range(2)]
+    grads = [torch.randn(1, 2, 5, 5) for _ in range(2)]
+    torch.testing.assert_close(attention_rollout(maps, 1), attention_rollout(maps, 1, "token"))
+    assert not torch.allclose(attention_rollout(maps, 1), attention_rollout(maps, 1, "avg"))
+    torch.testing.assert_close(gradient_rollout(maps, grads, 1), gradient_rollout(maps, grads, 1, "token"))
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^discard_ratio must be in \[0, 1\), got {bad}$"):
+            attention_rollout(maps, 1, discard_ratio=bad)
+    with pytest.raises(ValueError, match=r"^head_fusion must be one of mean, max, min; got 'median'$"):
+        attention_rollout(maps, 1, head_fusion="median")
+
+
+def test_gradient_rollout_by_hand_for_one_layer() -> None:
+    attn = torch.tensor([[[[0.6, 0.4], [0.3, 0.7]]]])  # (B=1, h=1, N=2, N)
+    grad = torch.tensor([[[[1.0, -2.0], [0.5, 2.0]]]])
+    # relevance = I + clamp(grad * attn, 0) @ I = [[1.6, 0], [0.15, 2.4]]; the class token's row, patch part
+    torch.testing.assert_close(gradient_rollout([attn], [grad], 1), torch.tensor([[0.0]]))
+    torch.testing.assert_close(gradient_rollout([attn], [grad], 0, "avg"), torch.tensor([[(1.6 + 0.15) / 2, 2.4 / 2]]))
+
+
+def test_explainer_defaults_class_choice_temperature_and_dtypes() -> None:
+    import dataclasses
+
+    from tests.service_fixtures import build_tiny_model
+
+    model, artifact = build_tiny_model()
+    hot = dataclasses.replace(artifact, calibration={"temperature": 2.0})
+    explainer, raw = Explainer(model, hot), Explainer(model, hot, calibrated=False)
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    default = explainer.explain_image(image)
+    explicit = explainer.explain_image(image, "rollout", None, "mean", 0.0)
+    np.testing.assert_array_equal(default.grid, explicit.grid)
+    np.testing.assert_array_equal(default.probs, explicit.probs)
+    assert default.method == "rollout" and default.grid.dtype == np.float32 and default.probs.dtype == np.float32
+    assert default.class_index == int(np.argmax(default.probs))
+    assert not np.array_equal(explainer.explain_image(image, discard_ratio=0.5).grid, default.grid)
+    other = (default.class_index + 1) % len(artifact.class_names)
+    chosen = explainer.explain_image(image, "grad", class_index=other)
+    assert chosen.class_index == other and chosen.method == "grad"
+    pixels = artifact.preprocessing.to_uint8(image)[None]
+    probs, target, maps = explainer.explain_uint8(pixels)
+    _, _, maps_fused = explainer.explain_uint8(pixels, "rollout", None, "max", 0.0)
+    assert maps.dtype == np.float32 and maps.shape == default.grid[None].shape and not np.array_equal(maps, maps_fused)
+    assert int(target[0]) == default.class_index
+    raw_probs, _, _ = raw.explain_uint8(pixels)
+    logits_t2 = np.log(probs[0])  # softmax(z / 2): its log differs from log softmax(z) / 2 by a constant
+    np.testing.assert_allclose(np.log(raw_probs[0]) / 2 - logits_t2, (np.log(raw_probs[0]) / 2 - logits_t2)[0], atol=1e-4)
+    assert not np.allclose(probs, raw_probs)
+
+
+def test_class_index_accepts_names_and_indices_in_range() -> None:
+    from tests.service_fixtures import build_tiny_model
+
+    model, artifact = build_tiny_model()
+    explainer = Explainer(model, artifact)
+    names, last = artifact.class_names, len(artifact.class_names) - 1
+    assert explainer.class_index(None) is None
+    assert explainer.class_index(0) == 0 and explainer.class_index(last) == last
+    assert explainer.class_index(names[1]) == 1
+    for bad in (last + 1, -1):
+        with pytest.raises(ValueError, match=rf"^class index {bad} out of range 0\.\.{last}$"):
+            explainer.class_index(bad)
+    with pytest.raises(ValueError, match=r"^unknown class 'nope'; the model's classes are: "):
+        explainer.class_index("nope")
