@@ -118,7 +118,7 @@ def test_startup_message_says_what_is_open() -> None:
     assert "solo" not in one
     two = _config(protect_metrics=True).startup_message()
     assert two.startswith("API keys: on (2 keys); ") and "/metrics" not in two
-    assert json.dumps(repr(_config())).find("k-one") == -1  # the digests are not in the repr either
+    assert "k-one" not in repr(_config())  # nor the keys in the repr
 
 
 @pytest.mark.anyio

@@ -227,10 +227,12 @@ def test_drop_path_only_while_training() -> None:
     dropped = VisionTransformer(ViTConfig(**{**config.__dict__, "drop_path_rate": 0.5}))
     dropped.load_state_dict(plain.state_dict())
     x = _images(4, 3, 32, 32)
-    plain.eval(), dropped.eval()
+    plain.eval()
+    dropped.eval()
     with torch.no_grad():
         torch.testing.assert_close(dropped(x), plain(x), rtol=0, atol=0)  # eval: no stochastic depth
-        dropped.train(), plain.train()
+        dropped.train()
+        plain.train()
         torch.manual_seed(0)
         assert not torch.allclose(dropped(x), plain(x), atol=1e-4)  # training: residual branches dropped
 
@@ -247,10 +249,11 @@ def test_stochastic_depth_grows_linearly_over_the_blocks() -> None:
 
     model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
                                         drop_path_rate=0.5))
-    rates = [[getattr(b, name).p if isinstance(getattr(b, name), DropPath) else 0.0 for name in ("drop_path1", "drop_path2")]
-             for b in model.blocks]
-    assert rates == [[0.0, 0.0], [0.25, 0.25], [0.5, 0.5]]
-    assert all(isinstance(model.blocks[0].drop_path1 if i == 0 else model.blocks[0].drop_path2, nn.Identity) for i in (0, 1))
+    def rate(m: nn.Module) -> float:
+        return m.p if isinstance(m, DropPath) else 0.0
+
+    assert [[rate(b.drop_path1), rate(b.drop_path2)] for b in model.blocks] == [[0.0, 0.0], [0.25, 0.25], [0.5, 0.5]]
+    assert isinstance(model.blocks[0].drop_path1, nn.Identity) and isinstance(model.blocks[0].drop_path2, nn.Identity)
 
 
 def test_without_a_class_token_or_head() -> None:

@@ -67,7 +67,8 @@ def attention_rollout(attentions: list[torch.Tensor], num_prefix_tokens: int, gl
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     B, _, N, _ = attentions[0].shape
-    eye = torch.eye(N, dtype=torch.float32, device=attentions[0].device)  # float32 as the fused maps, whatever the model ran in
+    # float32 as the fused maps below, whatever dtype the model ran in
+    eye = torch.eye(N, dtype=torch.float32, device=attentions[0].device)
     rollout = eye.expand(B, N, N)
     for attn in attentions:
         a = _discard_weakest(fuse_heads(attn.float(), head_fusion), discard_ratio)  # (B, N, N)
