@@ -35,7 +35,7 @@ MODULES: dict[str, list[str]] = {
     "vit_service/model.py": ["tests/test_model.py", "-k", "not compile"],
     "vit_service/preprocessing.py": ["tests/test_preprocessing.py", "tests/test_folder_dataset.py",
                                      "tests/test_explain.py::test_crop_box_is_the_region_the_model_sees"],
-    "vit_service/artifact.py": ["tests/test_checkpoints.py", "tests/test_calibration.py", "-k",
+    "vit_service/artifact.py": ["tests/test_artifact.py", "tests/test_checkpoints.py", "tests/test_calibration.py", "-k",
                                 "not export and not server and not http"],
     "vit_service/explain.py": ["tests/test_explain.py"],
     "vit_service/calibration.py": ["tests/test_calibration_math.py", "tests/test_calibration.py", "-k",
@@ -108,6 +108,8 @@ _C = "vit_service.calibration."
 _E = "vit_service.serving.errors."
 _M = "vit_service.model."
 _X = "vit_service.explain."
+_R = "vit_service.artifact."
+_LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
 _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
               "input requires grad (always: it follows the patch embedding); None is True with a warning")
@@ -222,6 +224,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("xǁExplainerǁexplain_uint8__mutmut_7", "x = torch.as_tensor(np.asarray(pixels)).to(None)", _CPU),
         ("x_gradient_rollout__mutmut_17", "relevance = eye.expand(N, N)",
          "an (N, N) identity broadcasts over the batch in `relevance + a @ relevance`: the same (B, N, N) after it"),
+        ("x_attention_rollout__mutmut_26", "rollout = eye.expand(N, N)",
+         "an (N, N) identity broadcasts over the batch in `a @ rollout`: the same (B, N, N) after the first block"),
+        ("x_explain_batch__mutmut_14", "grid = (x.shape[+2] // P, x.shape[-1] // P)",
+         "x is 4-D (B, C, H, W) (the model refuses anything else): dimension 2 is dimension -2"),
+        *[(f"x_explain_batch__mutmut_{n}", "target = logits.argmax(+1) if class_index is None else "
+           "torch.full_like(logits[:, 0], class_index, dtype=torch.long)", _LOGITS_2D) for n in (30, 57)],
+        ("x_explain_batch__mutmut_92", "probs = (logits.detach().float() / temperature).softmax(dim=+1)", _LOGITS_2D),
     ]},
     # vit_service/serving/errors.py and auth.py
     **{_E + name: (line, why) for name, line, why in [
@@ -248,6 +257,17 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("xǁAuthMiddlewareǁ__call____mutmut_32", 'authorization = value.decode("LATIN-1")', _CODEC),
         ("xǁAuthMiddlewareǁ__init____mutmut_5", "self.on_failure = on_failure or (lambda reason: 0)",
          "the callback's return value is never used"),
+    ]},
+    # vit_service/artifact.py
+    **{_R + name: (line, why) for name, line, why in [
+        ("x_save_safetensors__mutmut_14", "umask = os.umask(1)",
+         "os.umask returns the mask it replaces and the next line puts that back: the value set between is never used"),
+        ("xǁModelArtifactǁsave__mutmut_10",
+         "state = {k: v.detach().to(None).contiguous() for k, v in model.state_dict().items()}", _CPU),
+        ("x_load_model__mutmut_16", "return model.to(None).eval(), artifact", _CPU),
+        *[(f"xǁModelArtifactǁsave__mutmut_{n}", f"(directory / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), "
+           f"{args}))", "only the manifest's whitespace changes: every JSON reader gets the same object")
+          for n, args in [(21, "indent=None, default=str"), (24, "default=str"), (26, "indent=3, default=str")]],
     ]},
     # vit_service/calibration.py
     **{_C + f"x_fit_temperature__mutmut_{n}": (line, _OPTIMIZER) for n, line in [

@@ -446,3 +446,69 @@ def test_class_index_accepts_names_and_indices_in_range() -> None:
             explainer.class_index(bad)
     with pytest.raises(ValueError, match=r"^unknown class 'nope'; the model's classes are: "):
         explainer.class_index("nope")
+
+
+def test_attention_rollout_by_hand_over_two_blocks() -> None:
+    """Abnar & Zuidema's recipe written out in numpy: per block 0.5 A + 0.5 I, rows to sum 1, multiplied in order."""
+    torch.manual_seed(2)
+    maps = [torch.rand(2, 3, 5, 5).softmax(-1) * torch.rand(2, 3, 5, 1) for _ in range(2)]  # rows not summing to 1
+    rollout = np.broadcast_to(np.eye(5), (2, 5, 5))
+    for attn in maps:
+        a = 0.5 * attn.mean(dim=1).numpy() + 0.5 * np.eye(5)
+        a = a / a.sum(axis=-1, keepdims=True)
+        rollout = a @ rollout
+    np.testing.assert_allclose(attention_rollout(maps, 1).numpy(), rollout[:, 0, 1:], rtol=1e-5)
+    np.testing.assert_allclose(attention_rollout(maps, 1, "avg").numpy(), rollout[:, 1:, 1:].mean(axis=1), rtol=1e-5)
+
+
+def test_normalize_map_scales_each_sample_alone_and_calls_flat_maps_flat() -> None:
+    rel = torch.tensor([[0.0, 1.0, 2.0, 4.0], [10.0, 30.0, 20.0, 10.0]])
+    torch.testing.assert_close(normalize_map(rel), torch.tensor([[0.0, 0.25, 0.5, 1.0], [0.0, 1.0, 0.5, 0.0]]))
+    # flat: all zeros (a zero span at a zero peak), and a span within float rounding of a large value
+    flat = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 100.0001, 100.0, 100.0]])
+    torch.testing.assert_close(normalize_map(flat), torch.ones_like(flat))
+    # the flatness threshold is each sample's own: a tiny-valued map beside a large flat one keeps its shape
+    mixed = torch.tensor([[1000.0, 1000.001, 1000.0, 1000.0], [0.0, 1e-4, 5e-5, 0.0]])
+    torch.testing.assert_close(normalize_map(mixed), torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.5, 0.0]]))
+
+
+def test_explain_batch_defaults_targets_and_pooling(model: VisionTransformer) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    probs, target, maps = explain_batch(model, x)  # rollout, the top class, temperature 1
+    rollout = explain_batch(model, x, "rollout", None, "mean", 0.0, 1.0)
+    for got, expected in zip((probs, target, maps), rollout):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(probs, model(x).softmax(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(explain_batch(model, x, temperature=2.0)[0], (model(x) / 2).softmax(-1),
+                               rtol=1e-5, atol=1e-6)
+    for method in ("rollout", "grad"):
+        _, chosen, _ = explain_batch(model, x, method, class_index=2)
+        assert chosen.dtype == torch.long and chosen.tolist() == [2, 2]  # the asked class, not the top one
+    with pytest.raises(ValueError, match=r"^method must be one of rollout, grad; got 'lrp'$"):
+        explain_batch(model, x, "lrp")  # type: ignore[arg-type]
+    # the map reads the pooled head input: the class token for this model, the patch rows for an avg-pool one
+    _, attentions = model.attention_maps(x)
+    torch.testing.assert_close(maps, normalize_map(attention_rollout(attentions, 1, "token")).view(2, 4, 4))
+    torch.manual_seed(0)
+    avg = VisionTransformer(ViTConfig(image_size=32, patch_size=8, num_classes=3, embed_dim=48, depth=2, num_heads=3,
+                                      global_pool="avg")).eval()
+    with torch.no_grad():
+        for p in avg.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x.requires_grad_(False)
+    with torch.enable_grad():
+        logits, attentions = avg.forward_with_attention(x)
+        grads = torch.autograd.grad(logits.gather(1, logits.argmax(-1)[:, None]).sum(), attentions)
+    expected = normalize_map(gradient_rollout([a.detach() for a in attentions], list(grads), 1, "avg")).view(2, 4, 4)
+    torch.testing.assert_close(explain_batch(avg, x, "grad")[2], expected)
+    assert not torch.allclose(expected, normalize_map(gradient_rollout([a.detach() for a in attentions], list(grads), 1,
+                                                                       "token")).view(2, 4, 4))
+
+
+def test_explain_batch_explains_the_asked_class_of_a_one_class_model() -> None:
+    torch.manual_seed(0)
+    single = VisionTransformer(ViTConfig(image_size=16, patch_size=8, num_classes=1, embed_dim=24, depth=1,
+                                         num_heads=2)).eval()
+    for method in ("rollout", "grad"):
+        probs, target, maps = explain_batch(single, torch.randn(2, 3, 16, 16), method, class_index=0)
+        assert target.tolist() == [0, 0] and probs.shape == (2, 1) and maps.shape == (2, 2, 2)

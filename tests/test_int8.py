@@ -333,3 +333,58 @@ def test_tiny_build_int8_refuses_what_it_cannot_quantize(tmp_path: Path, monkeyp
     with pytest.raises(QuantizeError, match=r"^int8 export needs openvino and nncf: pip install -e '\.\[int8\]'$"):
         build_int8(model, artifact, tmp_path, [], measured_on="x")
     assert not (tmp_path / INT8_FILE).exists()
+
+
+def _patch_embedding_inputs(xml: Path) -> list[str]:
+    """What the saved model's patch-embedding convolution reads: FakeQuantize (int8 pixels) and Multiply
+    (dequantised int8 weights), or Parameter and a float Constant where it was kept in float."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    [conv] = [op for op in model.get_ops() if op.get_type_name() == "Convolution"]
+    assert "patch_embed" in conv.get_friendly_name()
+    return [i.get_source_output().get_node().get_type_name() for i in conv.inputs()]
+
+
+def _constant_types(xml: Path) -> set[str]:
+    import openvino as ov
+
+    return {op.get_output_element_type(0).get_type_name() for op in ov.Core().read_model(str(xml)).get_ops()
+            if op.get_type_name() == "Constant"}
+
+
+def test_tiny_build_int8_tries_the_recipes_in_turn_and_keeps_the_best(tmp_path: Path, monkeypatch) -> None:
+    from service_fixtures import CLASS_NAMES, build_tiny_model
+
+    import vit_service.quantize as quantize
+
+    model, artifact = build_tiny_model()
+    root = tiny_image_folder(tmp_path / "images")
+    labelled = evaluation_images(root, CLASS_NAMES)
+    # no recipe meets a guard above 100%: both are tried and the better kept, the first on a tie (this
+    # model's case: both agree on every image, so the record and the first line are the first recipe's)
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", 1.01)
+    lines: list[str] = []
+    record = quantize.build_int8(model, artifact, tmp_path / "both", labelled, "t", log=lines.append)
+    assert len(lines) == len(RECIPES) == 2 and lines[0].split(":")[1] == lines[1].split(":")[1]  # a tie
+    assert record["recipe"] == RECIPES[0][0] and record["method"] == "NNCF static post-training quantization"
+    assert lines[0] == (f"int8 ({RECIPES[0][0]}): top-1 agreement with fp32 {record['agreement_top1']:.2%} on "
+                        f"{record['images']} images; top-1 fp32 {record['fp32_top1']:.2%}, int8 "
+                        f"{record['int8_top1']:.2%}")
+    xml = tmp_path / "both" / INT8_FILE
+    assert _patch_embedding_inputs(xml) == ["FakeQuantize", "Multiply"]  # the first recipe quantizes it
+    assert "f16" not in _constant_types(xml)  # float parts stay float32 (no fp16 compression on save)
+    # a guard met exactly stops at the first recipe
+    monkeypatch.setattr(quantize, "MIN_AGREEMENT", record["agreement_top1"])
+    lines.clear()
+    assert quantize.build_int8(model, artifact, tmp_path / "met", labelled, "t", log=lines.append)["recipe"] == RECIPES[0][0]
+    assert len(lines) == 1
+    # the second recipe keeps the patch embedding in float; unlabelled images: agreement only in its line
+    monkeypatch.setattr(quantize, "RECIPES", RECIPES[1:])
+    lines.clear()
+    unlabelled = evaluation_images(root, [])
+    record = quantize.build_int8(model, artifact, tmp_path / "second", unlabelled, "t", log=lines.append)
+    assert _patch_embedding_inputs(tmp_path / "second" / INT8_FILE) == ["Parameter", "Constant"]
+    assert "f16" not in _constant_types(tmp_path / "second" / INT8_FILE)
+    assert lines == [f"int8 ({RECIPES[1][0]}): top-1 agreement with fp32 {record['agreement_top1']:.2%} on "
+                     f"{record['images']} images"]
