@@ -377,7 +377,8 @@ def test_tiny_build_int8_tries_the_recipes_in_turn_and_keeps_the_best(tmp_path: 
     # a guard met exactly stops at the first recipe
     monkeypatch.setattr(quantize, "MIN_AGREEMENT", record["agreement_top1"])
     lines.clear()
-    assert quantize.build_int8(model, artifact, tmp_path / "met", labelled, "t", log=lines.append)["recipe"] == RECIPES[0][0]
+    met = quantize.build_int8(model, artifact, tmp_path / "met", labelled, "t", log=lines.append)
+    assert met["recipe"] == RECIPES[0][0]
     assert len(lines) == 1
     # the second recipe keeps the patch embedding in float; unlabelled images: agreement only in its line
     monkeypatch.setattr(quantize, "RECIPES", RECIPES[1:])

@@ -1,0 +1,177 @@
+"""vit-export's steps in this process, on the tiny model: which images it measures on, the temperature
+and reference it records, the int8 record's ECEs, and the errors that stop it before anything is saved.
+The whole command (a real model store, a served export) is tested through vit-export subprocesses in
+test_calibration.py, test_int8.py and test_onnx.py; these reach the same code where mutation testing
+(scripts/mutation.py) can follow it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.service_fixtures import CLASS_NAMES, build_tiny_model, picture
+from training import export
+from vit_service.calibration import ece, reference_record, softmax
+from vit_service.model import ViTConfig, VisionTransformer
+from vit_service.quantize import evaluation_images, image_logits
+
+
+def _images(root: Path, per_class: int = 2, loose: int = 0) -> Path:
+    for c, name in enumerate(CLASS_NAMES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            picture(10 * c + i, (40, 40)).save(root / name / f"{i}.jpg", quality=90)
+    for i in range(loose):
+        picture(90 + i).save(root / f"loose{i}.jpg", quality=90)
+    return root
+
+
+def _args(**given: object) -> argparse.Namespace:
+    return argparse.Namespace(**{"calib": None, "calib_limit": 2000, **given})
+
+
+def test_measurement_images_from_calib_or_the_runs_validation_folder(tmp_path: Path) -> None:
+    _, artifact = build_tiny_model()
+    root = _images(tmp_path / "val", per_class=3)
+    every = evaluation_images(root, CLASS_NAMES)
+    assert export._measurement_images(artifact, _args(calib=str(root))) == (str(root), every)
+    assert export._measurement_images(artifact, _args(calib=str(root), calib_limit=5)) == (str(root), every[:5])
+    assert export._measurement_images(artifact, _args(calib=str(root), calib_limit=0)) == (str(root), every)
+    assert export._measurement_images(artifact, _args()) == (None, [])  # no --calib, no recorded folder
+    artifact.metadata = {**artifact.metadata, "dataset": {"val_dir": str(root)}}
+    assert export._measurement_images(artifact, _args(calib_limit=4)) == (str(root), every[:4])
+    artifact.metadata["dataset"] = {"val_dir": str(tmp_path / "moved")}  # recorded, but not on this machine
+    assert export._measurement_images(artifact, _args()) == (None, [])
+
+
+def test_calibrate_records_the_temperature_and_the_served_reference(tmp_path: Path, capsys) -> None:
+    model, artifact = build_tiny_model()
+    root = _images(tmp_path / "val", per_class=3, loose=2)
+    found = evaluation_images(root, CLASS_NAMES)
+    top = image_logits(model, artifact.preprocessing, found)[0].argmax(1)
+    # labels the random model gets right 3 times in 4 (the folders' would give T at its bound), loose ones kept
+    images = [(p, None if y is None else int(k if i % 4 else (k + 1) % 4))
+              for i, ((p, y), k) in enumerate(zip(found, top))]
+    export._calibrate(model, artifact, str(root), images)
+    logits, labels = image_logits(model, artifact.preprocessing, images)
+    known = labels >= 0
+    c = artifact.calibration
+    assert c["images"] == int(known.sum()) == 12 and c["source"] == str(root.resolve()) and c["bins"] == 15
+    assert c["ece_before"] == round(ece(softmax(logits[known]), labels[known], 15), 6)
+    assert c["ece_after"] == round(ece(softmax(logits[known], c["temperature"]), labels[known], 15), 6)
+    assert artifact.reference == reference_record(logits, c["temperature"])  # all 14 images, scores as served
+    lines = capsys.readouterr().err.splitlines()
+    assert 0.05 < c["temperature"] < 20.0  # within its bounds: no question about the training
+    assert lines[0] == (f"calibration: T={c['temperature']:.2f} on 12 images, ECE {c['ece_before']:.3f} -> "
+                        f"{c['ece_after']:.3f}, NLL {c['nll_before']:.2f} -> {c['nll_after']:.2f}")
+    assert lines[1] == "reference: served scores on 14 images recorded"
+
+
+def test_calibrate_without_labels_records_the_plain_softmax(tmp_path: Path, capsys) -> None:
+    model, artifact = build_tiny_model()
+    root = _images(tmp_path / "val", per_class=1)
+    images = [(path, None) for path, _ in evaluation_images(root, CLASS_NAMES)]
+    export._calibrate(model, artifact, str(root), images)
+    logits, _ = image_logits(model, artifact.preprocessing, images)
+    assert artifact.calibration is None and artifact.reference == reference_record(logits, 1.0)
+    assert capsys.readouterr().err.splitlines() == [
+        f"calibration: none (no labels: no folder of {root} is named like a class of the model); scores are the "
+        "plain softmax",
+        "reference: served scores on 4 images recorded (plain softmax, T = 1: no calibration)"]
+
+
+def test_calibrate_without_images_says_why(tmp_path: Path, capsys) -> None:
+    model, artifact = build_tiny_model()
+    export._calibrate(model, artifact, None, [])
+    artifact.metadata = {**artifact.metadata, "dataset": {"val_dir": "/data/val"}}
+    export._calibrate(model, artifact, None, [])
+    assert artifact.calibration is None and artifact.reference is None
+    assert capsys.readouterr().err.splitlines() == [
+        "calibration: none (no images: the model records no validation folder; give --calib DIR with class "
+        "folders to fit a temperature); scores are the plain softmax",
+        "calibration: none (the run's validation folder /data/val is not there; give --calib DIR with class "
+        "folders to fit a temperature); scores are the plain softmax"]
+
+
+def test_a_temperature_at_its_bound_asks_whether_the_model_is_trained(tmp_path: Path, capsys) -> None:
+    model, artifact = build_tiny_model()
+    root = _images(tmp_path / "val", per_class=1)
+    paths = [path for path, _ in evaluation_images(root, CLASS_NAMES)]
+    logits, _ = image_logits(model, artifact.preprocessing, [(p, None) for p in paths])
+    wrong = [(p, int(k + 1) % 4) for p, k in zip(paths, logits.argmax(1))]  # every label other than the top class
+    export._calibrate(model, artifact, str(root), wrong)
+    t = artifact.calibration["temperature"]
+    line = capsys.readouterr().err.splitlines()[0]
+    assert t == 20.0 and line.endswith(" (T held at its bound 20: the NLL wants it further; is the model trained?)")
+
+
+def test_int8_export_without_images_names_what_to_give() -> None:
+    model, artifact = build_tiny_model()
+    with pytest.raises(export.ExportError, match=r"^--int8 calibrates the int8 model and measures it against fp32 "
+                                                 r"on real images: give --calib DIR \(images, in class folders"):
+        export._build_int8(model, artifact, Path("unused"), None, [])
+    artifact.metadata = {**artifact.metadata, "dataset": {"val_dir": "/data/val"}}
+    with pytest.raises(export.ExportError, match=r"^--int8: the run's validation folder /data/val is not there to "
+                                                 r"calibrate int8 on; give --calib DIR$"):
+        export._build_int8(model, artifact, Path("unused"), None, [])
+
+
+def test_int8_record_and_its_ece_with_the_fp32_temperature(tmp_path: Path, capsys, monkeypatch) -> None:
+    from vit_service import quantize
+
+    model, artifact = build_tiny_model()
+    root = _images(tmp_path / "val", per_class=2, loose=1)
+    images = evaluation_images(root, CLASS_NAMES)
+    export._calibrate(model, artifact, str(root), images)
+    capsys.readouterr()
+    monkeypatch.setattr(export, "MIN_AGREEMENT", 1.01)  # a guard no model meets: the warning
+    monkeypatch.setattr(quantize, "RECIPES", quantize.RECIPES[:1])
+    record = export._build_int8(model, artifact, tmp_path, str(root), images)
+    assert record["measured_on"] == str(root.resolve()) and record["images"] == 9
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images (< 101%): "
+        "recorded, but it will not serve (VIT_PRECISION=auto passes it over and VIT_PRECISION=int8 refuses to "
+        "start); more or other --calib images may help")
+    export._int8_calibration(artifact, tmp_path / record["file"], images)
+    labelled = [(p, y) for p, y in images if y is not None]
+    logits, labels = quantize.int8_logits(tmp_path / record["file"], artifact.preprocessing, labelled)
+    t = artifact.calibration["temperature"]
+    assert artifact.calibration["int8"] == {"ece_before": round(ece(softmax(logits), labels, 15), 6),
+                                            "ece_after": round(ece(softmax(logits, t), labels, 15), 6)}
+    assert len(labels) == 8 and artifact.calibration["int8"]["ece_before"] != artifact.calibration["int8"]["ece_after"]
+    assert capsys.readouterr().err == (f"calibration (int8): ECE {artifact.calibration['int8']['ece_before']:.3f} -> "
+                                       f"{artifact.calibration['int8']['ece_after']:.3f} with the same T\n")
+    # no fp32 temperature, or no labelled image: nothing to add
+    before = dict(artifact.calibration)
+    export._int8_calibration(artifact, tmp_path / record["file"], [(p, None) for p, _ in images])
+    assert artifact.calibration == before
+    uncalibrated = dataclasses.replace(artifact, calibration=None)
+    export._int8_calibration(uncalibrated, tmp_path / record["file"], images)
+    assert uncalibrated.calibration is None
+
+
+def test_the_command_refuses_wrong_sources_before_saving_anything(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        export.main([])
+    assert stop.value.code == 2 and "give one of --ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export.main(["--ckpt", "a.ckpt", "--from", "b"])
+    assert "give one of --ckpt" in capsys.readouterr().err
+    model, artifact = build_tiny_model()
+    backbone = VisionTransformer(dataclasses.replace(artifact.config, num_classes=0))
+    dataclasses.replace(artifact, config=backbone.config, class_names=[]).save(backbone, tmp_path / "backbone")
+    assert export.main(["--from", str(tmp_path / "backbone")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vit-export: error: {tmp_path / 'backbone'} has no classification head (a backbone): nothing to serve; "
+        "fine-tune it with vit-train --model.init_from instead")
+    artifact.save(model, tmp_path / "tiny")
+    assert export.main(["--from", str(tmp_path / "tiny"), "--int8", "--calib", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"vit-export: error: {tmp_path / 'nowhere'}: image "
+                                                               "folder not found")
+    assert export.main(["--from", str(tmp_path / "tiny"), "--int8"]) == 2  # no images to calibrate int8 on
+    assert "give --calib DIR" in capsys.readouterr().err.splitlines()[-1]
