@@ -110,6 +110,7 @@ _E = "vit_service.serving.errors."
 _M = "vit_service.model."
 _X = "vit_service.explain."
 _R = "vit_service.artifact."
+_INT64 = "NumPy makes a list of Python ints int64 by itself (Linux, 64-bit): the dtype given is the same"
 _LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
 _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
@@ -176,6 +177,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     _Q + "x_build_int8__mutmut_34": ("(removed) subset_size=len(calibration),",
                                      "NNCF's default subset_size is 300, CALIBRATION_IMAGES, and the list holds at most "
                                      "CALIBRATION_IMAGES images: every one is used either way"),
+    **{_Q + name: (line, why) for name, line, why in [
+        ("x_image_logits__mutmut_28", "return np.concatenate(logits), np.asarray(labels, None)", _INT64),
+        ("x_image_logits__mutmut_30", "return np.concatenate(logits), np.asarray(labels, )", _INT64),
+        ("x_measure_agreement__mutmut_18", "p32 = model(pixels).float().softmax(+1).numpy()", _LOGITS_2D),
+        ("x_measure_agreement__mutmut_24", "p8 = torch.from_numpy(int8(pixels)).float().softmax(+1).numpy()",
+         _LOGITS_2D),
+    ]},
     # vit_service/model.py
     _M + "xǁAttentionǁforward__mutmut_42": ("attn = ((q * self.scale) @ k.transpose(+2, -1)).softmax(dim=-1)  # (B, h, N, N)",
                                            "k is 4-D (B, h, N, d): dimension 2 is dimension -2"),
@@ -266,6 +274,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("xǁModelArtifactǁsave__mutmut_10",
          "state = {k: v.detach().to(None).contiguous() for k, v in model.state_dict().items()}", _CPU),
         ("x_load_model__mutmut_16", "return model.to(None).eval(), artifact", _CPU),
+        ("x_load_model__mutmut_10", "model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), )",
+         "load_state_dict's default is strict=True"),
         *[(f"xǁModelArtifactǁsave__mutmut_{n}", f"(directory / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), "
            f"{args}))", "only the manifest's whitespace changes: every JSON reader gets the same object")
           for n, args in [(21, "indent=None, default=str"), (24, "default=str"), (26, "indent=3, default=str")]],

@@ -17,7 +17,7 @@ from vit_service.artifact import (MANIFEST_FILE, WEIGHTS_FILE, ArtifactError, Mo
 from vit_service.preprocessing import Preprocessing
 
 
-def test_save_creates_missing_parents_and_overwrites_an_earlier_export(tmp_path: Path) -> None:
+def test_save_creates_missing_parents_and_replaces_an_earlier_save(tmp_path: Path) -> None:
     model, artifact = build_tiny_model()
     folder = tmp_path / "models" / "tiny" / "v1"  # no part of it exists yet
     assert artifact.save(model, folder) == folder
@@ -173,7 +173,9 @@ def test_check_weights_names_missing_unexpected_and_reshaped_tensors(tmp_path: P
          r"missing \['blocks.1.attn.proj.bias', 'blocks.1.attn.proj.weight', 'blocks.1.attn.qkv.bias'\] \.\.\.; "
          r"unexpected \['extra.a'\]"),
         ({k: v for k, v in weights.items() if k not in ("cls_token", "pos_embed", "norm.bias")},
-         r"missing \['cls_token', 'norm.bias', 'pos_embed'\]"),
+         r"missing \['cls_token', 'norm.bias', 'pos_embed'\]"),  # three: all named
+        ({k: v for k, v in weights.items() if k not in ("cls_token", "pos_embed", "norm.bias", "norm.weight")},
+         r"missing \['cls_token', 'norm.bias', 'norm.weight'\] \.\.\."),  # four: three named
     ]
     for state, problems in cases:
         save_safetensors(state, path)

@@ -481,14 +481,20 @@ def test_explain_batch_defaults_targets_and_pooling(model: VisionTransformer) ->
     torch.testing.assert_close(probs, model(x).softmax(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(explain_batch(model, x, temperature=2.0)[0], (model(x) / 2).softmax(-1),
                                rtol=1e-5, atol=1e-6)
+    asked = next(c for c in range(3) if c not in target.tolist())  # a class neither image has on top
     for method in ("rollout", "grad"):
-        _, chosen, _ = explain_batch(model, x, method, class_index=2)
-        assert chosen.dtype == torch.long and chosen.tolist() == [2, 2]  # the asked class, not the top one
+        _, chosen, _ = explain_batch(model, x, method, class_index=asked)
+        assert chosen.dtype == torch.long and chosen.tolist() == [asked, asked]  # the asked class, not the top one
     with pytest.raises(ValueError, match=r"^method must be one of rollout, grad; got 'lrp'$"):
         explain_batch(model, x, "lrp")  # type: ignore[arg-type]
     # the map reads the pooled head input: the class token for this model, the patch rows for an avg-pool one
     _, attentions = model.attention_maps(x)
     torch.testing.assert_close(maps, normalize_map(attention_rollout(attentions, 1, "token")).view(2, 4, 4))
+    with torch.enable_grad():
+        logits, attentions = model.forward_with_attention(x)
+        grads = torch.autograd.grad(logits.gather(1, logits.argmax(-1)[:, None]).sum(), attentions)
+    expected = normalize_map(gradient_rollout([a.detach() for a in attentions], list(grads), 1, "token")).view(2, 4, 4)
+    torch.testing.assert_close(explain_batch(model, x, "grad")[2], expected)
     torch.manual_seed(0)
     avg = VisionTransformer(ViTConfig(image_size=32, patch_size=8, num_classes=3, embed_dim=48, depth=2, num_heads=3,
                                       global_pool="avg")).eval()

@@ -316,6 +316,35 @@ def test_tiny_measure_agreement_counts_each_model_against_the_labels(tmp_path: P
     assert measure_agreement(model, artifact, other, unlabelled)["int8_top1"] is None
 
 
+def test_tiny_measurements_count_across_batches_and_refuse_no_images(tmp_path: Path) -> None:
+    """More images than one evaluation batch (EVAL_BATCH): every batch counts; one image is enough."""
+    from service_fixtures import CLASS_NAMES, build_tiny_model
+
+    from vit_service.backends.openvino_runtime import convert
+    from vit_service.quantize import EVAL_BATCH, QuantizeError, image_logits, measure_agreement
+
+    model, artifact = build_tiny_model()
+    other = convert(build_tiny_model(seed=1)[0])
+    images = [(p, y) for p, y in evaluation_images(tiny_image_folder(tmp_path / "images"), CLASS_NAMES)
+              if "broken" not in p]
+    once = measure_agreement(model, artifact, other, images)
+    many = images * (EVAL_BATCH // len(images) + 2)  # (the same files again: the counts scale exactly)
+    again = measure_agreement(model, artifact, other, many)
+    assert len(many) > EVAL_BATCH and again["images"] == len(many)
+    assert again["labelled"] == once["labelled"] * len(many) // len(images)
+    for key in ("agreement_top1", "fp32_top1", "int8_top1", "max_prob_diff"):
+        assert again[key] == pytest.approx(once[key], abs=1e-5), key
+    logits, labels = image_logits(model, artifact.preprocessing, many)
+    assert logits.shape[0] == len(labels) == len(many)
+    assert labels.tolist() == [-1 if y is None else y for _, y in many]
+    assert measure_agreement(model, artifact, other, images[:1])["images"] == 1
+    broken = tmp_path / "images" / "square" / "broken.jpg"
+    with pytest.raises(QuantizeError, match=rf"^no readable images to measure int8 on \(.*{broken.name}"):
+        measure_agreement(model, artifact, other, [(str(broken), 1)])
+    with pytest.raises(QuantizeError, match=r"^no readable images to measure int8 on \(none given\)$"):
+        measure_agreement(model, artifact, other, [])
+
+
 def test_tiny_build_int8_refuses_what_it_cannot_quantize(tmp_path: Path, monkeypatch) -> None:
     import sys
 
