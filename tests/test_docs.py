@@ -8,6 +8,7 @@ whoever adds or moves a file sees exactly which lines of docs/layout.md (or whic
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,3 +231,20 @@ def test_the_browser_install_line_is_what_ci_installs():
     assert apt_packages(install_and_test) == ci, install_and_test
     assert "apt-get update && apt-get install" in install_and_test
     assert ci[0] in apt_packages((REPO / "docs/serving.md").read_text())
+
+
+def test_the_command_reference_is_what_the_commands_print():
+    """docs/cli.md against each command's --help from the code (whitespace aside: argparse wraps by the
+    terminal's width and Python version); a changed option, default or help text must be written there."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from cli_reference import PAGE, page
+
+    def words(text: str) -> list[str]:
+        return text.split()
+
+    current = words(PAGE.read_text())
+    expected = words(page())
+    first = next((i for i, (a, b) in enumerate(zip(current, expected)) if a != b), min(len(current), len(expected)))
+    assert current == expected, (f"docs/cli.md differs from the commands' --help at word {first} "
+                                 f"({' '.join(current[first:first + 8])!r} vs {' '.join(expected[first:first + 8])!r}): "
+                                 "run python scripts/cli_reference.py")

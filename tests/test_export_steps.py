@@ -16,6 +16,7 @@ import torch
 
 from tests.service_fixtures import CLASS_NAMES, build_tiny_model, picture
 from training import export
+from vit_service.artifact import ModelArtifact
 from vit_service.calibration import ece, reference_record, softmax
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.quantize import evaluation_images, image_logits
@@ -33,6 +34,20 @@ def _images(root: Path, per_class: int = 2, loose: int = 0) -> Path:
 
 def _args(**given: object) -> argparse.Namespace:
     return argparse.Namespace(**{"calib": None, "calib_limit": 2000, **given})
+
+
+@pytest.fixture(autouse=True)
+def model_store(tmp_path: Path):
+    """A real BentoML model store under tmp_path for each test: BentoML's own dependency-injection override
+    (simple_di's `patch`, as BentoML's tests use it), since this process's BentoML home is fixed once read.
+    Every test of the file has it, so no export reaches the user's store (not even a mutant's, which
+    may pass where the code would refuse)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    store = ModelStore(tmp_path / "store")
+    with BentoMLContainer.model_store.patch(store):
+        yield store
 
 
 def test_measurement_images_from_calib_or_the_runs_validation_folder(tmp_path: Path) -> None:
@@ -175,3 +190,121 @@ def test_the_command_refuses_wrong_sources_before_saving_anything(tmp_path: Path
                                                                "folder not found")
     assert export.main(["--from", str(tmp_path / "tiny"), "--int8"]) == 2  # no images to calibrate int8 on
     assert "give --calib DIR" in capsys.readouterr().err.splitlines()[-1]
+
+
+# --- the whole command in this process, into a real model store in a temporary folder ------------------------
+
+def _tiny_folder(tmp_path: Path, **metadata: object) -> Path:
+    model, artifact = build_tiny_model()
+    artifact.metadata = {**artifact.metadata, **metadata}
+    return artifact.save(model, tmp_path / "tiny")
+
+
+def test_export_writes_the_store_the_folder_and_onnx_and_says_where(tmp_path: Path, model_store, capsys) -> None:
+    import bentoml
+
+    source = _tiny_folder(tmp_path, val_acc1=0.75, val_images=10, val_images_total=10)
+    images = _images(tmp_path / "calib")
+    assert export.main(["--from", str(source), "--name", "tiny-x", "--dir", str(tmp_path / "out"), "--onnx",
+                        "--calib", str(images)]) == 0
+    out, err = capsys.readouterr()
+    [model] = bentoml.models.list("tiny-x")
+    assert out == f"{model.tag}\n"
+    stored = Path(model.path)
+    for folder in (stored, tmp_path / "out"):
+        assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "vit_artifact.json", "model.onnx"}
+        assert ModelArtifact.read(folder).calibration["images"] == 8
+    assert err.splitlines()[-3:] == [
+        f"exported {source} (4 classes, val top-1 0.7500) as {model.tag}",
+        f"model folder: {tmp_path / 'out' / 'model.safetensors'}, vit_artifact.json",
+        f"onnx: {stored / 'model.onnx'}, {tmp_path / 'out' / 'model.onnx'}"]
+
+
+def test_export_says_on_how_many_val_images_the_accuracy_was_measured(tmp_path: Path, model_store, capsys) -> None:
+    source = _tiny_folder(tmp_path, val_acc1=0.5, val_images=6, val_images_total=12)
+    assert export.main(["--from", str(source), "--name", "tiny-y"]) == 0
+    out, err = capsys.readouterr()
+    assert f"exported {source} (4 classes, val top-1 0.5000 on 6 of 12 val images) as {out.strip()}" in err
+    assert "model folder:" not in err and "onnx:" not in err and "note:" not in err
+    (source / "vit_artifact.json").write_text((source / "vit_artifact.json").read_text().replace('"val_acc1"', '"x"'))
+    assert export.main(["--from", str(source), "--name", "tiny-y"]) == 0
+    out, err = capsys.readouterr()
+    assert f"exported {source} (4 classes) as {out.strip()}" in err
+
+
+def test_an_exported_folders_records_are_made_again_not_copied(tmp_path: Path, model_store, capsys) -> None:
+    import bentoml
+
+    model, artifact = build_tiny_model()
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "model.int8.xml").write_text("<old/>")
+    artifact.int8 = {"file": "model.int8.xml", "agreement_top1": 1.0}
+    artifact.calibration = {"temperature": 3.0}
+    artifact.reference = {"images": 1}
+    artifact.save(model, tmp_path / "tiny")
+    assert export.main(["--from", str(tmp_path / "tiny"), "--name", "tiny-z"]) == 0
+    [stored] = bentoml.models.list("tiny-z")
+    read = ModelArtifact.read(Path(stored.path))
+    assert (read.int8, read.calibration, read.reference) == (None, None, None)
+    assert not (Path(stored.path) / "model.int8.xml").exists()
+
+
+def test_int8_export_puts_the_int8_model_beside_the_weights(tmp_path: Path, model_store, capsys, monkeypatch) -> None:
+    import bentoml
+
+    from vit_service import quantize
+
+    monkeypatch.setattr(quantize, "RECIPES", quantize.RECIPES[:1])  # one NNCF run is enough here
+    source = _tiny_folder(tmp_path)
+    images = _images(tmp_path / "calib")
+    assert export.main(["--from", str(source), "--name", "tiny-8", "--int8", "--calib", str(images),
+                        "--dir", str(tmp_path / "out")]) == 0
+    [stored] = bentoml.models.list("tiny-8")
+    for folder in (Path(stored.path), tmp_path / "out"):
+        read = ModelArtifact.read(folder)
+        assert read.int8["file"] == "model.int8.xml" and read.int8["images"] == 8
+        assert (folder / "model.int8.xml").is_file() and (folder / "model.int8.bin").is_file()
+        assert set(read.calibration["int8"]) == {"ece_before", "ece_after"}
+    assert "calibration (int8): ECE " in capsys.readouterr().err
+
+
+def test_the_same_weights_exported_again_get_a_new_tag_and_a_note(tmp_path: Path, model_store, capsys) -> None:
+    import bentoml
+
+    source = _tiny_folder(tmp_path, source_checkpoint=str(tmp_path / "a.ckpt"), source_checkpoint_mtime=1.5,
+                          weights="raw")
+    tags = []
+    for _ in range(3):
+        assert export.main(["--from", str(source), "--name", "tiny-n"]) == 0
+        tags.append(capsys.readouterr())
+    first, second, third = (out.strip() for out, _ in tags)
+    assert len({first, second, third}) == 3 and len(bentoml.models.list("tiny-n")) == 3
+    assert "note:" not in tags[0][1]
+    assert tags[2][1].splitlines()[-1] == (
+        f"note: the same weights were exported before as {second}, {first}; each vit-export makes a new tag "
+        f"(remove one with: bentoml models delete {second})")
+    other = _tiny_folder(tmp_path / "o", source_checkpoint=str(tmp_path / "a.ckpt"), source_checkpoint_mtime=2.5,
+                         weights="raw")  # the checkpoint file changed since: not the same weights
+    assert export.main(["--from", str(other), "--name", "tiny-n"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_hf_dir_is_written_last_and_a_model_it_cannot_express_is_skipped(tmp_path: Path, model_store,
+                                                                         capsys) -> None:
+    import bentoml
+
+    source = _tiny_folder(tmp_path)
+    assert export.main(["--from", str(source), "--name", "tiny-h", "--hf-dir", str(tmp_path / "hf")]) == 0
+    out, err = capsys.readouterr()
+    assert (tmp_path / "hf" / "config.json").is_file() and f"transformers folder: {tmp_path / 'hf'}" in err
+    model, artifact = build_tiny_model()
+    avg = VisionTransformer(dataclasses.replace(artifact.config, global_pool="avg"))
+    dataclasses.replace(artifact, config=avg.config).save(avg, tmp_path / "avg")
+    code = export.main(["--from", str(tmp_path / "avg"), "--name", "tiny-avg", "--hf-dir", str(tmp_path / "hf2"),
+                        "--dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == export.HF_DIR_SKIPPED == 3 and not (tmp_path / "hf2").exists()
+    assert len(bentoml.models.list("tiny-avg")) == 1 and (tmp_path / "out" / "model.safetensors").is_file()
+    assert out.strip() == str(bentoml.models.list("tiny-avg")[0].tag)
+    assert err.splitlines()[-1].startswith(f"vit-export: skipped --hf-dir {tmp_path / 'hf2'}: ")
+    assert err.splitlines()[-1].endswith("; everything else was written (exit 3)")
