@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import tempfile
@@ -68,7 +69,7 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
         sys.argv = [str(BIN / args[0]), *args[1:]]
         os.chdir(cwd or REPO)
         for h in handlers:
-            h.setStream(err)
+            _swap_stream(h, err)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.resetwarnings()
@@ -84,7 +85,7 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
                 code = 1
     finally:
         for h, stream in zip(handlers, saved_streams):
-            h.setStream(stream)
+            _swap_stream(h, stream)
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         os.environ.clear()
@@ -92,6 +93,14 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
     for w in caught:
         err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
+
+
+def _swap_stream(handler: logging.StreamHandler, stream: Any) -> None:
+    """handler.setStream without its flush of the old stream: Lightning's handler may still hold the
+    capture stream of a pytest session that has ended (closed), as in mutmut's forked test runs,
+    where flushing it raised "I/O operation on closed file" and failed every in-process CLI test."""
+    with handler.lock:
+        handler.stream = stream
 
 
 def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = None, **trainer: object) -> Path:
