@@ -16,7 +16,7 @@ import torch
 
 from tests.service_fixtures import CLASS_NAMES, build_tiny_model, picture
 from training import export
-from vit_service.artifact import ModelArtifact
+from vit_service.artifact import ModelArtifact, load_model
 from vit_service.calibration import ece, reference_record, softmax
 from vit_service.model import ViTConfig, VisionTransformer
 from vit_service.quantize import evaluation_images, image_logits
@@ -139,7 +139,9 @@ def test_int8_export_without_images_names_what_to_give() -> None:
 def test_the_command_refuses_wrong_sources_before_saving_anything(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         export.main([])
-    assert stop.value.code == 2 and "give one of --ckpt" in capsys.readouterr().err
+    assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        "vit-export: error: give one of --ckpt (a vit-train checkpoint), --run (a vit-train run folder: its best "
+        "checkpoint) or --from (a pretrained model)")
     with pytest.raises(SystemExit):
         export.main(["--ckpt", "a.ckpt", "--from", "b"])
     assert "give one of --ckpt" in capsys.readouterr().err
@@ -226,7 +228,7 @@ def test_int8_export_puts_the_int8_model_beside_the_weights_with_its_ece(tmp_pat
     source = _tiny_folder(tmp_path)
     images = _images(tmp_path / "calib", per_class=2, loose=1)
     assert export.main(["--from", str(source), "--name", "tiny-8", "--int8", "--calib", str(images),
-                        "--dir", str(tmp_path / "out")]) == 0
+                        "--dir", str(tmp_path / "out"), "--onnx"]) == 0
     err = capsys.readouterr().err.splitlines()
     [stored] = bentoml.models.list("tiny-8")
     for folder in (Path(stored.path), tmp_path / "out"):
@@ -234,6 +236,7 @@ def test_int8_export_puts_the_int8_model_beside_the_weights_with_its_ece(tmp_pat
         assert read.int8["file"] == "model.int8.xml" and read.int8["images"] == 9
         assert read.int8["measured_on"] == str(images.resolve())
         assert (folder / "model.int8.xml").is_file() and (folder / "model.int8.bin").is_file()
+        assert (folder / "model.onnx").is_file()  # --onnx and --int8 together: both
     record, calibration = read.int8, read.calibration
     assert (f"vit-export: warning: int8 agrees with fp32 on only {record['agreement_top1']:.2%} of the images "
             "(< 101%): recorded, but it will not serve (VIT_PRECISION=auto passes it over and VIT_PRECISION=int8 "
@@ -272,6 +275,8 @@ def test_the_same_weights_exported_again_get_a_new_tag_and_a_note(tmp_path: Path
     assert tags[2][1].splitlines()[-1] == (
         f"note: the same weights were exported before as {second}, {first}; each vit-export makes a new tag "
         f"(remove one with: bentoml models delete {second})")
+    assert export.main(["--from", str(source), "--name", "tiny-m"]) == 0  # another name: its own history
+    assert "note:" not in capsys.readouterr().err
     other = _tiny_folder(tmp_path / "o", source_checkpoint=str(tmp_path / "a.ckpt"), source_checkpoint_mtime=2.5,
                          weights="raw")  # the checkpoint file changed since: not the same weights
     assert export.main(["--from", str(other), "--name", "tiny-n"]) == 0
@@ -297,3 +302,71 @@ def test_hf_dir_is_written_last_and_a_model_it_cannot_express_is_skipped(tmp_pat
     assert out.strip() == str(bentoml.models.list("tiny-avg")[0].tag)
     assert err.splitlines()[-1].startswith(f"vit-export: skipped --hf-dir {tmp_path / 'hf2'}: ")
     assert err.splitlines()[-1].endswith("; everything else was written (exit 3)")
+
+
+def _run_folder(root: Path, scores: dict[str, float]) -> Path:
+    """A vit-train run folder laid by hand as vit-train writes one: checkpoints carrying the model's config,
+    hyper-parameters and weights, and Lightning's ModelCheckpoint state with each kept file's score."""
+    model, artifact = build_tiny_model()
+    ckpt_dir = root / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    key = "ModelCheckpoint{'monitor': 'val/acc1', 'mode': 'max', 'every_n_train_steps': 0}"
+    for step, name in enumerate(scores, start=1):
+        torch.save({"hyper_parameters": {"preset": "tiny", "num_classes": 4, "class_names": CLASS_NAMES,
+                                         "preprocessing": artifact.preprocessing.to_dict()},
+                    "model_config": artifact.config.to_dict(),
+                    "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                    "callbacks": {key: {"best_k_models": {str(ckpt_dir / n): s for n, s in scores.items()}}},
+                    "global_step": step, "epoch": step, "vit_service": {"val_acc1": scores[name]}},
+                   ckpt_dir / name)
+    return root
+
+
+def test_export_run_takes_the_best_checkpoint_and_says_which(tmp_path: Path, capsys) -> None:
+    import bentoml
+
+    run = _run_folder(tmp_path / "version_0", {"best-a.ckpt": 0.5, "best-b.ckpt": 0.75, "last.ckpt": 0.25})
+    assert export.main(["--run", str(run)]) == 0  # no --name: the service's default model name
+    out, err = capsys.readouterr()
+    [stored] = bentoml.models.list("vit-classifier")
+    chosen = (run / "checkpoints" / "best-b.ckpt").resolve()
+    assert out.strip() == str(stored.tag)
+    assert f"best checkpoint of {run} by val/acc1 (max): best-b.ckpt (val/acc1 0.7500)" in err.splitlines()
+    assert err.splitlines()[-1] == f"exported {chosen} (4 classes, val top-1 0.7500) as {stored.tag}"
+    assert ModelArtifact.read(stored.path).metadata["source_checkpoint"] == str(chosen)
+
+
+def test_export_ckpt_reads_the_checkpoint_given(tmp_path: Path, capsys) -> None:
+    run = _run_folder(tmp_path / "version_0", {"best-a.ckpt": 0.5, "last.ckpt": 0.25})
+    assert export.main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--name", "ck"]) == 0
+    assert " (4 classes, val top-1 0.2500) as ck:" in capsys.readouterr().err
+    assert export.main(["--ckpt", str(run / "checkpoints" / "last.ckpt"), "--ema", "--name", "ck"]) == 2
+    assert "has no EMA weights" in capsys.readouterr().err
+
+
+def test_export_a_bare_weight_file_with_its_timm_architecture(tmp_path: Path, capsys) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    torch.save(timm_model.state_dict(), tmp_path / "weights.pth")
+    assert export.main(["--from", str(tmp_path / "weights.pth"), "--name", "bare"]) == 2
+    assert "give its architecture (--arch" in capsys.readouterr().err
+    assert export.main(["--from", str(tmp_path / "weights.pth"), "--arch", "vit_tiny_patch16_224",
+                        "--name", "bare", "--dir", str(tmp_path / "out")]) == 0
+    model, _ = load_model(tmp_path / "out")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), timm_model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_leaves_no_temporary_files(tmp_path: Path, capsys, monkeypatch) -> None:
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert export.main(["--from", str(_tiny_folder(tmp_path)), "--onnx", "--name", "tmp-check"]) == 0
+    assert list(scratch.iterdir()) == []
+    assert export.main(["--from", str(tmp_path / "nowhere"), "--onnx"]) == 2  # nor when it fails
+    assert list(scratch.iterdir()) == []

@@ -53,38 +53,41 @@ def main(argv: list[str] | None = None) -> int:
     if sum(map(bool, (args.ckpt, args.run, args.from_source))) != 1:
         p.error("give one of --ckpt (a vit-train checkpoint), --run (a vit-train run folder: its best "
                 "checkpoint) or --from (a pretrained model)")
-    try:
-        source = args.ckpt or args.run or args.from_source
-        model, artifact = load_model_source(source, ema=args.ema, arch=args.arch, formats=MODEL_FORMATS)
-        if artifact.config.num_classes == 0:
-            raise ExportError(f"{source} has no classification head (a backbone): nothing to "
-                              "serve; fine-tune it with vit-train --model.init_from instead")
-        if args.run:
-            best = artifact.metadata["selected_by"]
-            print(f"best checkpoint of {args.run} by {best['monitor']} ({best['mode']}): "
-                  f"{Path(artifact.metadata['source_checkpoint']).name} ({best['monitor']} {best['score']:.4f})",
-                  file=sys.stderr)
-        # An exported folder given to --from may carry these records: only this export makes them.
-        artifact.int8 = artifact.calibration = artifact.reference = None
-        directory, images = _measurement_images(artifact, args)
-        _calibrate(model, artifact, directory, images)
-        onnx_file = _export_onnx_first(model) if args.onnx else None
-        extra = [onnx_file] if onnx_file else []
-        if args.int8:  # model.int8.xml + .bin beside the weights, its figures in vit_artifact.json
-            int8_dir = Path(tempfile.mkdtemp(prefix="vit-export-int8-"))
-            artifact.int8 = _build_int8(model, artifact, int8_dir, directory, images)
-            extra += [int8_dir / artifact.int8["file"], int8_dir / artifact.int8["weights_file"]]
-            _int8_calibration(artifact, int8_dir / artifact.int8["file"], images)
-        copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
-        earlier = _earlier_exports(args.name, artifact)
-        bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
-        if args.dir:
-            artifact.save(model, args.dir)
-            if copy_extra:
-                copy_extra(Path(args.dir))
-    except (ExportError, ModelSourceError, CheckpointError, OnnxExportError, QuantizeError) as e:
-        print(f"vit-export: error: {e}", file=sys.stderr)
-        return 2
+    # model.onnx and the int8 files are made here first (a failed export leaves no half-made BentoML model),
+    # copied into the model and --dir, and removed with the folder
+    with tempfile.TemporaryDirectory(prefix="vit-export-") as scratch:
+        try:
+            source = args.ckpt or args.run or args.from_source
+            model, artifact = load_model_source(source, ema=args.ema, arch=args.arch, formats=MODEL_FORMATS)
+            if artifact.config.num_classes == 0:
+                raise ExportError(f"{source} has no classification head (a backbone): nothing to "
+                                  "serve; fine-tune it with vit-train --model.init_from instead")
+            if args.run:
+                best = artifact.metadata["selected_by"]
+                print(f"best checkpoint of {args.run} by {best['monitor']} ({best['mode']}): "
+                      f"{Path(artifact.metadata['source_checkpoint']).name} ({best['monitor']} {best['score']:.4f})",
+                      file=sys.stderr)
+            # An exported folder given to --from may carry these records: only this export makes them.
+            artifact.int8 = artifact.calibration = artifact.reference = None
+            directory, images = _measurement_images(artifact, args)
+            _calibrate(model, artifact, directory, images)
+            extra = [export_onnx(model, Path(scratch) / "onnx")] if args.onnx else []
+            if args.int8:  # model.int8.xml + .bin beside the weights, its figures in vit_artifact.json
+                int8_dir = Path(scratch) / "int8"
+                int8_dir.mkdir()
+                artifact.int8 = _build_int8(model, artifact, int8_dir, directory, images)
+                extra += [int8_dir / artifact.int8["file"], int8_dir / artifact.int8["weights_file"]]
+                _int8_calibration(artifact, int8_dir / artifact.int8["file"], images)
+            copy_extra = (lambda folder: [shutil.copy(f, folder / f.name) for f in extra]) if extra else None
+            earlier = _earlier_exports(args.name, artifact)
+            bento_model = save_to_bentoml(args.name, model, artifact, write_extra=copy_extra)
+            if args.dir:
+                artifact.save(model, args.dir)
+                if copy_extra:
+                    copy_extra(Path(args.dir))
+        except (ExportError, ModelSourceError, CheckpointError, OnnxExportError, QuantizeError) as e:
+            print(f"vit-export: error: {e}", file=sys.stderr)
+            return 2
     acc, seen, total = (artifact.metadata.get(k) for k in ("val_acc1", "val_images", "val_images_total"))
     partial = f" on {int(seen)} of {total} val images" if seen and total and int(seen) < total else ""
     shown = artifact.metadata["source_checkpoint"] if args.run else source  # --run: the checkpoint it chose
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", val top-1 {acc:.4f}{partial}" if acc is not None else "") + f") as {bento_model.tag}", file=sys.stderr)
     if args.dir:
         print(f"model folder: {Path(args.dir) / 'model.safetensors'}, vit_artifact.json", file=sys.stderr)
-    if onnx_file:
+    if args.onnx:
         stored = Path(bentoml.models.get(bento_model.tag).path)  # bento_model.path was its staging folder
         places = [stored / ONNX_FILE] + ([Path(args.dir) / ONNX_FILE] if args.dir else [])
         print(f"onnx: {', '.join(map(str, places))}", file=sys.stderr)
@@ -222,11 +225,6 @@ def _add_pretrained_arguments(p: argparse.ArgumentParser) -> None:
                                                    "needed with --from for either")
     p.add_argument("--calib-limit", type=int, default=2000, metavar="N",
                    help="calibrate and measure --int8 on at most N images, every class in turn (default 2000; 0: all)")
-
-
-def _export_onnx_first(model: VisionTransformer) -> Path:
-    """model.onnx in a temporary folder: a failed export leaves no half-made BentoML model."""
-    return export_onnx(model, tempfile.mkdtemp(prefix="vit-export-onnx-"))
 
 
 if __name__ == "__main__":
