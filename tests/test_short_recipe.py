@@ -98,3 +98,17 @@ def test_progressive_resize_schedule() -> None:
     cb = ProgressiveResize([[0.6, 32], [0.0, 16], [0.3, 24]])  # any order
     assert [cb.size_at(p) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 1.0)] == [16, 16, 24, 24, 32, 32]
     assert ProgressiveResize([[0.5, 24]]).size_at(0.1) is None  # full size until the first entry
+
+
+def test_progressive_resize_sizes_must_be_multiples_of_the_patch_size() -> None:
+    from training.module import ViTClassifier
+
+    module = ViTClassifier(preset="vit_cifar_patch4_32", num_classes=10)  # 4 px patches
+    module.configure_model()
+    ProgressiveResize([[0.0, 16], [0.5, 32]]).on_fit_start(None, module)  # multiples: accepted
+    with pytest.raises(ValueError, match=r"^ProgressiveResize sizes \[18, 30\] are not multiples of the patch size 4$"):
+        ProgressiveResize([[0.0, 18], [0.3, 24], [0.5, 30]]).on_fit_start(None, module)
+    # a module without a ViT (another LightningModule): nothing to check against
+    import lightning as L
+
+    ProgressiveResize([[0.0, 18]]).on_fit_start(None, L.LightningModule())
