@@ -112,3 +112,27 @@ def test_progressive_resize_sizes_must_be_multiples_of_the_patch_size() -> None:
     import lightning as L
 
     ProgressiveResize([[0.0, 18]]).on_fit_start(None, L.LightningModule())
+
+
+def test_progressive_resize_downscales_the_batch_in_place_with_antialiasing() -> None:
+    import lightning as L
+    import torch.nn.functional as F
+
+    budget = TimeBudget(minutes=1)  # its share of the budget is 0 before training: the schedule's start
+    trainer = L.Trainer(callbacks=[budget], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    cb = ProgressiveResize([[0.0, 16], [0.5, 32]])
+    images = torch.rand(2, 3, 32, 32)
+    batch = [images.clone(), torch.tensor([0, 1])]
+    cb.on_train_batch_start(trainer, None, batch, 0)
+    expected = F.interpolate(images, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(batch[0], expected, rtol=0, atol=0)  # the list training_step receives
+    assert cb.current_size == 16 and batch[1].tolist() == [0, 1]
+    small = batch[0]
+    cb.on_train_batch_start(trainer, None, batch, 1)
+    assert batch[0] is small  # already at the size: left as it is
+    later = ProgressiveResize([[0.5, 16]])  # before the first entry: the full size
+    full = [images.clone(), torch.tensor([0, 1])]
+    later.on_train_batch_start(trainer, None, full, 0)
+    assert torch.equal(full[0], images) and later.current_size is None
+    with pytest.raises(TypeError, match=r"^ProgressiveResize needs \[images, labels\] list batches, got tuple$"):
+        cb.on_train_batch_start(trainer, None, (images, torch.tensor([0, 1])), 0)
