@@ -112,6 +112,8 @@ _M = "vit_service.model."
 _X = "vit_service.explain."
 _R = "vit_service.artifact."
 _INT64 = "NumPy makes a list of Python ints int64 by itself (Linux, 64-bit): the dtype given is the same"
+_TIMER_ARGS = ("Lightning's Timer reads only the trainer in on_train_batch_end and nothing in on_train_start "
+               "(lightning 2.x source): the other arguments are never used")
 _LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
 _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
@@ -281,6 +283,33 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
            f"{args}))", "only the manifest's whitespace changes: every JSON reader gets the same object")
           for n, args in [(21, "indent=None, default=str"), (24, "default=str"), (26, "indent=3, default=str")]],
     ]},
+    # training/callbacks/*.py
+    **{"training.callbacks.progressive_resize.xǁProgressiveResizeǁon_train_batch_start__mutmut_" + n: (line, why)
+       for n, line, why in [
+        ("22", "align_corners=None)  # (B, C, size, size)", "align_corners=None means False for bilinear"),
+        ("27", ")  # (B, C, size, size)", "align_corners defaults to None, which means False for bilinear"),
+        ("11", "if size is None or batch[0].shape[-2] == size:",
+         "the batch's images are square (the data module's crops): height is width"),
+    ]},
+    **{"training.callbacks.time_budget.xǁTimeBudgetǁ" + name: (line, _TIMER_ARGS) for name, line in [
+        ("on_train_start__mutmut_1", "super().on_train_start(None, pl_module)"),
+        ("on_train_start__mutmut_2", "super().on_train_start(trainer, None)"),
+        ("on_train_batch_end__mutmut_3",
+         "super().on_train_batch_end(trainer, None, outputs, batch, batch_idx)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_4",
+         "super().on_train_batch_end(trainer, pl_module, None, batch, batch_idx)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_5",
+         "super().on_train_batch_end(trainer, pl_module, outputs, None, batch_idx)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_6",
+         "super().on_train_batch_end(trainer, pl_module, outputs, batch, None)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_8",
+         "super().on_train_batch_end(trainer, outputs, batch, batch_idx)  # Timer: stop when spent"),
+    ]},
+    # training/export.py
+    **{"training.export.x__int8_calibration__mutmut_" + n: (line, "the record's bins are calibration.BINS, "
+                                                                   "ece's default")
+       for n, line in [("32", 'artifact.calibration["int8"] = {"ece_before": round(ece(softmax(logits), labels, ), 6),'),
+                       ("46", '"ece_after": round(ece(softmax(logits, t), labels, ), 6)}')]},
     # vit_service/calibration.py
     **{_C + f"x_fit_temperature__mutmut_{n}": (line, _OPTIMIZER) for n, line in [
         (1, "max_iter: int = 101) -> float:"),

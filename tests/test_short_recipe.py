@@ -136,3 +136,22 @@ def test_progressive_resize_downscales_the_batch_in_place_with_antialiasing() ->
     assert torch.equal(full[0], images) and later.current_size is None
     with pytest.raises(TypeError, match=r"^ProgressiveResize needs \[images, labels\] list batches, got tuple$"):
         cb.on_train_batch_start(trainer, None, (images, torch.tensor([0, 1])), 0)
+
+
+def test_time_budget_progress_is_a_share_capped_at_one_and_a_stop_by_another_is_not_its_own() -> None:
+    import lightning as L
+
+    budget = TimeBudget(minutes=1)
+    trainer = L.Trainer(callbacks=[budget], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    budget.on_train_start(trainer, None)
+    assert isinstance(budget.progress(), float) and 0.0 <= budget.progress() < 0.01  # a share from the start
+    budget.load_state_dict({"time_elapsed": {"train": 90.0, "validate": 0.0, "test": 0.0}})  # 1.5 budgets in
+    budget.on_train_start(trainer, None)
+    budget.on_train_batch_start(trainer, None, [], 0)
+    assert budget.progress() == 1.0  # spent: the schedule's end, never beyond
+    trainer.should_stop = True  # something else (another callback, a signal) stopped the run
+    budget.on_train_batch_end(trainer, None, None, [], 0)
+    assert budget.train_s is None  # not the budget's stop: no budget figure recorded
+    trainer.should_stop = False
+    budget.on_train_batch_end(trainer, None, None, [], 0)
+    assert trainer.should_stop and budget.train_s == pytest.approx(90.0, abs=1.0)  # the budget's own stop
