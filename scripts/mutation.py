@@ -304,6 +304,12 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
          "super().on_train_batch_end(trainer, pl_module, outputs, batch, None)  # Timer: stop when spent"),
         ("on_train_batch_end__mutmut_8",
          "super().on_train_batch_end(trainer, outputs, batch, batch_idx)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_9",
+         "super().on_train_batch_end(trainer, pl_module, batch, batch_idx)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_10",
+         "super().on_train_batch_end(trainer, pl_module, outputs, batch_idx)  # Timer: stop when spent"),
+        ("on_train_batch_end__mutmut_11",
+         "super().on_train_batch_end(trainer, pl_module, outputs, batch, )  # Timer: stop when spent"),
     ]},
     # training/export.py
     **{"training.export.x__int8_calibration__mutmut_" + n: (line, "the record's bins are calibration.BINS, "

@@ -155,3 +155,44 @@ def test_time_budget_progress_is_a_share_capped_at_one_and_a_stop_by_another_is_
     trainer.should_stop = False
     budget.on_train_batch_end(trainer, None, None, [], 0)
     assert trainer.should_stop and budget.train_s == pytest.approx(90.0, abs=1.0)  # the budget's own stop
+
+
+def _fit_boring(callbacks: list, **trainer_args: object):
+    """A real Lightning fit of Lightning's own BoringModel (a linear layer on random data): 4 batches an epoch."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    trainer = L.Trainer(callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                        check_val_every_n_epoch=5, **trainer_args)
+    trainer.fit(BoringModel())
+    return trainer
+
+
+def test_training_progress_is_the_share_of_steps_without_a_budget() -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from training.callbacks.time_budget import training_progress
+
+    seen: list[float] = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            seen.append(training_progress(trainer))
+
+    _fit_boring([Probe()], max_steps=8)  # 2 epochs of 4
+    assert seen == [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
+    seen.clear()
+    _fit_boring([Probe()], max_epochs=-1, max_steps=-1, max_time={"seconds": 0.5})  # no end in steps: 0
+    assert seen and set(seen) == {0.0}
+
+
+def test_a_spent_budget_stops_after_the_step_validates_and_says_when(caplog) -> None:
+    import logging
+
+    budget = TimeBudget(minutes=1e-7)  # 6 microseconds: spent by the end of the first step
+    with caplog.at_level(logging.INFO, logger="training.callbacks.time_budget"):
+        trainer = _fit_boring([budget], max_epochs=10)
+    assert trainer.global_step == 1 and budget.train_s is not None and budget.train_s > 0
+    assert trainer.check_val_every_n_epoch == 1  # the stopping epoch validates although the run said every 5
+    assert "time budget spent after 0.25 epochs (1 steps)" in caplog.text
