@@ -251,6 +251,8 @@ def test_int8_export_puts_the_int8_model_beside_the_weights_with_its_ece(tmp_pat
     assert len(labels) == 8 and calibration["int8"]["ece_before"] != calibration["int8"]["ece_after"]
     assert (f"calibration (int8): ECE {calibration['int8']['ece_before']:.3f} -> "
             f"{calibration['int8']['ece_after']:.3f} with the same T") in err
+    assert (f"int8 (NNCF TRANSFORMER): top-1 agreement with fp32 {record['agreement_top1']:.2%} on 9 images; "
+            f"top-1 fp32 {record['fp32_top1']:.2%}, int8 {record['int8_top1']:.2%}") in err
     # no fp32 temperature, or no labelled image: nothing to add
     before = dict(read.calibration)
     export._int8_calibration(read, int8_file, [(p, None) for p, _ in labelled])
@@ -258,6 +260,11 @@ def test_int8_export_puts_the_int8_model_beside_the_weights_with_its_ece(tmp_pat
     uncalibrated = dataclasses.replace(read, calibration=None)
     export._int8_calibration(uncalibrated, int8_file, labelled)
     assert uncalibrated.calibration is None
+    # an agreement exactly at the guard serves (int8_guard refuses only below it): no warning
+    monkeypatch.setattr(export, "MIN_AGREEMENT", record["agreement_top1"])
+    again = export._build_int8(load_model(tmp_path / "out")[0], read, tmp_path / "again", str(images), labelled[:4])
+    assert again["agreement_top1"] == record["agreement_top1"]  # (the tiny model's int8 agrees on every image)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_the_same_weights_exported_again_get_a_new_tag_and_a_note(tmp_path: Path, model_store, capsys) -> None:
