@@ -209,7 +209,9 @@ def test_tiny_evaluation_images_labels_order_and_limit(tmp_path: Path) -> None:
     assert not any(".hidden" in p for p, _ in images)
     assert evaluation_images(root, CLASS_NAMES, limit=3) == images[:3]
     assert evaluation_images(root, [])[1] == (str(root / "circle" / "0.jpg"), None)  # no class names: no labels
-    with pytest.raises(QuantizeError, match="image folder not found"):
+    with pytest.raises(QuantizeError, match=rf"^{tmp_path / 'nowhere'}: image folder not found \(give --calib DIR: a "
+                                            r"folder of images, in class folders named like the model's classes for "
+                                            r"labels\)$"):
         evaluation_images(tmp_path / "nowhere", CLASS_NAMES)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(QuantizeError, match="no images found"):
@@ -263,6 +265,12 @@ def test_tiny_build_int8_writes_the_model_and_its_record(tmp_path: Path) -> None
     assert record["calibration_images"] == min(len(readable), CALIBRATION_IMAGES)
     assert (record["images"], record["labelled"], record["unreadable"]) == (len(readable), len(labelled), 1)
     assert record["min_agreement"] == MIN_AGREEMENT
+    import nncf
+    import openvino
+
+    assert record["activations"] == "int8, ranges calibrated at export"
+    assert record["openvino"] == openvino.get_version().split("-")[0] and "-" not in record["openvino"]
+    assert record["nncf"] == nncf.__version__
     assert record["recipe"] == RECIPES[len(lines) - 1][0]  # the last recipe tried is the one kept here ...
     assert (record["agreement_top1"] >= MIN_AGREEMENT) == (len(lines) == 1)  # ... the first only if it passes
     x = torch.stack([artifact.preprocessing(open_image(p)) for p, _ in readable])
@@ -312,6 +320,11 @@ def test_tiny_measure_agreement_counts_each_model_against_the_labels(tmp_path: P
         "fp32_top1": np.mean(p32.argmax(1)[labelled] == y), "int8_top1": np.mean(p8.argmax(1)[labelled] == y),
         "max_prob_diff": np.abs(p8 - p32).max(), "unreadable": 1}, abs=1e-4)
     assert figures["fp32_top1"] != figures["int8_top1"]
+    # recorded to 5 decimals: the counts' ratios exactly, the largest difference as well
+    assert (figures["agreement_top1"], figures["fp32_top1"], figures["int8_top1"]) == (
+        round(float(agreement), 5), round(float(np.mean(p32.argmax(1)[labelled] == y)), 5),
+        round(float(np.mean(p8.argmax(1)[labelled] == y)), 5))
+    assert figures["max_prob_diff"] == round(figures["max_prob_diff"], 5)
     unlabelled = [(p, None) for p, _ in readable]
     assert measure_agreement(model, artifact, other, unlabelled)["int8_top1"] is None
 
