@@ -113,7 +113,8 @@ _X = "vit_service.explain."
 _R = "vit_service.artifact."
 _INT64 = "NumPy makes a list of Python ints int64 by itself (Linux, 64-bit): the dtype given is the same"
 _TIMER_ARGS = ("Lightning's Timer reads only the trainer in on_train_batch_end and nothing in on_train_start "
-               "(lightning 2.x source): the other arguments are never used")
+               "(lightning 2.x source): the other arguments are never used; its interval defaults to 'step' and "
+               "verbose=None is false")
 _LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
 _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
@@ -304,6 +305,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
          "super().on_train_batch_end(trainer, pl_module, outputs, batch, None)  # Timer: stop when spent"),
         ("on_train_batch_end__mutmut_8",
          "super().on_train_batch_end(trainer, outputs, batch, batch_idx)  # Timer: stop when spent"),
+        ("__init____mutmut_16", 'super().__init__(duration=budget, interval="step", verbose=None)'),
+        ("__init____mutmut_18", "super().__init__(duration=budget, verbose=False)"),
         ("on_train_batch_end__mutmut_9",
          "super().on_train_batch_end(trainer, pl_module, batch, batch_idx)  # Timer: stop when spent"),
         ("on_train_batch_end__mutmut_10",

@@ -196,3 +196,22 @@ def test_a_spent_budget_stops_after_the_step_validates_and_says_when(caplog) -> 
     assert trainer.global_step == 1 and budget.train_s is not None and budget.train_s > 0
     assert trainer.check_val_every_n_epoch == 1  # the stopping epoch validates although the run said every 5
     assert "time budget spent after 0.25 epochs (1 steps)" in caplog.text
+    assert "Time limit reached" not in caplog.text  # Timer's own line (verbose) would say it twice
+
+
+def test_callbacks_start_empty_and_refuse_settings_they_cannot_follow() -> None:
+    resize = ProgressiveResize([[0.0, 16]])
+    assert resize.current_size is None
+    with pytest.raises(ValueError, match=r"^ProgressiveResize needs at least one \[progress, size\] entry$"):
+        ProgressiveResize([])
+    budget = TimeBudget(minutes=2)
+    assert budget.progress() == 0.0 and budget.train_s is None and budget.budget_s == 120
+    assert budget.lr_factor(0.0) == pytest.approx(1e-3)  # warmup starts at 1e-3 x the peak, not at 0
+    assert budget.lr_factor(1.0) == pytest.approx(0.01)  # the default floor
+    assert TimeBudget(minutes=2, warmup_fraction=0.0).lr_factor(0.0) == pytest.approx(1.0)  # no warmup
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^warmup_fraction must be in \[0, 1\), got {bad}$"):
+            TimeBudget(minutes=2, warmup_fraction=bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"^TimeBudget minutes must be positive, got {bad}$"):
+            TimeBudget(minutes=bad)
