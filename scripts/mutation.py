@@ -115,6 +115,7 @@ _INT64 = "NumPy makes a list of Python ints int64 by itself (Linux, 64-bit): the
 _TIMER_ARGS = ("Lightning's Timer reads only the trainer in on_train_batch_end and nothing in on_train_start "
                "(lightning 2.x source): the other arguments are never used; its interval defaults to 'step' and "
                "verbose=None is false")
+_SCRATCH = "the scratch folder's and its subfolders' names are never shown or read: the files are copied out by name"
 _LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
 _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
@@ -315,6 +316,20 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
          "super().on_train_batch_end(trainer, pl_module, outputs, batch, )  # Timer: stop when spent"),
     ]},
     # training/export.py
+    **{"training.export.x_main__mutmut_" + n: (line, _SCRATCH) for n, line in [
+        ("76", 'with tempfile.TemporaryDirectory(prefix=None) as scratch:'),
+        ("77", 'with tempfile.TemporaryDirectory(prefix="XXvit-export-XX") as scratch:'),
+        ("78", 'with tempfile.TemporaryDirectory(prefix="VIT-EXPORT-") as scratch:'),
+        ("137", 'extra = [export_onnx(model, Path(scratch) / "XXonnxXX")] if args.onnx else []'),
+        ("138", 'extra = [export_onnx(model, Path(scratch) / "ONNX")] if args.onnx else []'),
+        ("142", 'int8_dir = Path(scratch) / "XXint8XX"'),
+        ("143", 'int8_dir = Path(scratch) / "INT8"')]},
+    "training.export.x_main__mutmut_114": ('artifact.int8 = artifact.calibration = artifact.reference = ""',
+                                           "None and \"\" are both false where the records are read (to_dict, "
+                                           "temperature) and each is set anew when made"),
+    "training.export.x_main__mutmut_37": ('p.add_argument("--name", default="VIT-CLASSIFIER", help="BentoML model '
+                                          'name (default: vit-classifier)")',
+                                          "BentoML lowercases model names (logging that it did): the same tag"),
     **{"training.export.x__int8_calibration__mutmut_" + n: (line, "the record's bins are calibration.BINS, "
                                                                    "ece's default")
        for n, line in [("32", 'artifact.calibration["int8"] = {"ece_before": round(ece(softmax(logits), labels, ), 6),'),

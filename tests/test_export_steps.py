@@ -194,6 +194,10 @@ def test_export_says_on_how_many_val_images_the_accuracy_was_measured(tmp_path: 
     out, err = capsys.readouterr()
     assert f"exported {source} (4 classes, val top-1 0.5000 on 6 of 12 val images) as {out.strip()}" in err
     assert "model folder:" not in err and "onnx:" not in err and "note:" not in err
+    import bentoml
+
+    stored = Path(bentoml.models.get(out.strip()).path)
+    assert not (stored / "model.onnx").exists() and not (stored / "model.int8.xml").exists()  # only when asked
     (source / "vit_artifact.json").write_text((source / "vit_artifact.json").read_text().replace('"val_acc1"', '"x"'))
     assert export.main(["--from", str(source), "--name", "tiny-y"]) == 0
     out, err = capsys.readouterr()
