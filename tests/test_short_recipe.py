@@ -111,7 +111,7 @@ def test_progressive_resize_sizes_must_be_multiples_of_the_patch_size() -> None:
     # a module without a ViT (another LightningModule): nothing to check against
     import lightning as L
 
-    ProgressiveResize([[0.0, 18]]).on_fit_start(None, L.LightningModule())
+    ProgressiveResize([[0.0, 17]]).on_fit_start(None, L.LightningModule())
 
 
 def test_progressive_resize_downscales_the_batch_in_place_with_antialiasing() -> None:
