@@ -315,6 +315,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("on_train_batch_end__mutmut_11",
          "super().on_train_batch_end(trainer, pl_module, outputs, batch, )  # Timer: stop when spent"),
     ]},
+    "training.callbacks.time_budget.x_training_progress__mutmut_10": (
+        "return min(2.0, trainer.global_step / total)",
+        "at every batch start global_step < total (Lightning stops at its estimated steps): the cap never binds"),
+    "training.callbacks.time_budget.x_training_progress__mutmut_2": (
+        "if not total and math.isinf(total):",
+        "an infinite total gives step / inf = 0.0 either way; a total of 0 means no batch runs, so nothing asks"),
+    "training.callbacks.time_budget.xǁTimeBudgetǁon_train_batch_start__mutmut_6": (
+        'warnings.filterwarnings("ignore", )',
+        "only the schedule's step runs inside the filter, and the warning it gives is the one meant"),
     # training/export.py
     **{"training.export.x_main__mutmut_" + n: (line, _SCRATCH) for n, line in [
         ("76", 'with tempfile.TemporaryDirectory(prefix=None) as scratch:'),

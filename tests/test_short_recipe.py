@@ -157,13 +157,14 @@ def test_time_budget_progress_is_a_share_capped_at_one_and_a_stop_by_another_is_
     assert trainer.should_stop and budget.train_s == pytest.approx(90.0, abs=1.0)  # the budget's own stop
 
 
-def _fit_boring(callbacks: list, **trainer_args: object):
-    """A real Lightning fit of Lightning's own BoringModel (a linear layer on random data): 4 batches an epoch."""
+def _fit_boring(callbacks: list, batches: int = 4, **trainer_args: object):
+    """A real Lightning fit of Lightning's own BoringModel (a linear layer on random data, SGD with a StepLR
+    schedule): `batches` batches an epoch."""
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     trainer = L.Trainer(callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                        enable_model_summary=False, limit_train_batches=batches, limit_val_batches=1,
                         check_val_every_n_epoch=5, **trainer_args)
     trainer.fit(BoringModel())
     return trainer
@@ -190,13 +191,23 @@ def test_training_progress_is_the_share_of_steps_without_a_budget() -> None:
 def test_a_spent_budget_stops_after_the_step_validates_and_says_when(caplog) -> None:
     import logging
 
+    import warnings
+
     budget = TimeBudget(minutes=1e-7)  # 6 microseconds: spent by the end of the first step
-    with caplog.at_level(logging.INFO, logger="training.callbacks.time_budget"):
+    with caplog.at_level(logging.INFO, logger="training.callbacks.time_budget"), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer = _fit_boring([budget], max_epochs=10)
+    # the budget steps the schedule before the step's optimizer, on purpose: PyTorch's warning is silenced
+    assert not [w for w in caught if "lr_scheduler.step()` before" in str(w.message)]
     assert trainer.global_step == 1 and budget.train_s is not None and budget.train_s > 0
     assert trainer.check_val_every_n_epoch == 1  # the stopping epoch validates although the run said every 5
     assert "time budget spent after 0.25 epochs (1 steps)" in caplog.text
     assert "Time limit reached" not in caplog.text  # Timer's own line (verbose) would say it twice
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training.callbacks.time_budget"):
+        _fit_boring([TimeBudget(minutes=1e-7)], batches=1, max_epochs=10)
+    assert "time budget spent after 1.00 epochs (1 steps)" in caplog.text
 
 
 def test_callbacks_start_empty_and_refuse_settings_they_cannot_follow() -> None:
