@@ -321,6 +321,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "training.callbacks.time_budget.x_training_progress__mutmut_2": (
         "if not total and math.isinf(total):",
         "an infinite total gives step / inf = 0.0 either way; a total of 0 means no batch runs, so nothing asks"),
+    **{"training.callbacks.time_budget.xǁTimeBudgetǁon_train_batch_start__mutmut_" + n: (
+        f'warnings.filterwarnings("ignore", message=r"{text}")',
+        "warnings.filterwarnings matches its message case-insensitively (re.I): the same filter")
+       for n, text in [("10", r"detected call of `lr_scheduler.step\(\)` before"),
+                       ("11", r"DETECTED CALL OF `LR_SCHEDULER.STEP\(\)` BEFORE")]},
     "training.callbacks.time_budget.xǁTimeBudgetǁon_train_batch_start__mutmut_6": (
         'warnings.filterwarnings("ignore", )',
         "only the schedule's step runs inside the filter, and the warning it gives is the one meant"),
