@@ -420,6 +420,10 @@ def run(module: str, jobs: int, budget_s: float | None, names: list[str]) -> int
     """`mutmut run` in the module's folder (its output in run.log there, a progress line a minute
     here); `names`: only those mutants, run again even if they have a result."""
     folder = workdir(module)
+    if names:
+        # mutmut keeps which tests reach each function from its first run; tests added since would be
+        # left out of these mutants' runs (seen): trace them again
+        (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     log = folder / "run.log"
     print(f"==> {module}: mutmut run in {folder.relative_to(REPO)} ({jobs} worker(s)), output in {log.relative_to(REPO)}",
           flush=True)
