@@ -105,25 +105,24 @@ def _saved(tmp_path: Path, **records: object) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("record", [{"temperature": 0}, {"temperature": -1.0}, {"temperature": True},
-                                    {"temperature": "1.5"}, {"nll_after": 0.3}, [1.5], 1.5])
-def test_a_calibration_record_needs_a_positive_temperature(tmp_path: Path, record: object) -> None:
-    folder = _saved(tmp_path, calibration=record)
-    with pytest.raises(ArtifactError, match=rf'^{folder / MANIFEST_FILE}: malformed calibration record '
-                                            r'\(expected a positive "temperature"\)$'):
+_NO_TEMPERATURE = r'malformed calibration record \(expected a positive "temperature"\)'
+_NO_FILE = r'malformed int8 record \(expected an object with a "file"\)'
+
+
+@pytest.mark.parametrize("key,record,problem", [
+    *[("calibration", record, _NO_TEMPERATURE) for record in (
+        {"temperature": 0}, {"temperature": -1.0}, {"temperature": True}, {"temperature": "1.5"}, {"nll_after": 0.3},
+        [1.5], 1.5)],
+    *[("int8", record, _NO_FILE) for record in ("model.int8.onnx", {"agreement_top1": 1.0}, {"file": 3})],
+])
+def test_a_malformed_record_is_named(tmp_path: Path, key: str, record: object, problem: str) -> None:
+    folder = _saved(tmp_path, **{key: record})
+    with pytest.raises(ArtifactError, match=rf"^{folder / MANIFEST_FILE}: {problem}$"):
         ModelArtifact.read(folder)
 
 
 def test_a_small_temperature_is_a_temperature(tmp_path: Path) -> None:
     assert ModelArtifact.read(_saved(tmp_path, calibration={"temperature": 0.5})).temperature == 0.5
-
-
-@pytest.mark.parametrize("record", ["model.int8.onnx", {"agreement_top1": 1.0}, {"file": 3}])
-def test_an_int8_record_needs_a_file_name(tmp_path: Path, record: object) -> None:
-    folder = _saved(tmp_path, int8=record)
-    with pytest.raises(ArtifactError, match=rf'^{folder / MANIFEST_FILE}: malformed int8 record '
-                                            r'\(expected an object with a "file"\)$'):
-        ModelArtifact.read(folder)
 
 
 def test_an_int8_record_needs_its_file_beside_the_manifest(tmp_path: Path) -> None:
