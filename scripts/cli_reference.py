@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import patch
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "cli.md"
@@ -36,16 +37,9 @@ def _commands() -> list[tuple[str, Callable[[list[str]], object]]]:
 def help_text(main: Callable[[list[str]], object]) -> str:
     """What `COMMAND --help` prints, from its entry point in this process."""
     out = io.StringIO()
-    saved = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = WIDTH
-    try:
-        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-            main(["--help"])
-    finally:
-        if saved is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = saved
+    with patch.dict(os.environ, {"COLUMNS": WIDTH}), contextlib.redirect_stdout(out), \
+            contextlib.suppress(SystemExit):
+        main(["--help"])
     return out.getvalue().rstrip() + "\n"
 
 
