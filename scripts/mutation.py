@@ -57,8 +57,13 @@ MODULES: dict[str, list[str]] = {
                             "tests/test_backends.py::test_the_rule_keeps_the_trusted_candidate_unless_ten_percent_faster"],
     # int8: the tiny model quantized in-process; the demo run's export (a subprocess) is left out
     "vit_service/quantize.py": ["tests/test_int8.py", "-k", "guard_rule or tiny"],
-    "training/module.py": ["tests/test_recipe.py"],
-    "training/data.py": ["tests/test_recipe.py", "tests/test_memory_data.py", "tests/test_folder_dataset.py"],
+    # training: the tests that fit, validate, test, predict or resume through the CLI in this process
+    # (run_cli_in_process) or build the data module; their vit-train subprocesses are not followed
+    "training/module.py": ["tests/test_recipe.py", "tests/test_training.py", "tests/test_run_layout.py",
+                           "tests/test_memory_data.py", "tests/test_report.py", "tests/test_cli_promises.py"],
+    "training/data.py": ["tests/test_recipe.py", "tests/test_memory_data.py", "tests/test_folder_dataset.py",
+                         "tests/test_training.py", "tests/test_run_layout.py", "tests/test_shards.py",
+                         "tests/test_cli_promises.py"],
     "training/callbacks/*.py": ["tests/test_short_recipe.py"],
     # vit-export's steps in-process (test_export_steps.py); its whole runs are subprocesses mutmut cannot follow
     "training/export.py": ["tests/test_export_steps.py",
@@ -164,11 +169,11 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     _P + "x__to_rgb__mutmut_80": ('img = Image.fromarray(((arr - lo) / max(hi - lo, 1.000000000001) * 255.0)'
                                   '.astype(np.uint8), "L")', _F32_ONE),
     **{_P + f"x__to_rgb__mutmut_{n}": (f"background = Image.new(\"RGBA\", rgba.size, {rgba})", _CLAMPED)
-       for n, rgba in [(112, (256, 255, 255, 255)), (113, (255, 256, 255, 255)), (114, (255, 255, 256, 255)),
-                       (115, (255, 255, 255, 256))]},
-    _P + "x__to_rgb__mutmut_123": ('return img if (img.mode == "RGB") and False else img.convert("RGB")', _RGB_COPY),
-    _P + "x__to_rgb__mutmut_126": ('return img if img.mode == "XXRGBXX" else img.convert("RGB")', _RGB_COPY),
-    _P + "x__to_rgb__mutmut_127": ('return img if img.mode == "rgb" else img.convert("RGB")', _RGB_COPY),
+       for n, rgba in [(108, (256, 255, 255, 255)), (109, (255, 256, 255, 255)), (110, (255, 255, 256, 255)),
+                       (111, (255, 255, 255, 256))]},
+    _P + "x__to_rgb__mutmut_119": ('return img if (img.mode == "RGB") and False else img.convert("RGB")', _RGB_COPY),
+    _P + "x__to_rgb__mutmut_122": ('return img if img.mode == "XXRGBXX" else img.convert("RGB")', _RGB_COPY),
+    _P + "x__to_rgb__mutmut_123": ('return img if img.mode == "rgb" else img.convert("RGB")', _RGB_COPY),
     _P + "xǁPreprocessingǁgeometry__mutmut_6": ("elif width < height:  # shorter side to `short` (torchvision's "
                                                 "Resize(int) rounding)", _SQUARE),
     _P + "xǁPreprocessingǁgeometry__mutmut_12": ("new_w, new_h = short, max(2, int(short * height / width))", _ONE_PX),
