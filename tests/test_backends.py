@@ -180,6 +180,53 @@ def test_the_rule_keeps_the_trusted_candidate_unless_ten_percent_faster() -> Non
     assert (verdict.backend, verdict.precision) == ("torch", "fp32") and "no candidate" in verdict.reason
 
 
+def test_each_race_stays_within_its_budget_and_rates_to_two_decimals() -> None:
+    """decision.race without a budget given spends RACE_BUDGET_S per comparison (fake clock: a round
+    of both calls costs 1 s, so 2 s is the untimed calls and one timed round); rates are images/s."""
+    from vit_service.backends import decision
+
+    clock = {"t": 0.0}
+    cost = {"torch fp32": 0.3, "openvino fp32": 0.7}  # seconds a call of a 2-image batch
+
+    def call(label):
+        def run(x):
+            clock["t"] += cost[label]
+        return run
+
+    verdict = decision.race({Candidate(*label.split()): call(label) for label in cost},
+                            np.zeros((2, 3, 32, 32), np.uint8), clock=lambda: clock["t"])
+    assert decision.RACE_BUDGET_S == 2.0 and clock["t"] == pytest.approx(2.0)
+    assert verdict.rates_img_s == {"openvino fp32": 2.86, "torch fp32": 6.67}  # 2 / 0.7, 2 / 0.3
+    assert (verdict.backend, verdict.precision, verdict.batch) == ("torch", "fp32", 2)
+    assert verdict.reason == "torch fp32: no candidate measured >= 10% faster"
+
+
+def test_the_decision_key_holds_what_makes_a_verdict_valid() -> None:
+    """The key a kept decision is read back by (and /model_info shows): the CPU and its flags, the
+    model version, the threads (the host's cores when unset), the batch limit, the settings asked
+    for and each runtime's version (`not installed` for a missing package)."""
+    import importlib.metadata
+
+    from vit_service.backends.decision import decision_key
+    from vit_service.host import host_cores
+
+    versions = {"torch": "2.14.1", "openvino": "not installed"}
+    assert decision_key(WITH_BF16, "0123abcd", None, 8, "auto", "bf16", versions) == {
+        "cpu": "AMD EPYC 9B14", "flags": ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"], "model": "0123abcd",
+        "threads": host_cores(), "max_batch_size": 8, "backend": "auto", "precision": "bf16", "runtimes": versions}
+    assert decision_key(AVX2_ONLY, "0123abcd", 3, 8, "auto", "auto", versions)["threads"] == 3
+    assert backends._version("openvino") == importlib.metadata.version("openvino")
+    assert backends._version("no-such-runtime-package") == "not installed"
+
+
+def test_torch_runtime_says_whether_it_compiles(tiny_dir: Path) -> None:
+    """/model_info's `compile` (the torch.compile mode, else false) and `channels_last` (CUDA only)."""
+    eager = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32").describe()
+    assert eager["compile"] is False and eager["channels_last"] is False
+    compiled = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32", compile_mode="reduce-overhead")
+    assert compiled.describe()["compile"] == "reduce-overhead"  # torch.compile is lazy: nothing compiled yet
+
+
 WORKER = """
 import json, sys
 from pathlib import Path
@@ -205,14 +252,17 @@ def test_workers_starting_together_serve_one_decision(tiny_dir: Path) -> None:
         (results[0]["backend"], results[0]["precision"], results[0]["kept"])}
 
 
-def test_the_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch) -> None:
+def test_the_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch, caplog) -> None:
     """VIT_CACHE_DIR, else $XDG_CACHE_HOME/vit-service, else ~/.cache/vit-service; where that cannot be
     made, vit-service-<uid> in the temporary directory; where neither can, an error."""
     import os
     import tempfile
 
-    from vit_service.backends.decision import CACHE_ENV, cache_dir
+    from vit_service.backends.decision import CACHE_ENV, cache_dir, logger
 
+    # caplog's handler on the logger itself: BentoML's logging set-up may stop propagation to the root
+    monkeypatch.setattr(logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(logger, "propagate", False)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "set"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "set" and (tmp_path / "set").is_dir()
@@ -221,13 +271,18 @@ def test_the_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch) -> N
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == tmp_path / "home" / ".cache" / "vit-service"
+    assert not caplog.records
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a-file"))  # cannot be made a folder
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     assert cache_dir() == tmp_path / "tmp" / f"vit-service-{os.getuid()}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cache folder {tmp_path / 'a-file'} cannot be written: using {tmp_path / 'tmp' / f'vit-service-{os.getuid()}'}"]
+    caplog.clear()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a-file"))
     with pytest.raises(OSError, match="no writable cache folder"):
         cache_dir()
+    assert len(caplog.records) == 1  # the configured folder's warning only: the fallback is the last resort
 
 
 # ------------------------------------------------------------------- int8: the guard and the routing
