@@ -289,6 +289,16 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("xǁAuthMiddlewareǁ__init____mutmut_5", "self.on_failure = on_failure or (lambda reason: 0)",
          "the callback's return value is never used"),
     ]},
+    # vit_service/backends/*.py
+    **{"vit_service.backends.decision." + name: (line, why) for name, line, why in [
+        *[(f"x_race__mutmut_{n}", line, "race's first value of `reason` is never read: a candidate that wins sets it, "
+           "and with none winning the last branch does") for n, line in [(7, "reason = None"), (8, 'reason = "XXXX"')]],
+        *[(f"x_kept_or_measured__mutmut_{n}",
+           f"digest = hashlib.sha256(json.dumps(key, {args}).encode()).hexdigest()[:20]",
+           "decision_key builds the key's dict in one fixed order (and its runtimes from REGISTRY's), so the file "
+           "name is the same with or without sorting; the kept key itself is compared as a dict")
+          for n, args in [(6, "sort_keys=None"), (8, ""), (9, "sort_keys=False")]],
+    ]},
     # vit_service/artifact.py
     **{_R + name: (line, why) for name, line, why in [
         ("x_save_safetensors__mutmut_14", "umask = os.umask(1)",
@@ -418,6 +428,11 @@ def workdir(module: str) -> Path:
         f"also_copy = {toml_list(['bench', 'configs', 'docs', 'scripts', 'Makefile', 'README.md'])}",
         "use_setproctitle = false",  # (mutmut's title for each worker; nothing here needs it)
         'process_isolation = "forkserver"',  # workers forked before torch starts its threads
+        # A mutant is a timeout past (tests' recorded seconds + 10) x 4 of wall time (mutmut's default x 15
+        # let a mutant that blocks on the decision's lock hold a worker ~4 min); the 10 s cover fixtures,
+        # whose set-up time mutmut does not record.
+        "timeout_multiplier = 4.0",
+        "timeout_constant = 10.0",
     ]) + "\n"
     path = folder / "pyproject.toml"
     if not path.exists() or path.read_text() != config:

@@ -5,6 +5,7 @@ every worker, /explain on every backend with one torch model, and a real server 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,9 @@ def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> 
     first.warmup(4)
     decision = first.describe()["decision"]
     assert decision["reused"] is False and Path(decision["kept"]).is_file()
+    # docs/serving.md: VIT_CACHE_DIR/decisions/, one file per key (a 20-hex-digit digest of it)
+    assert Path(decision["kept"]).parent == cache / "decisions"
+    assert re.fullmatch(r"[0-9a-f]{20}\.json", Path(decision["kept"]).name)
     assert set(decision["rates_img_s"]) == {"torch fp32", "torch bf16", "openvino fp32", "openvino bf16"}
     assert all(r > 0 for r in decision["rates_img_s"].values()) and len(decision["verdicts"]) == 3
     assert (first.backend, first.precision) == (decision["backend"], decision["precision"])
