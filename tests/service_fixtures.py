@@ -107,6 +107,15 @@ def bentoml_server(bentoml_home: Path, log_path: Path, env: dict[str, str] | Non
 
 # ----------------------------------------------------------------------------------- images
 
+def wait_warm(model, timeout: float = 300) -> None:
+    """Until an InProcessModel's warm-up has finished: a failed warm-up (the model stays unready,
+    `failed` set) fails at once instead of waiting out the timeout for a `warm` that never comes."""
+    deadline = time.monotonic() + timeout
+    while not model.warm.wait(0.05) and not model.failed and time.monotonic() < deadline:
+        pass
+    assert model.warm.is_set(), "the warm-up failed (its traceback is in the log)" if model.failed else "no warm-up"
+
+
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)

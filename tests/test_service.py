@@ -27,7 +27,7 @@ from PIL import Image
 
 from service_fixtures import (BIN, CLASS_NAMES, REPO, assert_matches, bentoml_server, check_predictions, classify, classify_all_at_once, encode,
                               metric_value, picture, png_header_only, read_http_response, unusual_images, batch_histogram,
-                              poll)
+                              poll, wait_warm)
 from service_fixtures import reference, store  # noqa: F401  (session fixtures, shared by tests/test_service*.py)
 from vit_service.preprocessing import decode_image
 
@@ -565,7 +565,7 @@ def services(store):
     try:
         front = service.ViTClassifier()
         assert isinstance(front.model, InProcessModel)
-        assert front.model.warm.wait(timeout=300), "warm-up did not finish"
+        wait_warm(front.model)
         yield front
     finally:
         service.SETTINGS = saved

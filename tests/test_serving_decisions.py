@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from service_fixtures import wait_warm
 from vit_service.serving.batcher import AdaptiveBatcher
 
 
@@ -96,7 +97,7 @@ def _in_process_model(model_dir: Path, env: dict[str, str]):
 
     settings = Settings.from_env({"VIT_DEVICE": "cpu", "VIT_PRECISION": "fp32", **env})
     model = InProcessModel(settings, str(model_dir), "tiny:test")
-    assert model.warm.wait(timeout=300)
+    wait_warm(model)
     return model
 
 
