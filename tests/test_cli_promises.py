@@ -65,17 +65,16 @@ def test_validate_reproduces_the_recorded_val_metrics(trained_run: Path, demo_da
     assert _column(rows, "val/loss") == [pytest.approx(recorded["val_loss"], abs=1e-5)]
 
 
-@pytest.mark.slow  # CLI runs (~35 s)
 def test_test_needs_and_uses_test_dir(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:
     last = trained_run / "checkpoints/last.ckpt"
     config = demo_config(tmp_path, demo_data)
-    missing = run_cli("vit-train", "test", "--config", str(config), "--ckpt_path", str(last))
+    missing = run_cli_in_process("vit-train", "test", "--config", str(config), "--ckpt_path", str(last))
     assert missing.returncode == 2
     assert "needs --data.test_dir" in missing.stderr and "Traceback" not in missing.stderr
 
     # The val folder as the test set: the test metrics must be the recorded val metrics.
-    result = run_cli("vit-train", "test", "--config", str(config), "--ckpt_path", str(last),
-                     "--data.test_dir", str(demo_data / "val"))
+    result = run_cli_in_process("vit-train", "test", "--config", str(config), "--ckpt_path", str(last),
+                                "--data.test_dir", str(demo_data / "val"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _metrics(tmp_path)
     recorded = _recorded(last)
