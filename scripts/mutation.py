@@ -18,6 +18,7 @@ import argparse
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -462,6 +463,8 @@ def run(module: str, jobs: int, budget_s: float | None, names: list[str]) -> int
         # mutmut keeps which tests reach each function from its first run; tests added since would be
         # left out of these mutants' runs (seen): trace them again
         (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    # the session fixtures shared by every mutant's run (tests/conftest.py's built_once): built afresh
+    shutil.rmtree(folder / "mutants" / ".built", ignore_errors=True)
     log = folder / "run.log"
     print(f"==> {module}: mutmut run in {folder.relative_to(REPO)} ({jobs} worker(s)), output in {log.relative_to(REPO)}",
           flush=True)

@@ -130,8 +130,8 @@ def demo_config(run_dir: Path, demo_root: Path, callbacks: list[dict] | None = N
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """A temporary folder `name` that `build(folder)` fills once per test session, shared by the
-    pytest-xdist workers: the first worker to ask builds it while another that asks waits (it
+    """A temporary folder `name` that `build(folder)` fills once per test session (once per mutation
+    run under mutmut), shared by the pytest-xdist workers: the first worker to ask builds it while another that asks waits (it
     would otherwise build the same thing itself), then both read it. A failed build leaves no
     mark, so the next worker to ask tries again. Only for what tests read and never change."""
     import fcntl
@@ -140,6 +140,12 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # this session's folder, above each worker's popen-gwN
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        # mutmut runs one pytest session per mutant: shared across them all instead (scripts/mutation.py
+        # empties it at each run's start). The builds are the real code's: the demo data, and vit-train
+        # in a subprocess, which imports the installed package, never mutmut's mutated copy.
+        base = Path.cwd() / ".built"
+        base.mkdir(exist_ok=True)
     folder, done = base / name, base / f"{name}.done"
     with open(base / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
