@@ -212,3 +212,45 @@ def test_warmup_cosine_schedule() -> None:
     assert values[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert values[110] == pytest.approx(0.01)
+
+
+def _tiny_module(num_classes: int) -> ViTClassifier:
+    return ViTClassifier("vit_demo_patch8_64", num_classes=num_classes, image_size=32,
+                         model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
+
+
+@pytest.mark.parametrize("num_classes, k", [(7, 5), (3, 3)])
+def test_predict_step_gives_the_top_k_of_the_softmax_for_any_batch(num_classes: int, k: int) -> None:
+    """`trainer.predict` hands predict_step (images, ...) pairs from vit-train's loader, or the plain
+    image tensors of a user's own loader: either way the top min(5, K) of each image's softmax,
+    whatever the batch size (2 here)."""
+    module = _tiny_module(num_classes).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        probs = module(x).softmax(-1)  # (2, K)
+        for batch in (x, [x, torch.tensor([0, 1])]):
+            out = module.predict_step(batch, 0)
+            assert out["indices"].shape == out["scores"].shape == (2, k)
+            expected = probs.sort(dim=-1, descending=True)
+            torch.testing.assert_close(out["scores"], expected.values[:, :k])
+            assert out["indices"].tolist() == expected.indices[:, :k].tolist()
+
+
+def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
+    """ViTClassifier is a plain LightningModule: a user's DataModule (no `num_skipped_files`, the
+    folder module's count of unreadable files) trains it; that count is logged only where it exists."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tensors(L.LightningDataModule):
+        batch_size = 4
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 3), batch_size=4)
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(_tiny_module(3), datamodule=Tensors())
+    assert trainer.global_step == 2 and "data/skipped_files" not in trainer.callback_metrics
+    # the LR scales with its `batch_size`, as with --data.batch_size: 5e-4 x 4 / 512 (the defaults)
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(5e-4 * 4 / 512)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, Timer
+from lightning.pytorch.utilities.parsing import lightning_getattr
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -200,8 +201,9 @@ class ViTClassifier(L.LightningModule):
         return timer if isinstance(timer, TimeBudget) else None
 
     def _global_batch_size(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_device = dm.hparams.batch_size if dm is not None else 1
+        # The per-device batch where Lightning's batch-size finder looks for it: a data module's
+        # `batch_size` hyper-parameter (ours: --data.batch_size) or attribute (a user's own module).
+        per_device = lightning_getattr(self, "batch_size") if self.trainer.datamodule is not None else 1
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     # The architecture, training time and last validation scores travel in the checkpoint.
