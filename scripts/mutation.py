@@ -303,6 +303,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
            "name is the same with or without sorting; the kept key itself is compared as a dict")
           for n, args in [(6, "sort_keys=None"), (8, ""), (9, "sort_keys=False")]],
     ]},
+    # training/module.py
+    **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
+        ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),
+        ("predict_step__mutmut_14", "scores, indices = probs.topk(min(5, probs.shape[-1]), )", "topk's default dimension is -1"),
+        ("predict_step__mutmut_20", "scores, indices = probs.topk(min(5, probs.shape[+1]), dim=-1)", _LOGITS_2D),
+        ("predict_step__mutmut_22", "scores, indices = probs.topk(min(5, probs.shape[-1]), dim=+1)", _LOGITS_2D),
+        ("on_train_epoch_end__mutmut_6", 'dm = getattr(self.trainer, "datamodule", )',
+         "a Trainer always has a `datamodule` attribute (None without one): the default is never used"),
+        *[(f"on_train_epoch_end__mutmut_{n}", f'self.log("data/skipped_files", float(dm.num_skipped_files()), {args})',
+           "rank_zero_only only matters with several processes, whose logger writes on rank 0 either way "
+           "(test_ddp.py's ranks are subprocesses mutmut does not follow)") for n, args in [(19, "rank_zero_only=None"),
+                                                                                           (22, "")]],
+    ]},
     # vit_service/artifact.py
     **{_R + name: (line, why) for name, line, why in [
         ("x_save_safetensors__mutmut_14", "umask = os.umask(1)",

@@ -36,6 +36,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))
 
 
+# mutmut's stats run (MUTANT_UNDER_TEST=stats) records, per test, the functions reached between its
+# start and its end, so a module or session fixture's set-up is credited to the first test that asks
+# for it only: the other tests reading plain_run (test_recipe.py) were never run against a mutant of
+# what the fit called (seen: an LR doubled by a mutant, which test_lr_scales_with_the_global_batch
+# catches, "survived"). These two hooks credit it to every test that uses the fixture.
+_REACHED_BY_FIXTURE: dict[str, set[str]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats" or fixturedef.scope == "function":
+        yield
+        return
+    from mutmut.state import state
+
+    before, state()._stats = state()._stats, set()
+    try:
+        yield
+    finally:
+        reached = state()._stats
+        state()._stats = before | reached
+        _REACHED_BY_FIXTURE.setdefault(fixturedef.argname, set()).update(reached)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        from mutmut.state import state
+
+        for name in getattr(item, "fixturenames", ()):
+            state()._stats |= _REACHED_BY_FIXTURE.get(name, set())
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Runs one of the project's console scripts (vit-train, vit-data, vit-export) for real."""
