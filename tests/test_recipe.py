@@ -58,10 +58,13 @@ def plain_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 @pytest.fixture(scope="module")
 def recipe_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """The fine-tuning extras: Mixup/CutMix, RandAugment, random erasing, layer decay, grad checkpointing."""
+    """The fine-tuning extras: Mixup/CutMix, RandAugment, random erasing, layer decay, grad checkpointing,
+    another weight decay and AdamW's betas."""
     return _fit(
         tmp_path_factory.mktemp("recipe"), demo_data,
-        "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--model.layer_decay", "0.75",
+        "--model.mixup_alpha", "0.8", "--model.cutmix_alpha", "1.0", "--model.layer_decay", "0.65",
+        # neither timm's defaults nor the demo's (layer decay 0.75, weight decay 0.05, AdamW's betas): each is seen passed
+        "--model.weight_decay", "0.03", "--model.betas", "[0.8, 0.99]",
         "--model.grad_checkpointing", "true", "--data.auto_augment", "rand-m9-mstd0.5-inc1",
         "--data.re_prob", "0.25",
         max_epochs=1, limit_train_batches=2,
@@ -102,17 +105,19 @@ def test_layer_decay_gives_each_block_its_own_lr(recipe_run: Run) -> None:
     lr = {name: g["lr"] for name, g in recipe_run.probe.param_groups.items()}
     depth = len(recipe_run.module.model.blocks)
     for i in range(1, depth):
-        assert lr[f"blocks.{i - 1}.attn.qkv.weight"] == pytest.approx(0.75 * lr[f"blocks.{i}.attn.qkv.weight"])
-    assert lr["patch_embed.proj.weight"] == pytest.approx(0.75 * lr["blocks.0.attn.qkv.weight"])
+        assert lr[f"blocks.{i - 1}.attn.qkv.weight"] == pytest.approx(0.65 * lr[f"blocks.{i}.attn.qkv.weight"])
+    assert lr["patch_embed.proj.weight"] == pytest.approx(0.65 * lr["blocks.0.attn.qkv.weight"])
     assert lr["pos_embed"] == lr["cls_token"] == lr["patch_embed.proj.weight"]
     # The head learns fastest, at the undecayed LR of the first warmup step (2 steps in all, so
     # 1 warmup step: 1/2).
     assert lr["head.weight"] == max(lr.values())
     assert lr["head.weight"] == pytest.approx(PEAK_LR / 2, rel=1e-6)
-    assert lr[f"blocks.{depth - 1}.mlp.fc1.weight"] == pytest.approx(0.75 * lr["head.weight"])
-    # Layer decay keeps the weight-decay exclusions.
-    assert recipe_run.probe.param_groups["blocks.1.norm2.weight"]["weight_decay"] == 0.0
-    assert recipe_run.probe.param_groups["blocks.1.mlp.fc2.weight"]["weight_decay"] == 0.05
+    assert lr[f"blocks.{depth - 1}.mlp.fc1.weight"] == pytest.approx(0.65 * lr["head.weight"])
+    # Layer decay keeps the weight-decay exclusions (pos_embed and cls_token too) and --model.weight_decay.
+    groups = recipe_run.probe.param_groups
+    assert [groups[n]["weight_decay"] for n in ("blocks.1.norm2.weight", "pos_embed", "cls_token", "head.bias")] == [0.0] * 4
+    assert groups["blocks.1.mlp.fc2.weight"]["weight_decay"] == groups["head.weight"]["weight_decay"] == 0.03
+    assert {tuple(g["betas"]) for g in recipe_run.cli.trainer.optimizers[0].param_groups} == {(0.8, 0.99)}
 
 
 # --- loss: label smoothing, Mixup/CutMix soft targets --------------------------------------
