@@ -60,11 +60,8 @@ MODULES: dict[str, list[str]] = {
     "vit_service/quantize.py": ["tests/test_int8.py", "-k", "guard_rule or tiny"],
     # training: the tests that fit, validate, test, predict or resume through the CLI in this process
     # (run_cli_in_process) or build the data module; their vit-train subprocesses are not followed
-    # (load_from_checkpoint of a run trained by a subprocess fails in mutmut's copy, unmutated: the trampoline
-    # in place of ViTClassifier.__init__ hides its arguments from save_hyperparameters; those 3 tests left out)
     "training/module.py": ["tests/test_recipe.py", "tests/test_training.py", "tests/test_run_layout.py",
-                           "tests/test_memory_data.py", "tests/test_report.py", "tests/test_cli_promises.py", "-k",
-                           "not export_round_trip and not writes_the_evaluation_report and not export_dir_writes"],
+                           "tests/test_memory_data.py", "tests/test_report.py", "tests/test_cli_promises.py"],
     "training/data.py": ["tests/test_recipe.py", "tests/test_memory_data.py", "tests/test_folder_dataset.py",
                          "tests/test_training.py", "tests/test_run_layout.py", "tests/test_shards.py",
                          "tests/test_cli_promises.py"],
