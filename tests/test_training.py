@@ -236,9 +236,10 @@ def test_predict_step_gives_the_top_k_of_the_softmax_for_any_batch(num_classes: 
             assert out["indices"].tolist() == expected.indices[:, :k].tolist()
 
 
-def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
-    """ViTClassifier is a plain LightningModule: a user's DataModule (no `num_skipped_files`, the
-    folder module's count of unreadable files) trains it; that count is logged only where it exists."""
+def _fit_on_tensors(module: ViTClassifier, images: int, root: Path):
+    """A fit of one epoch on `images` random 32 px images in batches of 4, through a DataModule of a
+    user's own (a `batch_size` attribute, no `num_skipped_files`); returns the trainer and the LR of
+    each step."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -246,11 +247,47 @@ def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
         batch_size = 4
 
         def train_dataloader(self) -> DataLoader:
-            return DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 3), batch_size=4)
+            data = TensorDataset(torch.randn(images, 3, 32, 32), torch.arange(images) % 3)
+            return DataLoader(data, batch_size=self.batch_size)
 
+    class StepLRs(L.Callback):
+        seen: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    lrs = StepLRs()
+    lrs.seen = []
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(_tiny_module(3), datamodule=Tensors())
+                        enable_model_summary=False, default_root_dir=root, callbacks=[lrs])
+    trainer.fit(module, datamodule=Tensors())
+    return trainer, lrs.seen
+
+
+def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
+    """ViTClassifier is a plain LightningModule: a user's DataModule trains it; the count of
+    unreadable files (the folder module's) is logged only where it exists; the checkpoint carries the
+    resolved architecture and the run's figures."""
+    from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY
+
+    module = _tiny_module(3)
+    trainer, _ = _fit_on_tensors(module, 8, tmp_path)
     assert trainer.global_step == 2 and "data/skipped_files" not in trainer.callback_metrics
     # the LR scales with its `batch_size`, as with --data.batch_size: 5e-4 x 4 / 512 (the defaults)
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(5e-4 * 4 / 512)
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    ckpt = torch.load(tmp_path / "x.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt[CHECKPOINT_CONFIG_KEY] == module.model.config.to_dict()
+    assert ckpt["vit_service"]["epoch"] == 1 and ckpt["vit_service"]["global_step"] == 2
+    assert ckpt["vit_service"]["val_images_total"] is None  # no validation loader
+    assert ckpt["vit_service"]["train_time_s"] >= 0
+
+
+@pytest.mark.parametrize("images, factors", [(8, [0.5, 1.0]), (4, [1.0])])
+def test_warmup_fits_the_run_however_short(images: int, factors: list[float], tmp_path: Path) -> None:
+    """warmup_epochs 0.5 of a 2-step epoch is 1 step: the first step at 1/2 of the peak (warmup from
+    1/(warmup steps + 1)), then the peak. A 1-step run has no room to warm up: its step is the peak."""
+    module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, lr=1e-3, lr_base_batch_size=4,
+                           warmup_epochs=0.5, model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    _, lrs = _fit_on_tensors(module, images, tmp_path)
+    assert lrs == pytest.approx([1e-3 * f for f in factors], rel=1e-9)
