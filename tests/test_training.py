@@ -237,9 +237,9 @@ def test_predict_step_gives_the_top_k_of_the_softmax_for_any_batch(num_classes: 
 
 
 def _fit_on_tensors(module: ViTClassifier, images: int, root: Path):
-    """A fit of one epoch on `images` random 32 px images in batches of 4, through a DataModule of a
-    user's own (a `batch_size` attribute, no `num_skipped_files`); returns the trainer and the LR of
-    each step."""
+    """A fit of one epoch on `images` random 32 px images in batches of 4 (6 to validate), through a
+    DataModule of a user's own (a `batch_size` attribute, no `num_skipped_files`); returns the
+    trainer and the LR of each step."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -249,6 +249,9 @@ def _fit_on_tensors(module: ViTClassifier, images: int, root: Path):
         def train_dataloader(self) -> DataLoader:
             data = TensorDataset(torch.randn(images, 3, 32, 32), torch.arange(images) % 3)
             return DataLoader(data, batch_size=self.batch_size)
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.randn(6, 3, 32, 32), torch.arange(6) % 3), batch_size=4)
 
     class StepLRs(L.Callback):
         seen: list[float] = []
@@ -278,9 +281,11 @@ def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     ckpt = torch.load(tmp_path / "x.ckpt", map_location="cpu", weights_only=False)
     assert ckpt[CHECKPOINT_CONFIG_KEY] == module.model.config.to_dict()
-    assert ckpt["vit_service"]["epoch"] == 1 and ckpt["vit_service"]["global_step"] == 2
-    assert ckpt["vit_service"]["val_images_total"] is None  # no validation loader
-    assert ckpt["vit_service"]["train_time_s"] >= 0
+    figures = ckpt["vit_service"]
+    assert (figures["epoch"], figures["global_step"], figures["val_images_total"]) == (1, 2, 6)
+    assert isinstance(figures["train_time_s"], float) and figures["train_time_s"] == round(figures["train_time_s"], 1)
+    assert {"val_loss", "val_acc1", "val_acc5", "val_balanced_acc1", "val_images"} <= figures.keys()
+    assert figures["val_images"] == 6.0 and 0 <= figures["val_acc1"] <= 1
 
 
 @pytest.mark.parametrize("images, factors", [(8, [0.5, 1.0]), (4, [1.0])])
