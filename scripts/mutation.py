@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--budget", type=float, default=None, help="seconds per module, then stop (resumable)")
     parser.add_argument("--survivors", action="store_true",
-                        help="run only the module's surviving mutants again (after adding tests)")
+                        help="run the module's surviving mutants again, the listed equivalent ones left out (after adding tests)")
     parser.add_argument("--mutants", nargs="+", default=[], metavar="NAME",
                         help="run these mutants again (names or globs, as `report` lists them)")
     args = parser.parse_args(argv)
@@ -609,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     codes = []
     for module in modules:
-        names = [n for n, s in results(module).items() if s == "survived"] if args.survivors else []
+        # (the listed equivalent ones are left out: run them by name with --mutants)
+        names = ([n for n, s in results(module).items() if s == "survived" and n not in EQUIVALENT]
+                 if args.survivors else [])
         names += args.mutants
         if args.survivors and not names:
             print(f"==> {module}: no survivors to run again")
