@@ -314,7 +314,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         *[(f"on_train_epoch_end__mutmut_{n}", f'self.log("data/skipped_files", float(dm.num_skipped_files()), {args})',
            "rank_zero_only only matters with several processes, whose logger writes on rank 0 either way "
            "(test_ddp.py's ranks are subprocesses mutmut does not follow)") for n, args in [(19, "rank_zero_only=None"),
-                                                                                           (22, "")]],
+                                                                                           (22, ""),
+                                                                                           (26, "rank_zero_only=False")]],
+        ("configure_optimizers__mutmut_39", "optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))",
+         "every parameter group carries its own lr (set just above): AdamW's default lr is never used"),
     ]},
     # vit_service/artifact.py
     **{_R + name: (line, why) for name, line, why in [
