@@ -203,6 +203,8 @@ def test_each_race_stays_within_its_budget_and_rates_to_two_decimals() -> None:
     assert verdict.rates_img_s == {"openvino fp32": 2.86, "torch fp32": 6.67}  # 2 / 0.7, 2 / 0.3
     assert (verdict.backend, verdict.precision, verdict.batch) == ("torch", "fp32", 2)
     assert verdict.reason == "torch fp32: no candidate measured >= 10% faster"
+    alone = decision.race({Candidate("torch", "fp32"): call("torch fp32")}, np.zeros((2, 3, 32, 32), np.uint8))
+    assert (alone.reason, alone.rates_img_s, alone.verdicts) == ("torch fp32: the only candidate", {}, [])
 
 
 def test_the_decision_key_holds_what_makes_a_verdict_valid() -> None:
