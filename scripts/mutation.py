@@ -299,6 +299,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
            "decision_key builds the key's dict in one fixed order (and its runtimes from REGISTRY's), so the file "
            "name is the same with or without sorting; the kept key itself is compared as a dict")
           for n, args in [(6, "sort_keys=None"), (8, ""), (9, "sort_keys=False")]],
+        *[(f"x_kept_or_measured__mutmut_{n}", f"tmp.write_text(json.dumps(decision.to_dict(), {args}))",
+           "only the kept file's whitespace changes: json.loads reads the same decision")
+          for n, args in [(54, "indent=None"), (56, ""), (57, "indent=2")]],
     ]},
     # training/module.py
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [

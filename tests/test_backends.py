@@ -159,6 +159,36 @@ def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> 
     assert limit.describe()["decision"]["reused"] is False
 
 
+def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path) -> None:
+    """measured_at is UTC with a Z, whatever the host's time zone (here +05:30); a later start reads
+    the same file and says so (`kept`, `reused`), without measuring."""
+    import os
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    from vit_service.backends.decision import Decision, kept_or_measured
+
+    def never(*args):
+        raise AssertionError("measured again although a decision is kept")
+
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Kolkata"
+    time.tzset()
+    try:
+        made = kept_or_measured({"cpu": "x"}, [], lambda c, b: Decision("torch", "fp32", "why"), 4, tmp_path)
+        read = kept_or_measured({"cpu": "x"}, [], never, 4, tmp_path)
+    finally:
+        if saved is None:
+            os.environ.pop("TZ")
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+    at = datetime.strptime(made.measured_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert abs(datetime.now(timezone.utc) - at) < timedelta(minutes=5)
+    assert (read.reused, read.kept, read.measured_at) == (True, made.kept, made.measured_at)
+    assert made.reused is False and made.kept == str(tmp_path / "decisions" / Path(made.kept).name)
+
+
 def test_the_rule_keeps_the_trusted_candidate_unless_ten_percent_faster() -> None:
     """decision.race with fake clocks: a candidate replaces the best only at >= 10% less time."""
     from vit_service.backends import decision
