@@ -5,6 +5,7 @@ every worker, /explain on every backend with one torch model, and a real server 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -159,14 +160,14 @@ def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> 
     assert limit.describe()["decision"]["reused"] is False
 
 
-def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path) -> None:
+def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path, monkeypatch, caplog) -> None:
     """measured_at is UTC with a Z, whatever the host's time zone (here +05:30); a later start reads
     the same file and says so (`kept`, `reused`), without measuring."""
     import os
     import time
     from datetime import datetime, timedelta, timezone
 
-    from vit_service.backends.decision import Decision, kept_or_measured
+    from vit_service.backends.decision import Decision, kept_or_measured, logger
 
     def never(*args):
         raise AssertionError("measured again although a decision is kept")
@@ -174,19 +175,34 @@ def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path) -> Non
     saved = os.environ.get("TZ")
     os.environ["TZ"] = "Asia/Kolkata"
     time.tzset()
+    monkeypatch.setattr(logger, "handlers", [caplog.handler])  # as in the cache folder's test
+    monkeypatch.setattr(logger, "propagate", False)
     try:
-        made = kept_or_measured({"cpu": "x"}, [], lambda c, b: Decision("torch", "fp32", "why"), 4, tmp_path)
-        read = kept_or_measured({"cpu": "x"}, [], never, 4, tmp_path)
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            made = kept_or_measured({"cpu": "x"}, [], lambda c, b: Decision("torch", "fp32", "why"), 4, tmp_path)
+            read = kept_or_measured({"cpu": "x"}, [], never, 4, tmp_path)
     finally:
         if saved is None:
             os.environ.pop("TZ")
         else:
             os.environ["TZ"] = saved
         time.tzset()
+    # the server's log says where the verdict went, once: the later start only reads it
+    assert [r.getMessage() for r in caplog.records] == [f"backend decision for this host kept in {made.kept}: "
+                                                        "torch fp32 (why)"]
     at = datetime.strptime(made.measured_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     assert abs(datetime.now(timezone.utc) - at) < timedelta(minutes=5)
     assert (read.reused, read.kept, read.measured_at) == (True, made.kept, made.measured_at)
     assert made.reused is False and made.kept == str(tmp_path / "decisions" / Path(made.kept).name)
+
+
+def test_warm_up_runs_the_batch_sizes_the_server_sees_first() -> None:
+    """1 and 2 images (the first requests) and the batch size limit: no request pays for them."""
+    from vit_service.backends.base import warm_up
+
+    seen = []
+    warm_up(lambda x: seen.append(x.shape), (3, 32, 32), 8)
+    assert seen == [(1, 3, 32, 32), (2, 3, 32, 32), (8, 3, 32, 32)]
 
 
 def test_the_rule_keeps_the_trusted_candidate_unless_ten_percent_faster() -> None:
