@@ -303,6 +303,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
            "only the kept file's whitespace changes: json.loads reads the same decision")
           for n, args in [(54, "indent=None"), (56, ""), (57, "indent=2")]],
     ]},
+    **{"vit_service.backends.base.xǁPredictorǁwarmup__mutmut_" + n: (line, _CPU + " (the CUDA synchronisation)")
+       for n, line in [("12", 'if self.device.type == "XXcudaXX":'), ("13", 'if self.device.type == "CUDA":'),
+                       ("14", "torch.cuda.synchronize(None)")]},
     # training/module.py
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
         ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),

@@ -9,6 +9,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -164,7 +165,6 @@ def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path, monkey
     """measured_at is UTC with a Z, whatever the host's time zone (here +05:30); a later start reads
     the same file and says so (`kept`, `reused`), without measuring."""
     import os
-    import time
     from datetime import datetime, timedelta, timezone
 
     from vit_service.backends.decision import Decision, kept_or_measured, logger
@@ -194,6 +194,28 @@ def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path, monkey
     assert abs(datetime.now(timezone.utc) - at) < timedelta(minutes=5)
     assert (read.reused, read.kept, read.measured_at) == (True, made.kept, made.measured_at)
     assert made.reused is False and made.kept == str(tmp_path / "decisions" / Path(made.kept).name)
+
+
+@pytest.mark.parametrize("precision, hint", [("fp32", "f32"), ("bf16", "bf16")])
+def test_model_info_of_each_runtime(tiny_dir: Path, precision: str, hint: str) -> None:
+    """What /model_info's "serving" says: backend, device and precision, then the runtime's own
+    fields; before `auto` has chosen, no runtime's fields (and no error)."""
+    import openvino as ov
+
+    common = {"device": "cpu", "scores": "raw (the model has no calibration)", "calibration": None}
+    torch_fp32 = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32")
+    assert torch_fp32.describe() == {"backend": "torch", "precision": "fp32", "compile": False, "channels_last": False,
+                                     **common}
+    openvino = load_backend(tiny_dir, backend="openvino", precision=precision, cache=tiny_dir.parent / "cache")
+    assert openvino.describe() == {"backend": "openvino", "precision": precision, **common,
+                                   "openvino": ov.get_version().split("-")[0], "openvino_threads": None,
+                                   "inference_precision": hint}
+    assert openvino.describe()["openvino"].count(".") == 2  # "2026.4.1", without the build's suffix
+    undecided = load_backend(tiny_dir, cpu=AVX2_ONLY, cache=tiny_dir.parent / "cache")
+    assert undecided.describe() == {"backend": "not chosen yet", "precision": "not chosen yet", **common}
+    before = time.perf_counter()
+    seconds = undecided.warmup(2)
+    assert 0 < seconds <= time.perf_counter() - before  # what warm-up took, as the log line says
 
 
 def test_warm_up_runs_the_batch_sizes_the_server_sees_first() -> None:
