@@ -306,6 +306,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     **{"vit_service.backends.base.xǁPredictorǁwarmup__mutmut_" + n: (line, _CPU + " (the CUDA synchronisation)")
        for n, line in [("12", 'if self.device.type == "XXcudaXX":'), ("13", 'if self.device.type == "CUDA":'),
                        ("14", "torch.cuda.synchronize(None)")]},
+    "vit_service.backends.openvino_runtime.xǁOpenVINORuntimeǁforward__mutmut_2": (
+        "self.request.infer({0: pixels.numpy()}, share_inputs=None)",
+        "share_inputs only spares OpenVINO a copy of the input batch: the same outputs (a speed choice)"),
     # training/module.py
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
         ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),
