@@ -306,9 +306,21 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     **{"vit_service.backends.base.xǁPredictorǁwarmup__mutmut_" + n: (line, _CPU + " (the CUDA synchronisation)")
        for n, line in [("12", 'if self.device.type == "XXcudaXX":'), ("13", 'if self.device.type == "CUDA":'),
                        ("14", "torch.cuda.synchronize(None)")]},
-    "vit_service.backends.openvino_runtime.xǁOpenVINORuntimeǁforward__mutmut_2": (
-        "self.request.infer({0: pixels.numpy()}, share_inputs=None)",
-        "share_inputs only spares OpenVINO a copy of the input batch: the same outputs (a speed choice)"),
+    **{"vit_service.backends.openvino_runtime.xǁOpenVINORuntimeǁforward__mutmut_" + n: (
+        f"self.request.infer({{0: pixels.numpy()}}, {args})",
+        "share_inputs only spares OpenVINO a copy of the input batch: the same outputs (a speed choice)")
+       for n, args in [("2", "share_inputs=None"), ("4", ""), ("6", "share_inputs=False")]},
+    **{"vit_service.backends.openvino_runtime.x_convert__mutmut_" + n: (line, why) for n, line, why in [
+        ("16", "return ov.convert_model(model.eval(), example_input=torch.zeros(3, 3, S, S),",
+         "the example input only traces the network; the batch axis is dynamic either way"),
+        ("4", "input=None)", "without `input` ov.convert_model leaves every axis dynamic: the same outputs at the "
+         "one image size served (checked at batch 12 against torch)"),
+        ("7", ")", "without `input` ov.convert_model leaves every axis dynamic: the same outputs at the one image "
+         "size served (checked at batch 12 against torch)"),
+    ]},
+    "vit_service.backends.base.x__writable__mutmut_1": (
+        "return a if (a.flags.writeable) and False else np.array(a)",
+        "a copy of a writable array holds the same values: only the copy's cost differs"),
     # training/module.py
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
         ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),

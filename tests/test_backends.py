@@ -218,6 +218,20 @@ def test_model_info_of_each_runtime(tiny_dir: Path, precision: str, hint: str) -
     assert 0 < seconds <= time.perf_counter() - before  # what warm-up took, as the log line says
 
 
+def test_a_read_only_batch_is_served_without_a_warning(tiny_dir: Path) -> None:
+    """Batches unpickled from another process's buffer are read-only: the predictor copies them
+    rather than handing torch memory it may not write (torch warns, and sharing it is undefined)."""
+    import warnings
+
+    predictor = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32")
+    x = jpeg_batch(2)
+    expected = predictor.predict_proba(x)
+    x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert predictor.predict_proba(x).tobytes() == expected.tobytes()
+
+
 def test_warm_up_runs_the_batch_sizes_the_server_sees_first() -> None:
     """1 and 2 images (the first requests) and the batch size limit: no request pays for them."""
     from vit_service.backends.base import warm_up
