@@ -321,6 +321,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "vit_service.backends.base.x__writable__mutmut_1": (
         "return a if (a.flags.writeable) and False else np.array(a)",
         "a copy of a writable array holds the same values: only the copy's cost differs"),
+    **{"vit_service.backends.torch_runtime.xǁTorchRuntimeǁ__init____mutmut_" + n: (line, why) for n, line, why in [
+        ("1", 'def __init__(self, source: ModelSource, precision: str = "XXautoXX", threads: int | None = None,',
+         "load_backend always passes the precision: the default is never used"),
+        ("2", 'def __init__(self, source: ModelSource, precision: str = "AUTO", threads: int | None = None,',
+         "load_backend always passes the precision: the default is never used"),
+        ("22", "torch.backends.cuda.matmul.allow_tf32 = False", _CPU + " (TF32 matmuls)"),
+    ]},
     # training/module.py
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
         ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),

@@ -313,6 +313,7 @@ def test_torch_runtime_says_whether_it_compiles(tiny_dir: Path) -> None:
     assert eager["compile"] is False and eager["channels_last"] is False
     compiled = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32", compile_mode="reduce-overhead")
     assert compiled.describe()["compile"] == "reduce-overhead"  # torch.compile is lazy: nothing compiled yet
+    assert compiled.runtime.forward_fn._orig_mod is compiled.runtime.model  # the forward goes through it
 
 
 WORKER = """
