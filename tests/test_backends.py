@@ -232,7 +232,8 @@ def test_a_read_only_batch_is_served_without_a_warning(tiny_dir: Path) -> None:
         assert predictor.predict_proba(x).tobytes() == expected.tobytes()
 
 
-def test_warm_up_runs_the_batch_sizes_the_server_sees_first() -> None:
+# (no "server" in its name: scripts/mutation.py's selection for the backends leaves such tests out)
+def test_warm_up_runs_the_first_batch_sizes_and_the_limit() -> None:
     """1 and 2 images (the first requests) and the batch size limit: no request pays for them."""
     from vit_service.backends.base import warm_up
 
@@ -402,6 +403,15 @@ def test_int8_serves_on_openvino_only_where_the_guard_passes(tmp_path: Path, mon
                                        "images": 200}
     fp32 = load_backend(good, backend="torch", precision="fp32", device="cpu")
     assert "int8" not in fp32.describe()
+    # /model_info's calibration figures are the int8 model's own where the export measured them
+    manifest = json.loads((good / "vit_artifact.json").read_text())
+    manifest["calibration"] = {"temperature": 1.0, "ece_before": 0.1, "ece_after": 0.05,
+                               "int8": {"ece_before": 0.2, "ece_after": 0.07}}
+    (good / "vit_artifact.json").write_text(json.dumps(manifest))
+    described = {p: load_backend(good, backend="openvino", precision=p, cache=cache).describe()["calibration"]
+                 for p in ("int8", "fp32")}
+    assert described == {"int8": {"temperature": 1.0, "ece_before": 0.2, "ece_after": 0.07},
+                         "fp32": {"temperature": 1.0, "ece_before": 0.1, "ece_after": 0.05}}
     x = jpeg_batch(4)
     # the stand-in is the fp32 network; as int8 it runs what is left in float in bf16 where the CPU has it
     served, expected = int8.predict_proba(x), fp32.predict_proba(x)
