@@ -127,6 +127,7 @@ _FP16 = ("OpenVINO's fp16 compression leaves an NNCF int8 model's constants f32:
 _VALIDATE = ("validate only raises where a pattern matches no node; both recipes' patterns (none, and the patch "
              "embedding) are valid on the converted ViT, so True, None (false) and the default give the same scope")
 _LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
+_TOPK_DIM = "topk's default dimension is -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
 _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs and gradients for a block whose "
               "input requires grad (always: it follows the patch embedding); None is True with a warning")
@@ -235,7 +236,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
          'flat = a.masked_fill(eye, float("INF")).flatten(1)  # (B, N*N); the diagonal is never lowest',
          'float("INF") is float("inf")'),
         ("x__discard_weakest__mutmut_30", "lowest = flat.topk(k, largest=False).indices  # (B, k)",
-         "topk's default dimension is -1"),
+         _TOPK_DIM),
         ("x__discard_weakest__mutmut_32", "lowest = flat.topk(k, dim=+1, largest=False).indices  # (B, k)",
          "flat is 2-D: dimension 1 is dimension -1"),
         ("x_attention_rollout__mutmut_16",
@@ -331,7 +332,7 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     # training/module.py
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
         ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),
-        ("predict_step__mutmut_14", "scores, indices = probs.topk(min(5, probs.shape[-1]), )", "topk's default dimension is -1"),
+        ("predict_step__mutmut_14", "scores, indices = probs.topk(min(5, probs.shape[-1]), )", _TOPK_DIM),
         ("predict_step__mutmut_20", "scores, indices = probs.topk(min(5, probs.shape[+1]), dim=-1)", _LOGITS_2D),
         ("predict_step__mutmut_22", "scores, indices = probs.topk(min(5, probs.shape[-1]), dim=+1)", _LOGITS_2D),
         ("on_save_checkpoint__mutmut_10",
