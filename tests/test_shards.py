@@ -84,6 +84,16 @@ def test_shards_get_the_same_eval_transform_and_classes_as_folders(shards: Path,
         torch.testing.assert_close(x, x_ref, rtol=0, atol=0)
 
 
+def test_shard_training_batches_are_full_and_no_file_counts_as_skipped(shards: Path) -> None:
+    """Mixup needs full batches: training drops the last partial one, validation keeps every image.
+    Shards hold no unreadable files (dropped when written), so none are counted."""
+    dm = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **{**DATA_ARGS, "batch_size": 5})
+    dm.setup("fit")
+    assert [len(labels) for _, labels in dm.train_dataloader()] == [5] * 14  # 72 images
+    assert [len(labels) for _, labels in dm.val_dataloader()] == [5, 5, 5, 5, 4]  # 24 images
+    assert dm.num_skipped_files() == 0
+
+
 def test_class_mismatch_between_shards_and_val_folder_is_a_clear_error(shards: Path, demo_data: Path,
                                                                       tmp_path: Path) -> None:
     val = tmp_path / "val"
