@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import subprocess
 import tempfile
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,9 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
     fresh Python would print (its default filters, each warning once per place). An exception
     escaping the entry point fails the test, where a subprocess would print a traceback.
     os.environ, sys.argv, the working directory and the log streams are restored afterwards.
-    Not for what only a new process shows: import-time settings (BENTOML_HOME, HF_*), what gets
-    imported, import-time warnings, a model store written (BentoML keeps its home once read)."""
-    import contextlib
+    A BENTOML_HOME in `env` holds the model store the command writes and reads (bentoml_home).
+    Not for what only a new process shows: other import-time settings (HF_*), what gets imported,
+    import-time warnings."""
     import io
     import logging
     import warnings
@@ -73,8 +74,10 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
         os.chdir(cwd or REPO)
         for h in handlers:
             _swap_stream(h, err)
+        home = (env or {}).get("BENTOML_HOME")
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                warnings.catch_warnings(record=True) as caught:
+                warnings.catch_warnings(record=True) as caught, \
+                (bentoml_home(Path(home)) if home else contextlib.nullcontext()):
             warnings.resetwarnings()
             for action, category in FRESH_PYTHON_WARNINGS:
                 warnings.simplefilter(action, category, append=True)
@@ -96,6 +99,23 @@ def run_cli_in_process(*args: str, cwd: Path | None = None, env: dict[str, str] 
     for w in caught:
         err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def bentoml_home(home: Path) -> Iterator[None]:
+    """BentoML reads BENTOML_HOME once per process, into its container's singletons (the home, the
+    model store): for a command run in this process, point them at `home` meanwhile. simple_di's
+    `patch` overrides a provider and puts the earlier value back; `bentoml.models.*` take the store
+    from the container at each call."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    for sub in ("models", "bentos", "tmp", "envs"):  # what BentoML creates in a new home
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    with BentoMLContainer.bentoml_home.patch(str(home)), \
+            BentoMLContainer.model_store_dir.patch(str(home / "models")), \
+            BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))):
+        yield
 
 
 def _swap_stream(handler: logging.StreamHandler, stream: Any) -> None:
@@ -190,7 +210,7 @@ def int8_exports(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
     def export(root: Path) -> None:
         damaged = damage_for_int8(next((trained_run / "checkpoints").glob("best-*.ckpt")), root / "damaged.ckpt")
         for name, source in (("good", ["--run", str(trained_run)]), ("damaged", ["--ckpt", str(damaged)])):
-            result = run_cli("vit-export", *source, "--int8", "--dir", str(root / name), "--name", f"vit-{name}",
+            result = run_cli_in_process("vit-export", *source, "--int8", "--dir", str(root / name), "--name", f"vit-{name}",
                              env={"BENTOML_HOME": str(root / "bentoml")})
             assert result.returncode == 0, result.stderr[-3000:]
             (root / f"{name}.stderr").write_text(result.stderr)

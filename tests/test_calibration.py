@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from conftest import run_cli
+from conftest import run_cli_in_process
 from service_fixtures import build_tiny_model
 from vit_service.artifact import MANIFEST_FILE, ModelArtifact, load_model
 from vit_service.backends import load_backend
@@ -186,7 +186,7 @@ def test_a_model_exported_before_calibration_still_serves(calibrated_dir: Path, 
 
 
 def export(*args: str, home: Path):
-    return run_cli("vit-export", *args, env={"BENTOML_HOME": str(home)})
+    return run_cli_in_process("vit-export", *args, env={"BENTOML_HOME": str(home)})
 
 
 def test_export_fits_t_on_the_runs_validation_images(trained_run: Path, demo_data: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from tests.conftest import demo_config, reference_eval_transform, run_cli, run_cli_in_process
+from tests.conftest import demo_config, reference_eval_transform, run_cli_in_process
 from training.cli import ViTCLI
 from training.data import ImageFolderDataModule
 from training.module import ViTClassifier
@@ -176,7 +176,7 @@ def test_corrupt_file_is_skipped_and_counted(demo_data: Path, tmp_path: Path) ->
 def test_export_dir_writes_a_loadable_artifact(trained_run: Path, tmp_path: Path) -> None:
     (ckpt,) = (trained_run / "checkpoints").glob("best-*.ckpt")
     out = tmp_path / "exported"
-    result = run_cli("vit-export", "--ckpt", str(ckpt), "--name", "dir-test", "--dir", str(out),
+    result = run_cli_in_process("vit-export", "--ckpt", str(ckpt), "--name", "dir-test", "--dir", str(out),
                      env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vit_artifact.json"]

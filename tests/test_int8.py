@@ -13,14 +13,14 @@ import torch
 
 pytest.importorskip("nncf", reason="the int8 extra: pip install -e '.[int8]'")
 
-from conftest import run_cli  # noqa: E402
+from conftest import run_cli_in_process  # noqa: E402
 from vit_service.artifact import MANIFEST_FILE, ArtifactError, ModelArtifact, load_model  # noqa: E402
 from vit_service.preprocessing import open_image  # noqa: E402
 from vit_service.quantize import INT8_FILE, MIN_AGREEMENT, RECIPES, evaluation_images, int8_guard  # noqa: E402
 
 
 def export(*args: str, home: Path):
-    return run_cli("vit-export", *args, env={"BENTOML_HOME": str(home)})
+    return run_cli_in_process("vit-export", *args, env={"BENTOML_HOME": str(home)})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import demo_config, run_cli, run_cli_in_process
+from tests.conftest import demo_config, run_cli_in_process
 from training.run_checkpoints import MODEL_FORMATS
 from vit_service.artifact import ModelArtifact, load_model
 from vit_service.formats.sources import CHECKPOINT_CONFIG_KEY, ModelSourceError, load_model_source
@@ -62,7 +62,7 @@ def test_explain_loader_builds_the_trained_architecture(finetuned_run: Path, whi
 
 def test_export_builds_the_trained_architecture(finetuned_run: Path, tmp_path: Path) -> None:
     ckpt = finetuned_run / "checkpoints/last.ckpt"
-    result = run_cli("vit-export", "--ckpt", str(ckpt), "--dir", str(tmp_path / "out"),
+    result = run_cli_in_process("vit-export", "--ckpt", str(ckpt), "--dir", str(tmp_path / "out"),
                      env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     assert result.returncode == 0, result.stderr[-3000:]
     exported, artifact = load_model(tmp_path / "out")

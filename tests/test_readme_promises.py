@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
+from tests.conftest import REPO, demo_config, run_cli_in_process
 
 
 def _make_n(*args: str) -> str:
@@ -121,7 +121,7 @@ def test_moved_run_folder_still_exports_its_best_checkpoint(trained_run: Path, t
     moved = tmp_path / "elsewhere/renamed_run"
     shutil.copytree(trained_run, moved)
     (best_original,) = (trained_run / "checkpoints").glob("best-*.ckpt")
-    r = run_cli("vit-export", "--run", str(moved), "--name", "moved", "--dir", str(tmp_path / "out"),
+    r = run_cli_in_process("vit-export", "--run", str(moved), "--name", "moved", "--dir", str(tmp_path / "out"),
                 env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     assert r.returncode == 0, r.stderr[-3000:]
     meta = yaml.safe_load((tmp_path / "out/vit_artifact.json").read_text())["metadata"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import demo_config, reference_eval_transform, run_cli, run_cli_in_process
+from tests.conftest import demo_config, reference_eval_transform, run_cli_in_process
 from training.module import ViTClassifier
 
 # Monitoring elapsed time (mode min) makes the first epoch the "best" one for certain, so the best
@@ -119,7 +119,7 @@ def test_resume_last_continues_the_latest_run_in_its_folder(runs: dict) -> None:
 
 def test_export_run_picks_the_best_checkpoint_not_the_last(runs: dict, tmp_path: Path) -> None:
     run = runs["roots"]["a"] / "version_0"
-    result = run_cli("vit-export", "--run", str(run), "--name", "best-test", "--dir", str(tmp_path / "model"),
+    result = run_cli_in_process("vit-export", "--run", str(run), "--name", "best-test", "--dir", str(tmp_path / "model"),
                      env={"BENTOML_HOME": str(tmp_path / "bentoml")}, cwd=runs["cwd"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "by time/elapsed_min (min): best-epoch000-" in result.stderr

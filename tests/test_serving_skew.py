@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_cli_in_process
 from bench.local_server import local_server
 
 AGREEMENT = 0.99
@@ -152,7 +152,7 @@ def skew_check(tmp_path: Path, config: Path, run: Path, heldout: Path) -> dict:
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
 
     # Offline: vit-train predict with the run's best checkpoint (into a folder of its own).
-    pred = run_cli("vit-train", "predict", "--config", str(config), "--ckpt_path", str(best),
+    pred = run_cli_in_process("vit-train", "predict", "--config", str(config), "--ckpt_path", str(best),
                    "--trainer.default_root_dir", str(tmp_path / "predict"),
                    "--data.predict_dir", str(tmp_path / "resized"), "--predict_writer.top_k", "1")
     assert pred.returncode == 0, pred.stderr[-3000:]
@@ -163,7 +163,7 @@ def skew_check(tmp_path: Path, config: Path, run: Path, heldout: Path) -> dict:
 
     # Online: the same run exported (its best checkpoint) and served; the same files over HTTP.
     home = tmp_path / "bentoml"
-    export = run_cli("vit-export", "--run", str(run), "--name", "vit-classifier", env={"BENTOML_HOME": str(home)})
+    export = run_cli_in_process("vit-export", "--run", str(run), "--name", "vit-classifier", env={"BENTOML_HOME": str(home)})
     assert export.returncode == 0, export.stderr[-3000:]
     with local_server(tmp_path / "server.log", {"BENTOML_HOME": str(home)}) as url:
         online = _served_top1(url, files)

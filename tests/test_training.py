@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
+from tests.conftest import REPO, demo_config, run_cli_in_process
 from training.cli import run_cli as run_lightning_cli
 from training.module import ViTClassifier, warmup_cosine
 from vit_service.artifact import load_model
@@ -66,12 +66,12 @@ def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_pat
     """--trainer.limit_val_batches evaluates part of the val set: the progress line and the
     export say on how many images the val figures are (issue 30: "val top-1" of 1 class in 10)."""
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
                      "--data.batch_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert "(val on 8 of 24 images)" in printed, printed[-3000:]
-    export = run_cli("vit-export", "--run", str(tmp_path / "version_0"), "--name", "limited",
+    export = run_cli_in_process("vit-export", "--run", str(tmp_path / "version_0"), "--name", "limited",
                      env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     assert export.returncode == 0, export.stderr[-3000:]
     assert "on 8 of 24 val images" in export.stderr, export.stderr[-2000:]
@@ -104,7 +104,7 @@ def test_resume_from_last_continues_step_count(trained_run: Path, demo_data: Pat
 def test_export_round_trip(trained_run: Path, tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
     ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    result = run_cli("vit-export", "--ckpt", str(ckpt), "--name", "demo-vit", env={"BENTOML_HOME": str(home)})
+    result = run_cli_in_process("vit-export", "--ckpt", str(ckpt), "--name", "demo-vit", env={"BENTOML_HOME": str(home)})
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
     name, version = tag.split(":")
@@ -153,7 +153,7 @@ def test_ema_is_validated_checkpointed_and_exportable(demo_data: Path, tmp_path:
     home = {"BENTOML_HOME": str(tmp_path / "bentoml")}
     exported = {}
     for flag in ([], ["--ema"]):
-        out = run_cli("vit-export", "--ckpt", str(ckpt_path), "--name", "ema-test", *flag, env=home)
+        out = run_cli_in_process("vit-export", "--ckpt", str(ckpt_path), "--name", "ema-test", *flag, env=home)
         assert out.returncode == 0, out.stderr[-3000:]
         name, version = out.stdout.strip().splitlines()[-1].split(":")
         exported[bool(flag)], _ = load_model(tmp_path / "bentoml/models" / name / version)
