@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("onnxruntime", reason="the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxscript", reason="the onnx extra: pip install -e '.[onnx]'")
 
-from conftest import run_cli  # noqa: E402
+from conftest import run_cli, run_cli_in_process  # noqa: E402
 from service_fixtures import build_tiny_model  # noqa: E402
 from test_pretrained_serving import jpeg_bytes  # noqa: E402
 from vit_service.artifact import ModelArtifact  # noqa: E402
@@ -29,7 +29,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("onnx")
     model, artifact = build_tiny_model()
     artifact.save(model, root / "src")
-    out = run_cli("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"), "--hf-dir", str(root / "hf"),
+    out = run_cli_in_process("vit-export", "--from", str(root / "src"), "--onnx", "--dir", str(root / "out"), "--hf-dir", str(root / "hf"),
                   env={"BENTOML_HOME": str(root / "bentoml")})
     assert out.returncode == 0, out.stderr[-3000:]
     store = list((root / "bentoml" / "models" / "vit-classifier").glob("*/" + ONNX_FILE))
