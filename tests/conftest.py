@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from mutmut_harness import IN_MUTMUT, pytest_collection_modifyitems, pytest_fixture_setup, pytest_runtest_teardown  # noqa: F401 (hooks)
+from mutmut_harness import (IN_MUTMUT, pytest_collection_modifyitems, pytest_fixture_setup,  # noqa: F401 (hooks)
+                            pytest_runtest_teardown, shared_build)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -162,7 +163,8 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
         if not done.exists():
             shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
             folder.mkdir()
-            build(folder)
+            with shared_build():
+                build(folder)
             done.touch()
     return folder
 

@@ -4,8 +4,11 @@ imports them; everywhere else they do nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,14 +35,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # start and its end, so a module or session fixture's set-up is credited to the first test that asks
 # for it only: the other tests reading plain_run (test_recipe.py) were never run against a mutant of
 # what the fit called (seen: an LR doubled by a mutant, which test_lr_scales_with_the_global_batch
-# catches, "survived"). These two hooks credit it to every test that uses the fixture.
+# catches, "survived"). These hooks credit it to every test that uses the fixture.
+# Its durations are the test bodies' alone, so a test reading plain_run looked free (0.00 s) and ran
+# first, although a mutant's process must first build that fixture (an in-process fit): a mutant of
+# the data module's set-up cost a fit where a 1 s folder test would have killed it. Each test's
+# recorded seconds also count its own set-up and the set-up of each wider fixture it uses, less what
+# conftest.built_once built (shared by every mutant's run, so paid once: shared_build).
 _REACHED_BY_FIXTURE: dict[str, set[str]] = {}
+_FIXTURE_SECONDS: dict[str, float] = {}
+_TEST_FIXTURE_SECONDS: dict[str, float] = {}
+_SHARED_BUILD_SECONDS = [0.0]
+
+
+@contextlib.contextmanager
+def shared_build() -> Iterator[None]:
+    """Around a build that mutmut's runs share (conftest.built_once): its seconds are not a test's."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _SHARED_BUILD_SECONDS[0] += time.perf_counter() - start
+
+
+def _seconds_since(start: float, shared_before: float) -> float:
+    return time.perf_counter() - start - (_SHARED_BUILD_SECONDS[0] - shared_before)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
-    if os.environ.get("MUTANT_UNDER_TEST") != "stats" or fixturedef.scope == "function":
+    if os.environ.get("MUTANT_UNDER_TEST") != "stats":
         yield
+        return
+    start, shared_before = time.perf_counter(), _SHARED_BUILD_SECONDS[0]
+    if fixturedef.scope == "function":  # its seconds count for this test only
+        yield
+        nodeid = request.node.nodeid
+        _TEST_FIXTURE_SECONDS[nodeid] = _TEST_FIXTURE_SECONDS.get(nodeid, 0.0) + _seconds_since(start, shared_before)
         return
     from mutmut.state import state
 
@@ -47,6 +78,7 @@ def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureR
     try:
         yield
     finally:
+        _FIXTURE_SECONDS[fixturedef.argname] = _seconds_since(start, shared_before)
         reached = state()._stats
         state()._stats = before | reached
         _REACHED_BY_FIXTURE.setdefault(fixturedef.argname, set()).update(reached)
@@ -57,8 +89,12 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
     if os.environ.get("MUTANT_UNDER_TEST") == "stats":
         from mutmut.state import state
 
-        for name in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        for name in names:
             state()._stats |= _REACHED_BY_FIXTURE.get(name, set())
+        state().duration_by_test[item.nodeid] += (sum(_FIXTURE_SECONDS.get(name, 0.0) for name in names)
+                                                  + _TEST_FIXTURE_SECONDS.pop(item.nodeid, 0.0))
+
 
 
 def _init_args_through_mutmut_trampolines() -> None:
