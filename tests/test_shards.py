@@ -210,27 +210,26 @@ def test_vit_train_fits_on_shards(shards: Path, demo_data: Path, tmp_path: Path)
     from tests.conftest import demo_config
 
     config = demo_config(tmp_path, demo_data)
-    result = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
-                     "--data.val_dir", str(shards / "val"), "--trainer.max_epochs", "1",
-                     "--trainer.limit_train_batches", "3", "--data.batch_size", "8")
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
+                                "--data.val_dir", str(shards / "val"), "--trainer.max_epochs", "1",
+                                "--trainer.limit_train_batches", "3", "--data.batch_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     last = torch.load(tmp_path / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 3
     assert last["hyper_parameters"]["class_names"] == sorted(p.name for p in (demo_data / "train").iterdir())
 
 
-@pytest.mark.slow  # two CLI runs for two error messages (~30 s)
 def test_shards_need_a_val_dir_and_in_memory_refuses_them(shards: Path, demo_data: Path, tmp_path: Path) -> None:
     from tests.conftest import demo_config
 
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=1)
-    no_val = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
-                     "--data.val_dir", "null")
+    no_val = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
+                                "--data.val_dir", "null")
     assert no_val.returncode == 2, no_val.stderr[-3000:]
     assert f"vit-train: error: {shards / 'train'}: shards need --data.val_dir" in no_val.stderr
     assert "Traceback" not in no_val.stderr
-    in_memory = run_cli("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
-                        "--data.val_dir", str(shards / "val"), "--data.in_memory", "true")
+    in_memory = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.train_dir",
+                                   str(shards / "train"), "--data.val_dir", str(shards / "val"), "--data.in_memory", "true")
     assert in_memory.returncode == 2, in_memory.stderr[-3000:]
     assert f"{shards / 'train'}: --data.in_memory reads image folders, not shards" in in_memory.stderr
     assert "Traceback" not in in_memory.stderr
