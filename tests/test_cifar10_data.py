@@ -129,10 +129,9 @@ class _Evil:
     (lambda d: _tar_with(d, {f"cifar-10-batches-py/{n}": pickle.dumps(_Evil()) for n in
                              [*TRAIN_BATCHES, "test_batch", "batches.meta"]}), "refusing to load"),
 ])
-@pytest.mark.slow  # vit-data subprocesses for each wrong input (~25 s); the archive conversion stays fast
 def test_wrong_input_is_one_clear_error(tmp_path: Path, make, message: str) -> None:
     path = make(tmp_path)
-    result = run_cli("vit-data", "cifar10", str(path), "--out", str(tmp_path / "out"))
+    result = run_cli_in_process("vit-data", "cifar10", str(path), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith(f"vit-data: error: {path}") and message in result.stderr
     assert "Traceback" not in result.stderr and "pwned" not in result.stdout

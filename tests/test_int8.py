@@ -125,7 +125,6 @@ def test_guard_rule() -> None:
     assert int8_guard({**ov, "agreement_top1": 0.5, "images": 8}, min_agreement=0.5) is None
 
 
-@pytest.mark.slow  # three vit-export subprocesses for three error messages (~55 s)
 def test_int8_needs_images_to_measure_on(int8_export: Path, tmp_path: Path) -> None:
     from service_fixtures import build_tiny_model
 
@@ -140,7 +139,6 @@ def test_int8_needs_images_to_measure_on(int8_export: Path, tmp_path: Path) -> N
     assert out.returncode == 2 and "no images found" in out.stderr
 
 
-@pytest.mark.slow  # a vit-export subprocess (~25 s); the int8 record and the guard stay fast
 def test_calib_folder_for_a_pretrained_model(int8_export: Path, demo_data: Path, tmp_path: Path) -> None:
     """--from an exported model with --calib: class folders give accuracies; the old int8 record
     is replaced by the new measurement, limited to --calib-limit images."""
