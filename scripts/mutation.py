@@ -134,6 +134,8 @@ _REENTRANT = ("the reentrant and non-reentrant checkpoints give the same outputs
 _A = "vit_service.serving.auth."
 _CODEC = "codec names are case-insensitive: the same codec"
 _FALSY = "None and False (or a missing key's None) are both false where the value is only tested"
+_NO_PINNING = ("pinned memory is asked for only with CUDA: without it the value is False, as None or the "
+               "loader's default (False) are; only a GPU run can tell")
 EQUIVALENT: dict[str, tuple[str, str]] = {
     _P + "x__open__mutmut_9": ("if width < 1 and height < 1:", _ZERO_SIZE),
     _P + "x__open__mutmut_14": ("raise InvalidImageError(None)", _ZERO_SIZE),
@@ -349,8 +351,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
          "every parameter group carries its own lr (set just above): AdamW's default lr is never used"),
     ]},
     # training/data.py
-    "training.data.xǁImageFolderDataModuleǁ_loader__mutmut_4": ("pin_memory=None, drop_last=shuffle,",
-        "pinned memory is asked for only with CUDA, so without it the value is False, as None is: only a GPU run can tell"),
+    **{"training.data.xǁImageFolderDataModuleǁ" + name: (line, why) for name, line, why in [
+        *[(f"_loader__mutmut_{n}", line, _NO_PINNING) for n, line in [
+            (4, "pin_memory=None, drop_last=shuffle,"), (9, "drop_last=shuffle,"), (27, "num_workers=self.num_workers, pin_memory=None,")]],
+        ("_loader__mutmut_20", "drop_last=shuffle)", "DataLoader's default num_workers is 0"),
+        ("on_after_batch_transfer__mutmut_11", "batch = [self.batch_augment.to(None)(images), labels]",
+         "the batch and the augmentation are on the CPU here, where .to(None) moves nothing: only a GPU run can tell"),
+    ]},
     # vit_service/artifact.py
     **{_R + name: (line, why) for name, line, why in [
         ("x_save_safetensors__mutmut_14", "umask = os.umask(1)",

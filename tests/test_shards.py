@@ -94,6 +94,31 @@ def test_shard_training_batches_are_full_and_no_file_counts_as_skipped(shards: P
     assert dm.num_skipped_files() == 0
 
 
+def test_each_kind_of_training_data_gets_its_loader_settings(shards: Path, demo_data: Path) -> None:
+    """Folders, shards and images decoded in memory: the worker processes asked for (none for the
+    images in memory, where workers would only copy), folder workers kept between epochs, no pinned memory without
+    CUDA; in memory, training batches shuffled and full, validation every image in order."""
+    args = {**DATA_ARGS, "batch_size": 5, "num_workers": 2}
+    folders = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), **args)
+    from_shards = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **args)
+    in_memory = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), **args, in_memory=True)
+    assert not torch.cuda.is_available()  # what the pin_memory checks rely on
+    for dm, workers in ((folders, (2, 2)), (from_shards, (2, 2)), (in_memory, (0, 2))):  # (train, val)
+        dm.setup("fit")
+        loaders = (dm.train_dataloader(), dm.val_dataloader())
+        assert tuple(loader.num_workers for loader in loaders) == workers
+        assert not any(loader.pin_memory for loader in loaders)
+    assert folders.train_dataloader().persistent_workers and folders.val_dataloader().persistent_workers
+
+    labels = [y.tolist() for _, y in in_memory.train_dataloader()]  # 72 images: 14 full batches
+    assert [len(batch) for batch in labels] == [5] * 14
+    flat = [label for batch in labels for label in batch]
+    assert flat != sorted(flat)  # shuffled: the dataset itself lists the images class by class
+    val_labels = [y.tolist() for _, y in in_memory.val_dataloader()]
+    assert [len(batch) for batch in val_labels] == [5, 5, 5, 5, 4]
+    assert sum(val_labels, []) == [label for _, label in in_memory.datasets["val"].samples]
+
+
 def test_class_mismatch_between_shards_and_val_folder_is_a_clear_error(shards: Path, demo_data: Path,
                                                                       tmp_path: Path) -> None:
     val = tmp_path / "val"
