@@ -22,6 +22,7 @@ from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError, ImageFolderDataset
 from training.module import ViTClassifier
 from training.shards import ShardDataset, optimize_folder
+from vit_service.preprocessing import decode_image
 from bench.local_server import free_port
 
 BATCH = 4
@@ -96,14 +97,15 @@ def test_shard_training_batches_are_full_and_no_file_counts_as_skipped(shards: P
 
 def test_each_kind_of_training_data_gets_its_loader_settings(shards: Path, demo_data: Path) -> None:
     """Folders, shards and images decoded in memory: the worker processes asked for (none for the
-    images in memory, where workers would only copy), folder workers kept between epochs, no pinned memory without
-    CUDA; in memory, training batches shuffled and full, validation every image in order."""
-    args = {**DATA_ARGS, "batch_size": 5, "num_workers": 2}
+    images in memory, where workers would only copy), folder workers kept between epochs, no pinned
+    memory without CUDA; in memory, training batches shuffled and full, validation every image in
+    order."""
+    args = {**DATA_ARGS, "batch_size": 5, "num_workers": 1}
     folders = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), **args)
     from_shards = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **args)
     in_memory = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), **args, in_memory=True)
     assert not torch.cuda.is_available()  # what the pin_memory checks rely on
-    for dm, workers in ((folders, (2, 2)), (from_shards, (2, 2)), (in_memory, (0, 2))):  # (train, val)
+    for dm, workers in ((folders, (1, 1)), (from_shards, (1, 1)), (in_memory, (0, 1))):  # (train, val)
         dm.setup("fit")
         loaders = (dm.train_dataloader(), dm.val_dataloader())
         assert tuple(loader.num_workers for loader in loaders) == workers
@@ -128,6 +130,37 @@ def test_class_mismatch_between_shards_and_val_folder_is_a_clear_error(shards: P
     dm = ImageFolderDataModule(str(shards / "train"), str(val), **DATA_ARGS)
     with pytest.raises(DatasetError, match=victim.name):
         dm.setup("fit")
+
+
+def test_val_shards_with_other_classes_are_named_in_the_error(shards: Path, demo_data: Path, tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    shutil.copytree(demo_data / "train", train)
+    shutil.rmtree(sorted(train.iterdir())[0])
+    dm = ImageFolderDataModule(str(train), str(shards / "val"), **DATA_ARGS)
+    with pytest.raises(DatasetError, match=f"^{shards / 'val'}: classes differ"):
+        dm.setup("fit")
+
+
+def test_a_large_jpeg_in_val_shards_gives_the_service_s_tensor(tmp_path: Path) -> None:
+    """As from a folder (test_preprocessing.py): held-out shards are decoded with the service's JPEG
+    draft size, so an 800 x 600 photo reaches the model as the same upload would."""
+    from tests.test_preprocessing import _photo
+
+    for split in ("train", "val"):
+        for seed, cls in enumerate(("a", "b")):
+            (tmp_path / "src" / split / cls).mkdir(parents=True)
+            _photo(800, 600, seed=seed).save(tmp_path / "src" / split / cls / "x.jpg", quality=92)
+        optimize_folder(str(tmp_path / "src" / split), str(tmp_path / "shards" / split), workers=1)
+    dm = ImageFolderDataModule(str(tmp_path / "shards/train"), str(tmp_path / "shards/val"), image_size=64,
+                               crop_pct=1.0, num_workers=0)
+    dm.setup("fit")
+    pre, val = dm.preprocessing, dm.datasets["val"]
+    assert len(val) == 2
+    for i in range(len(val)):
+        x, label = val[i]
+        data = (tmp_path / "src/val" / dm.class_names[label] / "x.jpg").read_bytes()
+        served = pre.normalize(pre.to_uint8(decode_image(data, draft_size=pre.resize_size)))
+        torch.testing.assert_close(x, served, rtol=0, atol=0)
 
 
 def _rank_ids(rank: int, world_size: int, port: int, shard_dir: str, out_dir: str) -> None:
