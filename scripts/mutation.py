@@ -136,6 +136,8 @@ _CODEC = "codec names are case-insensitive: the same codec"
 _FALSY = "None and False (or a missing key's None) are both false where the value is only tested"
 _NO_PINNING = ("pinned memory is asked for only with CUDA: without it the value is False, as None or the "
                "loader's default (False) are; only a GPU run can tell")
+_OWN_CLASSES = ("the module's class list is find_classes(train_dir), which ImageFolderDataset computes itself "
+                "when given none: the same list")
 EQUIVALENT: dict[str, tuple[str, str]] = {
     _P + "x__open__mutmut_9": ("if width < 1 and height < 1:", _ZERO_SIZE),
     _P + "x__open__mutmut_14": ("raise InvalidImageError(None)", _ZERO_SIZE),
@@ -355,6 +357,8 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         *[(f"_loader__mutmut_{n}", line, _NO_PINNING) for n, line in [
             (4, "pin_memory=None, drop_last=shuffle,"), (9, "drop_last=shuffle,"), (27, "num_workers=self.num_workers, pin_memory=None,")]],
         ("_loader__mutmut_20", "drop_last=shuffle)", "DataLoader's default num_workers is 0"),
+        *[(f"setup__mutmut_{n}", f"train = ImageFolderDataset(hp.train_dir, self.train_transform(), {arg})", _OWN_CLASSES)
+          for n, arg in [(34, "None"), (37, "")]],
         ("on_after_batch_transfer__mutmut_11", "batch = [self.batch_augment.to(None)(images), labels]",
          "the batch and the augmentation are on the CPU here, where .to(None) moves nothing: only a GPU run can tell"),
     ]},

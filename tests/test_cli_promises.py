@@ -143,6 +143,21 @@ def test_the_training_transform_takes_every_data_option_from_the_command_line(de
     assert steps["Normalize"].std.tolist() == pytest.approx([0.4, 0.5, 0.6])
 
 
+def test_each_stage_sets_up_its_own_data_once(demo_data: Path, tmp_path: Path) -> None:
+    """`vit-train test` and `predict` read only their folders (no training set scanned), and a second
+    set-up of a stage keeps the datasets of the first (their skip counts, a decoded in-memory copy)."""
+    dm = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), test_dir=str(demo_data / "val"),
+                               image_size=16, crop_pct=1.0, num_workers=0)
+    dm.setup("test")
+    dm.setup("predict")
+    assert sorted(dm.datasets) == ["predict", "test"]
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    dm.setup("fit")
+    dm.setup("validate")
+    assert dm.datasets["train"] is train and dm.datasets["val"] is val
+
+
 def test_a_corrupt_file_in_a_held_out_split_is_counted(demo_data: Path, tmp_path: Path) -> None:
     """Both halves of a --data.val_fraction split are Subsets: their skips count all the same."""
     data = tmp_path / "train"

@@ -197,6 +197,7 @@ def test_in_memory_refuses_per_image_augmentations(demo_data: Path, tmp_path: Pa
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=1)
     result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.in_memory", "true",
                                 "--data.auto_augment", "rand-m9-mstd0.5-inc1")
-    assert result.returncode != 0
-    assert "--data.in_memory augments whole batches" in result.stderr
+    assert result.returncode == 2
+    assert ("vit-train: error: --data.in_memory augments whole batches (crop, flip, erasing): set --data.color_jitter "
+            "null and --data.auto_augment null, or in_memory false") in result.stderr
     assert "Traceback" not in result.stderr

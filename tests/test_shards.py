@@ -132,6 +132,20 @@ def test_class_mismatch_between_shards_and_val_folder_is_a_clear_error(shards: P
         dm.setup("fit")
 
 
+def test_shard_training_order_follows_the_seed_and_validation_stays_in_file_order(shards: Path) -> None:
+    def epoch(split: str, seed: int) -> list[int]:
+        dm = ImageFolderDataModule(str(shards / "train"), str(shards / "val"), **{**DATA_ARGS, "seed": seed})
+        dm.setup("fit")
+        dm.datasets[split].return_ids = True
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        return [i for _, _, ids in loader for i in ids.tolist()]
+
+    first = epoch("train", seed=1)
+    assert sorted(first) == list(range(72)) and first != sorted(first)  # every image once, shuffled
+    assert epoch("train", seed=1) == first and epoch("train", seed=2) != first  # --data.seed decides the order
+    assert epoch("val", seed=1) == list(range(24))
+
+
 def test_val_shards_with_other_classes_are_named_in_the_error(shards: Path, demo_data: Path, tmp_path: Path) -> None:
     train = tmp_path / "train"
     shutil.copytree(demo_data / "train", train)
@@ -284,7 +298,8 @@ def test_shards_need_a_val_dir_and_in_memory_refuses_them(shards: Path, demo_dat
     no_val = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.train_dir", str(shards / "train"),
                                 "--data.val_dir", "null")
     assert no_val.returncode == 2, no_val.stderr[-3000:]
-    assert f"vit-train: error: {shards / 'train'}: shards need --data.val_dir" in no_val.stderr
+    assert (f"vit-train: error: {shards / 'train'}: shards need --data.val_dir (holding out --data.val_fraction "
+            "works on folders only)") in no_val.stderr
     assert "Traceback" not in no_val.stderr
     in_memory = run_cli_in_process("vit-train", "fit", "--config", str(config), "--data.train_dir",
                                    str(shards / "train"), "--data.val_dir", str(shards / "val"), "--data.in_memory", "true")
