@@ -156,6 +156,31 @@ def test_each_stage_sets_up_its_own_data_once(demo_data: Path, tmp_path: Path) -
     dm.setup("fit")
     dm.setup("validate")
     assert dm.datasets["train"] is train and dm.datasets["val"] is val
+    alone = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), image_size=16, crop_pct=1.0,
+                                  num_workers=0)
+    alone.setup("validate")  # `vit-train validate`: the validation set
+    assert len(alone.datasets["val"]) == 24
+
+
+def test_the_held_out_split_is_fixed_by_the_seed_and_never_empty(demo_data: Path, tmp_path: Path) -> None:
+    """The same --data.seed holds out the same images in every run (a later `vit-train validate` or a
+    resume evaluates on what training never saw); at least one image, and never all of them."""
+    from training.folder_dataset import DatasetError
+
+    def held_out(root: Path, fraction: float, seed: int = 42) -> list[int]:
+        dm = ImageFolderDataModule(str(root), None, val_fraction=fraction, seed=seed, image_size=16, crop_pct=1.0,
+                                   num_workers=0)
+        dm.setup("fit")
+        return sorted(dm.datasets["val"].indices)
+
+    train = demo_data / "train"  # 72 images
+    assert held_out(train, 0.25) == held_out(train, 0.25) != held_out(train, 0.25, seed=1)
+    assert len(held_out(train, 0.01)) == 1  # int(0.72) would be none
+    for cls in ("a", "b"):  # one image a class: holding out both leaves nothing to train on
+        (tmp_path / "two" / cls).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "two" / cls / "x.jpg")
+    with pytest.raises(DatasetError, match=f"^{tmp_path / 'two'}: too few images to hold out a validation split$"):
+        held_out(tmp_path / "two", 1.0)
 
 
 def test_a_corrupt_file_in_a_held_out_split_is_counted(demo_data: Path, tmp_path: Path) -> None:

@@ -191,6 +191,47 @@ def test_fit_in_memory_flips_half_the_images(demo_data: Path, tmp_path: Path) ->
     assert (as_is & ~flipped).any() and (flipped & ~as_is).any(), (plain, mirrored)
 
 
+def test_in_memory_decodes_only_the_training_part_of_a_split_with_the_data_options(demo_data: Path) -> None:
+    """--data.in_memory with a held-out split (no val_dir): only the training part is decoded (none of
+    the held-out images), at the asked interpolation, and the batch augmentation erases as asked."""
+    from training.data import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(str(demo_data / "train"), None, val_fraction=0.25, image_size=32, crop_pct=1.0,
+                               interpolation="bilinear", num_workers=0, color_jitter=None, auto_augment=None,
+                               scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, re_prob=1.0, in_memory=True)
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    resize = Preprocessing(32, crop_pct=1.0, interpolation="bilinear")
+
+    def key(image: torch.Tensor) -> bytes:
+        return image.numpy().tobytes()
+
+    decoded = {path: key(resize.to_uint8(open_image(path))) for path, _ in val.dataset.samples}
+    held_out = {decoded[val.dataset.samples[i][0]] for i in val.indices}
+    assert (len(train), len(val)) == (54, 18)  # 72 images
+    assert {key(image) for image in train.images} == set(decoded.values()) - held_out
+
+    images = train.images[:8]  # (8, 3, 32, 32) uint8
+    mean = torch.tensor(dm.hparams.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(dm.hparams.std).view(1, 3, 1, 1) * 255
+    plain = (images.float() - mean) / std  # what the identity crop gives without erasing
+    erased = dm.batch_augment(images)
+    assert ((erased - plain).abs().flatten(1).amax(1) > 0.1).all()  # --data.re_prob 1: every image
+
+
+def test_in_memory_with_no_readable_training_image_names_the_folder(demo_data: Path, tmp_path: Path) -> None:
+    from training.data import ImageFolderDataModule
+
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        (tmp_path / "train" / cls / "x.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    dm = ImageFolderDataModule(str(tmp_path / "train"), str(tmp_path / "train"), image_size=32, num_workers=0,
+                               color_jitter=None, auto_augment=None, in_memory=True)
+    with pytest.warns(SkippedImageWarning), \
+            pytest.raises(DatasetError, match=f"^{tmp_path / 'train'}: none of the 2 images could be decoded$"):
+        dm.setup("fit")
+
+
 def test_in_memory_refuses_per_image_augmentations(demo_data: Path, tmp_path: Path) -> None:
     from tests.conftest import run_cli_in_process
 
