@@ -355,7 +355,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     # training/data.py
     **{"training.data.xǁImageFolderDataModuleǁ" + name: (line, why) for name, line, why in [
         *[(f"_loader__mutmut_{n}", line, _NO_PINNING) for n, line in [
-            (4, "pin_memory=None, drop_last=shuffle,"), (9, "drop_last=shuffle,"), (27, "num_workers=self.num_workers, pin_memory=None,")]],
+            (4, "pin_memory=None, drop_last=shuffle,"), (9, "drop_last=shuffle,"), (27, "num_workers=self.num_workers, pin_memory=None,"),
+            (34, "num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=shuffle,  # Mixup needs even, "
+                 "full batches")]],
         ("_loader__mutmut_20", "drop_last=shuffle)", "DataLoader's default num_workers is 0"),
         *[(f"setup__mutmut_{n}", f"train = ImageFolderDataset(hp.train_dir, self.train_transform(), {arg})", _OWN_CLASSES)
           for n, arg in [(34, "None"), (37, "")]],
