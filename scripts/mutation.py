@@ -361,8 +361,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("_loader__mutmut_20", "drop_last=shuffle)", "DataLoader's default num_workers is 0"),
         *[(f"setup__mutmut_{n}", f"train = ImageFolderDataset(hp.train_dir, self.train_transform(), {arg})", _OWN_CLASSES)
           for n, arg in [(34, "None"), (37, "")]],
-        ("setup__mutmut_110", 'if stage == "validate" and "XXvalXX" not in self.datasets:',
-         "the fit set-up it then calls again does nothing once the training set exists (its own guard): the same datasets"),
+        *[(f"setup__mutmut_{n}", f'if stage == "validate" and "{key}" not in self.datasets:',
+           "the fit set-up it then calls again does nothing once the training set exists (its own guard): the same "
+           "datasets") for n, key in [(110, "XXvalXX"), (111, "VAL")]],
         ("on_after_batch_transfer__mutmut_11", "batch = [self.batch_augment.to(None)(images), labels]",
          "the batch and the augmentation are on the CPU here, where .to(None) moves nothing: only a GPU run can tell"),
     ]},

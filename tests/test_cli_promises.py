@@ -70,7 +70,8 @@ def test_test_needs_and_uses_test_dir(trained_run: Path, demo_data: Path, tmp_pa
     config = demo_config(tmp_path, demo_data)
     missing = run_cli_in_process("vit-train", "test", "--config", str(config), "--ckpt_path", str(last))
     assert missing.returncode == 2
-    assert "needs --data.test_dir" in missing.stderr and "Traceback" not in missing.stderr
+    assert "vit-train: error: `vit-train test` needs --data.test_dir" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
     # The val folder as the test set: the test metrics must be the recorded val metrics.
     result = run_cli_in_process("vit-train", "test", "--config", str(config), "--ckpt_path", str(last),
@@ -144,18 +145,25 @@ def test_the_training_transform_takes_every_data_option_from_the_command_line(de
 
 
 def test_each_stage_sets_up_its_own_data_once(demo_data: Path, tmp_path: Path) -> None:
-    """`vit-train test` and `predict` read only their folders (no training set scanned), and a second
-    set-up of a stage keeps the datasets of the first (their skip counts, a decoded in-memory copy)."""
-    dm = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), test_dir=str(demo_data / "val"),
+    """`vit-train test` and `predict` read only their folders (no training set scanned; predict takes
+    the test folder when no predict folder is given), and a second set-up of a stage keeps the
+    datasets of the first (their skip counts, a decoded in-memory copy)."""
+    test_dir = tmp_path / "test"
+    shutil.copytree(demo_data / "val", test_dir)
+    for extra in sorted(test_dir.iterdir()):  # 30 images, where val has 24
+        shutil.copy(next(extra.iterdir()), extra / "extra.jpg")
+    dm = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), test_dir=str(test_dir),
                                image_size=16, crop_pct=1.0, num_workers=0)
     dm.setup("test")
     dm.setup("predict")
     assert sorted(dm.datasets) == ["predict", "test"]
+    assert len(dm.datasets["test"]) == len(dm.datasets["predict"]) == 30
+    test, predict = dm.datasets["test"], dm.datasets["predict"]
     dm.setup("fit")
     train, val = dm.datasets["train"], dm.datasets["val"]
-    dm.setup("fit")
-    dm.setup("validate")
-    assert dm.datasets["train"] is train and dm.datasets["val"] is val
+    for stage in ("fit", "validate", "test", "predict"):
+        dm.setup(stage)
+    assert all(dm.datasets[k] is v for k, v in zip(("train", "val", "test", "predict"), (train, val, test, predict)))
     alone = ImageFolderDataModule(str(demo_data / "train"), str(demo_data / "val"), image_size=16, crop_pct=1.0,
                                   num_workers=0)
     alone.setup("validate")  # `vit-train validate`: the validation set
