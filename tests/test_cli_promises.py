@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 from tests.conftest import demo_config, reference_eval_transform, run_cli_in_process
 from training.cli import ViTCLI
 from training.data import ImageFolderDataModule
+from training.folder_dataset import DatasetError
 from training.module import ViTClassifier
 from vit_service.artifact import load_model
 
@@ -127,6 +128,29 @@ def test_val_fraction_holds_out_part_of_train(demo_data: Path, tmp_path: Path) -
     assert sorted(val.indices) != list(range(len(val)))  # a random subset, not the first files
 
 
+def test_a_minimal_data_config_trains_with_timm_s_preprocessing_and_deit_s_augmentations(demo_data: Path) -> None:
+    """The defaults a config that names only the folders gets: timm's ImageNet eval preprocessing and
+    training transform, DeiT's RandAugment and random erasing (Touvron et al. 2021), a tenth held
+    out, a data-loading process per core."""
+    import inspect
+
+    from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    from vit_service.host import host_cores
+
+    timm_train = {k: p.default for k, p in inspect.signature(transforms_imagenet_train).parameters.items()}
+    dm = ImageFolderDataModule(str(demo_data / "train"))
+    hp = dm.hparams
+    assert (hp.image_size, hp.crop_pct, hp.interpolation) == (timm_train["img_size"], DEFAULT_CROP_PCT, "bicubic")
+    assert (tuple(hp.mean), tuple(hp.std)) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert (tuple(hp.scale), tuple(hp.ratio)) == ((0.08, 1.0), (3 / 4, 4 / 3))  # timm's when given none
+    assert (hp.hflip, hp.color_jitter) == (timm_train["hflip"], timm_train["color_jitter"])
+    assert (hp.auto_augment, hp.re_prob) == ("rand-m9-mstd0.5-inc1", 0.25)  # DeiT's
+    assert (hp.val_fraction, hp.batch_size, hp.seed, hp.pin_memory, hp.in_memory) == (0.1, 64, 42, True, False)
+    assert dm.num_workers == host_cores()
+
+
 def test_the_training_transform_takes_every_data_option_from_the_command_line(demo_data: Path,
                                                                                tmp_path: Path) -> None:
     """Each of timm's training-transform options a user sets reaches the transform (none of them the default)."""
@@ -142,6 +166,8 @@ def test_the_training_transform_takes_every_data_option_from_the_command_line(de
     assert steps["ColorJitter"].brightness == pytest.approx((0.8, 1.2))
     assert steps["Normalize"].mean.tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert steps["Normalize"].std.tolist() == pytest.approx([0.4, 0.5, 0.6])
+    pre = cli.datamodule.preprocessing  # the eval side, exported with the model
+    assert (pre.mean, pre.std, pre.interpolation) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "nearest")
 
 
 def test_each_stage_sets_up_its_own_data_once(demo_data: Path, tmp_path: Path) -> None:
@@ -168,13 +194,13 @@ def test_each_stage_sets_up_its_own_data_once(demo_data: Path, tmp_path: Path) -
                                   num_workers=0)
     alone.setup("validate")  # `vit-train validate`: the validation set
     assert len(alone.datasets["val"]) == 24
+    with pytest.raises(DatasetError, match=r"^`vit-train predict` needs --data.predict_dir \(a folder of images\)$"):
+        ImageFolderDataModule(str(demo_data / "train")).setup("predict")  # no predict, test or val folder
 
 
 def test_the_held_out_split_is_fixed_by_the_seed_and_never_empty(demo_data: Path, tmp_path: Path) -> None:
     """The same --data.seed holds out the same images in every run (a later `vit-train validate` or a
     resume evaluates on what training never saw); at least one image, and never all of them."""
-    from training.folder_dataset import DatasetError
-
     def held_out(root: Path, fraction: float, seed: int = 42) -> list[int]:
         dm = ImageFolderDataModule(str(root), None, val_fraction=fraction, seed=seed, image_size=16, crop_pct=1.0,
                                    num_workers=0)
