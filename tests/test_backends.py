@@ -308,6 +308,16 @@ def test_the_decision_key_holds_what_makes_a_verdict_valid() -> None:
     assert backends._version("no-such-runtime-package") == "not installed"
 
 
+def test_an_unknown_torch_precision_is_one_clear_error() -> None:
+    import torch
+
+    from vit_service.backends.torch_runtime import resolve_precision
+
+    with pytest.raises(ValueError) as e:
+        resolve_precision("fp8", torch.device("cpu"))
+    assert str(e.value) == "precision must be one of auto, fp32, bf16, fp16; got 'fp8'"
+
+
 def test_torch_runtime_says_whether_it_compiles(tiny_dir: Path) -> None:
     """/model_info's `compile` (the torch.compile mode, else false) and `channels_last` (CUDA only)."""
     eager = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32").describe()
@@ -315,6 +325,13 @@ def test_torch_runtime_says_whether_it_compiles(tiny_dir: Path) -> None:
     compiled = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32", compile_mode="reduce-overhead")
     assert compiled.describe()["compile"] == "reduce-overhead"  # torch.compile is lazy: nothing compiled yet
     assert compiled.runtime.forward_fn._orig_mod is compiled.runtime.model  # the forward goes through it
+    # The mode reaches inductor, with dynamic shapes (one graph for every batch size the batcher forms).
+    # Read from the wrapper's dynamo context (torch is pinned): the effects themselves need a real
+    # compile, minutes of C++ here (test_service.py's slow test_torch_compile_matches_eager).
+    tuned = load_backend(tiny_dir, backend="torch", device="cpu", precision="fp32", compile_mode="max-autotune")
+    context = tuned.runtime.forward_fn.dynamo_ctx
+    assert context._dynamic is True and context.compiler_config["max_autotune"] is True
+    assert compiled.runtime.forward_fn.dynamo_ctx.compiler_config["max_autotune"] is False
 
 
 WORKER = """
@@ -378,17 +395,26 @@ def test_the_cache_folder_follows_the_settings(tmp_path: Path, monkeypatch, capl
 # ------------------------------------------------------------------- int8: the guard and the routing
 
 def with_int8_stand_in(folder: Path, agreement: float) -> Path:
-    """The tiny model with a stand-in for its int8 model: its fp32 OpenVINO conversion saved as
-    model.int8.xml (no NNCF: the guard and the routing are under test here, tests/test_int8.py
-    quantizes), recorded as agreeing with fp32 on `agreement` of 200 images."""
+    """The tiny model with a stand-in for its int8 model: the fp32 OpenVINO conversion of the same
+    model with its classes rolled by one (so what runs shows: the int8 file's scores are fp32's,
+    np.roll'ed by 1 along the classes), saved as model.int8.xml (no NNCF: the guard and the routing
+    are under test here, tests/test_int8.py quantizes), recorded as agreeing with fp32 on
+    `agreement` of 200 images."""
+    import copy
+
     import openvino as ov
+    import torch
 
     from vit_service.backends.openvino_runtime import convert
     from vit_service.quantize import INT8_FILE
 
     model, artifact = build_tiny_model()
+    stand_in = copy.deepcopy(model)
+    with torch.no_grad():
+        stand_in.head.weight.copy_(model.head.weight.roll(1, dims=0))  # (K, D): class k gets class k-1's row
+        stand_in.head.bias.copy_(model.head.bias.roll(1, dims=0))
     folder.mkdir(parents=True)
-    ov.save_model(convert(model), str(folder / INT8_FILE), compress_to_fp16=False)
+    ov.save_model(convert(stand_in), str(folder / INT8_FILE), compress_to_fp16=False)
     artifact.int8 = {"file": INT8_FILE, "runtime": "openvino", "agreement_top1": agreement, "images": 200}
     artifact.save(model, folder)
     return folder
@@ -413,9 +439,10 @@ def test_int8_serves_on_openvino_only_where_the_guard_passes(tmp_path: Path, mon
     assert described == {"int8": {"temperature": 1.0, "ece_before": 0.2, "ece_after": 0.07},
                          "fp32": {"temperature": 1.0, "ece_before": 0.1, "ece_after": 0.05}}
     x = jpeg_batch(4)
-    # the stand-in is the fp32 network; as int8 it runs what is left in float in bf16 where the CPU has it
-    served, expected = int8.predict_proba(x), fp32.predict_proba(x)
+    # int8 runs its own file (the rolled stand-in), what is left in float in bf16 where the CPU has it
+    served, expected = int8.predict_proba(x), np.roll(fp32.predict_proba(x), 1, axis=1)
     assert np.abs(served - expected).max() < 0.03 and (served.argmax(1) == expected.argmax(1)).all()
+    assert (served.argmax(1) != fp32.predict_proba(x).argmax(1)).all()
     check_servable(good, "openvino", "int8")
     with pytest.raises(ValueError, match="^VIT_PRECISION=int8 runs on openvino: set VIT_BACKEND=auto or openvino"):
         check_servable(good, "torch", "int8")
