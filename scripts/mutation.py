@@ -326,6 +326,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "vit_service.backends.base.x__writable__mutmut_1": (
         "return a if (a.flags.writeable) and False else np.array(a)",
         "a copy of a writable array holds the same values: only the copy's cost differs"),
+    "vit_service.backends.openvino_runtime.x_compile_for_cpu__mutmut_7": (
+        'hint = HINTS.get(precision) or ("BF16" if cpu_can_accelerate_bf16(read_cpu()) else "f32")',
+        "OpenVINO reads element type names in any case: a model compiled with BF16 reports bf16 (checked)"),
     **{"vit_service.backends.torch_runtime.xǁTorchRuntimeǁ__init____mutmut_" + n: (line, why) for n, line, why in [
         ("1", 'def __init__(self, source: ModelSource, precision: str = "XXautoXX", threads: int | None = None,',
          "load_backend always passes the precision: the default is never used"),

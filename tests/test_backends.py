@@ -308,6 +308,59 @@ def test_the_decision_key_holds_what_makes_a_verdict_valid() -> None:
     assert backends._version("no-such-runtime-package") == "not installed"
 
 
+def test_the_openvino_conversion_is_kept_in_full_precision(tiny_dir: Path, tmp_path: Path, monkeypatch,
+                                                           caplog) -> None:
+    """The conversion of a model without model.onnx is kept under the cache folder, at fp32 (the next
+    start reads exactly what this one computed), even where its folder exists already; without a cache
+    folder, or where it cannot be written, it is converted at every start, saying so."""
+    import openvino as ov
+
+    from vit_service.backends.base import ModelSource
+    from vit_service.backends.openvino_runtime import compile_for_cpu, convert, logger, network
+
+    source = ModelSource(tiny_dir)
+    x = jpeg_batch(3).astype(np.float32)  # (3, 3, 32, 32): the raw network takes any float input
+
+    def scores(model) -> np.ndarray:
+        return compile_for_cpu(model, "fp32").create_infer_request().infer([x])[0]
+
+    fresh = scores(convert(source.torch_model))
+    assert np.array_equal(scores(network(source, "fp32", None)), fresh)  # no cache folder: nothing kept
+    kept = tmp_path / "cache/openvino" / source.fingerprint / "model.xml"
+    kept.parent.mkdir(parents=True)  # left by an earlier start, or made by another worker just now
+    network(source, "fp32", tmp_path / "cache")
+    assert kept.is_file() and np.array_equal(scores(ov.Core().read_model(str(kept))), fresh)  # no fp16 rounding
+
+    (tmp_path / "readonly/openvino").parent.mkdir()
+    (tmp_path / "readonly/openvino").write_text("a file where the folder would go")
+    monkeypatch.setattr(logger, "handlers", [caplog.handler])  # BentoML's logger does not propagate
+    monkeypatch.setattr(logger, "propagate", False)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        assert np.array_equal(scores(network(source, "fp32", tmp_path / "readonly")), fresh)
+    (message,) = [r.getMessage() for r in caplog.records]
+    where = tmp_path / "readonly/openvino" / source.fingerprint / "model.xml"
+    assert re.fullmatch(f"could not keep the OpenVINO conversion in {re.escape(str(where))} \\(.*Not a directory.*\\): "
+                        "converting again at every start", message), message
+
+
+def test_openvino_runs_what_the_export_left_in_float_in_bf16_where_the_cpu_has_it(tiny_dir: Path, monkeypatch) -> None:
+    """fp32 and bf16 are what they say; int8's float remainder (and `auto`'s) in bf16 on a CPU with
+    bf16 instructions, else f32 (a fake AVX2-only CPU here)."""
+    from vit_service.backends import openvino_runtime
+    from vit_service.backends.openvino_runtime import compile_for_cpu, convert
+    from vit_service.host import cpu_can_accelerate_bf16, read_cpu
+
+    model = convert(build_tiny_model()[0])
+
+    def hint(precision: str) -> str:
+        return compile_for_cpu(model, precision).get_property("INFERENCE_PRECISION_HINT").to_string()
+
+    assert hint("fp32") == "f32"
+    assert hint("int8") == ("bf16" if cpu_can_accelerate_bf16(read_cpu()) else "f32")
+    monkeypatch.setattr(openvino_runtime, "read_cpu", lambda: AVX2_ONLY)
+    assert hint("int8") == "f32"
+
+
 def test_an_unknown_torch_precision_is_one_clear_error() -> None:
     import torch
 
