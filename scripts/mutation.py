@@ -326,6 +326,13 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "vit_service.backends.base.x__writable__mutmut_1": (
         "return a if (a.flags.writeable) and False else np.array(a)",
         "a copy of a writable array holds the same values: only the copy's cost differs"),
+    **{f"vit_service.backends.openvino_runtime.xǁOpenVINORuntimeǁ__init____mutmut_{n}": (
+        f'def __init__(self, source: ModelSource, precision: str = "{value}", threads: int | None = None,',
+        "load_backend always passes the precision: the default is never used") for n, value in [(1, "XXfp32XX"), (2, "FP32")]},
+    **{f"vit_service.backends.torch_runtime.x_resolve_device__mutmut_{n}": (
+        f'def resolve_device(name: str = "{value}") -> torch.device:',
+        "every caller (load_backend, vit-explain, bench/serve_load.py) passes the device: the default is never used")
+       for n, value in [(1, "XXautoXX"), (2, "AUTO")]},
     "vit_service.backends.openvino_runtime.x_compile_for_cpu__mutmut_7": (
         'hint = HINTS.get(precision) or ("BF16" if cpu_can_accelerate_bf16(read_cpu()) else "f32")',
         "OpenVINO reads element type names in any case: a model compiled with BF16 reports bf16 (checked)"),
