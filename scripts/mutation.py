@@ -333,6 +333,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         f'def resolve_device(name: str = "{value}") -> torch.device:',
         "every caller (load_backend, vit-explain, bench/serve_load.py) passes the device: the default is never used")
        for n, value in [(1, "XXautoXX"), (2, "AUTO")]},
+    **{f"vit_service.backends.torch_runtime.x_resolve_device__mutmut_{n}": (
+        f'return torch.device({line} else "cpu")', "no CUDA here: `auto` is the CPU either way; only a GPU run can tell")
+       for n, line in [(7, '"cuda" if (torch.cuda.is_available()) and False'), (9, '"XXcudaXX" if torch.cuda.is_available()'),
+                       (10, '"CUDA" if torch.cuda.is_available()')]},
     "vit_service.backends.openvino_runtime.x_compile_for_cpu__mutmut_7": (
         'hint = HINTS.get(precision) or ("BF16" if cpu_can_accelerate_bf16(read_cpu()) else "f32")',
         "OpenVINO reads element type names in any case: a model compiled with BF16 reports bf16 (checked)"),
