@@ -343,7 +343,7 @@ def test_the_openvino_conversion_is_kept_in_full_precision(tiny_dir: Path, tmp_p
                         "converting again at every start", message), message
 
 
-def test_openvino_runs_what_the_export_left_in_float_in_bf16_where_the_cpu_has_it(tiny_dir: Path, monkeypatch) -> None:
+def test_openvino_runs_an_int8_model_s_float_remainder_in_bf16_where_the_cpu_has_it(tiny_dir: Path, monkeypatch) -> None:
     """fp32 and bf16 are what they say; int8's float remainder (and `auto`'s) in bf16 on a CPU with
     bf16 instructions, else f32 (a fake AVX2-only CPU here)."""
     from vit_service.backends import openvino_runtime
