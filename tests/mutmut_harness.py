@@ -96,7 +96,6 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
                                                   + _TEST_FIXTURE_SECONDS.pop(item.nodeid, 0.0))
 
 
-
 def _init_args_through_mutmut_trampolines() -> None:
     """save_hyperparameters finds a module's arguments by walking the stack to its class's __init__
     frame (one with a `__class__` cell). mutmut's copy runs __init__'s body in a function named
