@@ -337,6 +337,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         f'return torch.device({line} else "cpu")', "no CUDA here: `auto` is the CPU either way; only a GPU run can tell")
        for n, line in [(7, '"cuda" if (torch.cuda.is_available()) and False'), (9, '"XXcudaXX" if torch.cuda.is_available()'),
                        (10, '"CUDA" if torch.cuda.is_available()')]},
+    "vit_service.backends.openvino_runtime.x_network__mutmut_40": (
+        "ov.save_model(model, str(tmp), compress_to_fp16=None)",
+        "OpenVINO's bool argument takes None as False: the weights stay fp32 (checked: the same .bin size, half "
+        "with True)"),
     "vit_service.backends.openvino_runtime.x_compile_for_cpu__mutmut_7": (
         'hint = HINTS.get(precision) or ("BF16" if cpu_can_accelerate_bf16(read_cpu()) else "f32")',
         "OpenVINO reads element type names in any case: a model compiled with BF16 reports bf16 (checked)"),

@@ -361,13 +361,15 @@ def test_openvino_runs_an_int8_model_s_float_remainder_in_bf16_where_the_cpu_has
     assert hint("int8") == "f32"
 
 
-def test_openvino_takes_its_threads_and_refuses_a_precision_it_does_not_run(tiny_dir: Path, tmp_path: Path) -> None:
+def test_openvino_takes_its_threads_unpinned_and_refuses_a_precision_it_does_not_run(tiny_dir: Path, tmp_path: Path) -> None:
     from vit_service.backends.base import ModelSource
     from vit_service.backends.openvino_runtime import OpenVINORuntime
 
     one = load_backend(tiny_dir, backend="openvino", precision="fp32", threads=1, cache=tmp_path)
     assert one.describe()["openvino_threads"] == 1
     assert one.runtime.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    # the service's decode threads share the cores: OpenVINO must not pin its own to them
+    assert one.runtime.compiled.get_property("ENABLE_CPU_PINNING") is False
     with pytest.raises(ValueError) as e:
         OpenVINORuntime(ModelSource(tiny_dir), precision="fp16", cache=tmp_path)
     assert str(e.value) == "OpenVINO runs fp32, bf16, int8, not 'fp16'"
