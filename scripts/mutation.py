@@ -337,6 +337,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         f'return torch.device({line} else "cpu")', "no CUDA here: `auto` is the CPU either way; only a GPU run can tell")
        for n, line in [(7, '"cuda" if (torch.cuda.is_available()) and False'), (9, '"XXcudaXX" if torch.cuda.is_available()'),
                        (10, '"CUDA" if torch.cuda.is_available()')]},
+    **{f"vit_service.backends.x_check_servable__mutmut_{n}": (
+        f'def check_servable(directory: str | os.PathLike[str], backend: str = "auto", precision: str = "{value}") '
+        "-> None:", "check_servable reads the precision only to tell int8 apart: any other default is the same")
+       for n, value in [(3, "XXautoXX"), (4, "AUTO")]},
     "vit_service.backends.openvino_runtime.x_network__mutmut_40": (
         "ov.save_model(model, str(tmp), compress_to_fp16=None)",
         "OpenVINO's bool argument takes None as False: the weights stay fp32 (checked: the same .bin size, half "

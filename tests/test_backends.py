@@ -55,6 +55,10 @@ def test_an_unknown_backend_is_a_start_up_error_naming_the_choices(tiny_dir: Pat
         check_servable(tiny_dir, "onnxruntime")
 
 
+def test_check_servable_alone_means_any_backend_at_any_precision(tiny_dir: Path) -> None:
+    assert check_servable(tiny_dir) is None  # auto/auto: an exported model always serves
+
+
 def test_candidates_follow_the_flags_the_guard_and_the_settings() -> None:
     _, artifact = build_tiny_model()
     labels = lambda cs: [c.label for c in cs]  # noqa: E731

@@ -120,6 +120,24 @@ def test_layer_decay_gives_each_block_its_own_lr(recipe_run: Run) -> None:
     assert {tuple(g["betas"]) for g in recipe_run.cli.trainer.optimizers[0].param_groups} == {(0.8, 0.99)}
 
 
+def test_a_model_config_naming_nothing_gets_deit_s_recipe() -> None:
+    """`model:` left out of a config (or `--model.*` unset): what `vit-train fit` builds is DeiT's
+    recipe on ViT-Tiny for ImageNet-1k (Touvron et al., 2021), as the module's docstring says."""
+    module = ViTClassifier()
+    config = module.model.config
+    assert (config.image_size, config.patch_size, config.embed_dim, config.depth, config.num_heads,
+            config.num_classes) == (224, 16, 192, 12, 3, 1000)
+    recipe = {k: v for k, v in module.hparams.items() if k not in ("preset", "num_classes")}
+    assert recipe == {"image_size": None, "model_overrides": None, "init_from": None, "init_prefer_ema": False,
+                      "lr": 5e-4, "lr_base_batch_size": 512, "weight_decay": 0.05, "betas": (0.9, 0.999),
+                      "warmup_epochs": 5.0, "min_lr_ratio": 0.01, "layer_decay": None, "label_smoothing": 0.1,
+                      "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mixup_prob": 1.0, "mixup_switch_prob": 0.5,
+                      "compile": False, "grad_checkpointing": False, "class_names": None, "preprocessing": None}
+    assert module.mixup is None and module.model.grad_checkpointing is False
+    assert isinstance(module.train_loss, torch.nn.CrossEntropyLoss) and module.train_loss.label_smoothing == 0.1
+    assert module.example_input_array.shape == (1, 3, 224, 224)  # the model summary's FLOPs input
+
+
 # --- loss: label smoothing, Mixup/CutMix soft targets --------------------------------------
 
 def test_label_smoothing_is_in_the_training_loss(plain_run: Run) -> None:
