@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 import vit_service.backends as backends
 from service_fixtures import (AVX2_ONLY, MODEL_NAME, REPO, WITH_BF16, bentoml_server, build_tiny_model, copy_tiny_model,
@@ -47,12 +48,36 @@ def test_every_registered_backend_loads_by_its_name() -> None:
         assert cls.name == name and "fp32" in cls.precisions
 
 
-@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime"])
-def test_an_unknown_backend_is_a_start_up_error_naming_the_choices(tiny_dir: Path, name: str) -> None:
-    with pytest.raises(ValueError, match=rf"VIT_BACKEND must be one of auto, torch, openvino, got '{name}'"):
-        load_backend(tiny_dir, backend=name)
-    with pytest.raises(ValueError, match="retired"):
-        check_servable(tiny_dir, "onnxruntime")
+@pytest.mark.parametrize("name, why", [
+    ("tensorrt", ""),
+    ("onnxruntime", " (onnxruntime serving was retired: openvino serves the same model.onnx, faster)")])
+def test_an_unknown_backend_is_a_start_up_error_naming_the_choices(tiny_dir: Path, name: str, why: str) -> None:
+    for check in (load_backend, check_servable):
+        with pytest.raises(ValueError) as e:
+            check(tiny_dir, backend=name)
+        assert str(e.value) == f"VIT_BACKEND must be one of auto, torch, openvino, got '{name}'{why}"
+
+
+def test_a_precision_no_backend_runs_is_a_start_up_error(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError) as e:
+        load_backend(tiny_dir, backend="openvino", precision="fp16")
+    assert str(e.value) == "no backend runs precision 'fp16' (VIT_BACKEND=openvino)"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there: VIT_DEVICE=cuda is nothing to refuse")
+def test_a_cuda_device_without_cuda_is_a_start_up_error(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError) as e:
+        load_backend(tiny_dir, backend="torch", device="cuda")
+    assert str(e.value) == "device 'cuda' requested but CUDA is not available"
+
+
+def test_a_compiled_model_is_torch_s_alone_even_where_several_could_serve(tiny_dir: Path, tmp_path: Path) -> None:
+    """torch.compile is torch's: with VIT_COMPILE set, `auto` builds torch at once (no race)."""
+    from vit_service.backends.torch_runtime import TorchRuntime
+
+    assert load_backend(tiny_dir, precision="fp32", cache=tmp_path).backend == "not chosen yet"  # raced at warm-up
+    compiled = load_backend(tiny_dir, precision="fp32", compile_mode="default", cache=tmp_path)
+    assert isinstance(compiled.runtime, TorchRuntime) and compiled.describe()["compile"] == "default"
 
 
 def test_check_servable_alone_means_any_backend_at_any_precision(tiny_dir: Path) -> None:
