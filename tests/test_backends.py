@@ -165,6 +165,14 @@ def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> 
     assert all(r > 0 for r in decision["rates_img_s"].values()) and len(decision["verdicts"]) == 3
     assert (first.backend, first.precision) == (decision["backend"], decision["precision"])
     assert decision["key"]["cpu"] == "AMD EPYC 9B14" and "avx512_bf16" in decision["key"]["flags"]
+    # a verdict holds for this model (its weights' digest), these settings and these runtimes' releases
+    from importlib.metadata import version
+
+    from vit_service.host import host_cores
+
+    assert {k: v for k, v in decision["key"].items() if k not in ("cpu", "flags")} == {
+        "model": first.source.fingerprint, "threads": host_cores(), "max_batch_size": 4, "backend": "auto",
+        "precision": "auto", "runtimes": {"torch": version("torch"), "openvino": version("openvino")}}
 
     def no_race(*args, **kwargs):
         raise AssertionError("timed again although a decision is kept for this host")
@@ -188,6 +196,11 @@ def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> 
     limit = load_backend(tiny_dir, cpu=WITH_BF16, cache=cache)
     limit.warmup(8)
     assert limit.describe()["decision"]["reused"] is False
+    # and another thread count
+    one_thread = load_backend(tiny_dir, cpu=AVX2_ONLY, cache=cache, threads=1)
+    one_thread.warmup(4)
+    assert one_thread.describe()["decision"]["reused"] is False
+    assert one_thread.describe()["decision"]["key"]["threads"] == 1
 
 
 def test_a_kept_decision_says_when_it_was_measured_in_utc(tmp_path: Path, monkeypatch, caplog) -> None:
