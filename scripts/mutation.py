@@ -341,6 +341,14 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         f'def check_servable(directory: str | os.PathLike[str], backend: str = "auto", precision: str = "{value}") '
         "-> None:", "check_servable reads the precision only to tell int8 apart: any other default is the same")
        for n, value in [(3, "XXautoXX"), (4, "AUTO")]},
+    "vit_service.backends.x_runtime_class__mutmut_3": (
+        'module, _, cls = REGISTRY[name][0].rpartition(":")',
+        'every REGISTRY entry has one ":" (module:Class): split at the first or the last, the same parts'),
+    **{f"vit_service.backends.x_load_backend__mutmut_{n}": (
+        f"return race({{c: Predictor(source, r, {arg}).predict_proba for c, r in built.items()}}, x)",
+        "the race only times the candidates: dividing the logits by T costs the same whether it is applied "
+        "or not; the Predictor that serves is built with `calibrated` (test_raw_setting_serves_the_plain_softmax)")
+       for n, arg in [(80, "None"), (83, "")]},
     "vit_service.backends.openvino_runtime.x_network__mutmut_40": (
         "ov.save_model(model, str(tmp), compress_to_fp16=None)",
         "OpenVINO's bool argument takes None as False: the weights stay fp32 (checked: the same .bin size, half "

@@ -71,6 +71,14 @@ def test_a_cuda_device_without_cuda_is_a_start_up_error(tiny_dir: Path) -> None:
     assert str(e.value) == "device 'cuda' requested but CUDA is not available"
 
 
+def test_a_predictor_needs_a_runtime_or_a_way_to_choose_one(tiny_dir: Path) -> None:
+    from vit_service.backends.base import ModelSource, Predictor
+
+    with pytest.raises(ValueError) as e:
+        Predictor(ModelSource(tiny_dir), None)
+    assert str(e.value) == "a Predictor needs a runtime or a way to choose one"
+
+
 def test_a_compiled_model_is_torch_s_alone_even_where_several_could_serve(tiny_dir: Path, tmp_path: Path) -> None:
     """torch.compile is torch's: with VIT_COMPILE set, `auto` builds torch at once (no race)."""
     from vit_service.backends.torch_runtime import TorchRuntime
@@ -153,6 +161,15 @@ def test_explain_uses_the_one_torch_model_on_every_backend(tiny_dir: Path) -> No
 
 def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> None:
     cache = tiny_dir.parent / "cache"
+    built: list[str] = []
+
+    def counted(name: str):  # the real runtime class, its builds written down
+        def build(source, precision: str, **kwargs):
+            built.append(f"{name} {precision}")
+            return runtime_class(name)(source, precision, **kwargs)
+        return build
+
+    monkeypatch.setattr(backends, "runtime_class", counted)
     first = load_backend(tiny_dir, cpu=WITH_BF16, cache=cache)
     assert first.backend == "not chosen yet"
     first.warmup(4)
@@ -177,6 +194,8 @@ def test_the_decision_is_measured_once_and_kept(tiny_dir: Path, monkeypatch) -> 
     def no_race(*args, **kwargs):
         raise AssertionError("timed again although a decision is kept for this host")
 
+    # each candidate was built once: the one that won serves as it was raced, never built again
+    assert built == ["torch fp32", "torch bf16", "openvino fp32", "openvino bf16"]
     monkeypatch.setattr(backends, "race", no_race)
     second = load_backend(tiny_dir, cpu=WITH_BF16, cache=cache)
     second.warmup(4)

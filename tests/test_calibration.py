@@ -113,6 +113,12 @@ def test_every_backend_serves_softmax_of_logits_over_t(calibrated_dir: Path, tmp
         info = predictor.describe()
         assert info["scores"] == "calibrated"
         assert info["calibration"] == {"temperature": T, "ece_before": 0.2, "ece_after": 0.05}, name
+    # a Predictor built by hand (as bench/serve_load.py builds one) serves the calibrated scores too
+    from vit_service.backends.base import ModelSource, Predictor
+    from vit_service.backends.torch_runtime import TorchRuntime
+
+    source = ModelSource(calibrated_dir)
+    assert np.abs(Predictor(source, TorchRuntime(source, "fp32")).predict_proba(x) - expected).max() <= 1e-6
     # /explain's probabilities are the served ones too (its explicit attention path: ~1e-6 apart)
     model, artifact = load_model(calibrated_dir)
     probs, _, _ = Explainer(model, artifact).explain_uint8(x)
@@ -123,9 +129,10 @@ def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch:
                                              tmp_path: Path) -> None:
     x = images(seed=1)
     plain = softmax64(logits_of(calibrated_dir, x))
-    for backend in ("torch", "openvino"):
+    for backend in ("torch", "openvino", "auto"):
         predictor = load_backend(calibrated_dir, backend=backend, device="cpu", precision="fp32", calibrated=False,
                                  cache=tmp_path)
+        predictor.warmup(2)  # auto's runtime is chosen here
         assert np.abs(predictor.predict_proba(x) - plain).max() <= 1e-6, backend
         assert predictor.describe()["scores"].startswith("raw")
         assert predictor.describe()["calibration"]["temperature"] == T  # shown, not applied
