@@ -278,6 +278,13 @@ def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
     module = _tiny_module(3)
     trainer, _ = _fit_on_tensors(module, 8, tmp_path)
     assert trainer.global_step == 2 and "data/skipped_files" not in trainer.callback_metrics
+    # the training loss per step and per epoch, the rest per epoch; the bar shows losses and accuracies,
+    # the clock and the image count go to the logger only
+    accuracies = {f"{split}/{name}" for split in ("train", "val") for name in ("acc1", "acc5", "balanced_acc1")}
+    shown = {"train/loss_step", "train/loss_epoch", "val/loss", *accuracies}
+    assert set(trainer.progress_bar_metrics) == shown
+    assert set(trainer.logged_metrics) == shown | {"time/elapsed_min", "val/images"}
+    assert 0 < float(trainer.logged_metrics["time/elapsed_min"]) < 60
     # the LR scales with its `batch_size`, as with --data.batch_size: 5e-4 x 4 / 512 (the defaults)
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(5e-4 * 4 / 512)
     trainer.save_checkpoint(tmp_path / "x.ckpt")
