@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -238,7 +239,7 @@ def test_predict_step_gives_the_top_k_of_the_softmax_for_any_batch(num_classes: 
             assert out["indices"].tolist() == expected.indices[:, :k].tolist()
 
 
-def _fit_on_tensors(module: ViTClassifier, images: int, root: Path):
+def _fit_on_tensors(module: ViTClassifier, images: int, root: Path, **trainer_args: Any):
     """A fit of one epoch on `images` random 32 px images in batches of 4 (6 to validate), through a
     DataModule of a user's own (a `batch_size` attribute, no `num_skipped_files`); returns the
     trainer and the LR of each step."""
@@ -264,7 +265,7 @@ def _fit_on_tensors(module: ViTClassifier, images: int, root: Path):
     lrs = StepLRs()
     lrs.seen = []
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, callbacks=[lrs])
+                        enable_model_summary=False, default_root_dir=root, callbacks=[lrs], **trainer_args)
     trainer.fit(module, datamodule=Tensors())
     return trainer, lrs.seen
 
@@ -295,6 +296,15 @@ def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
     assert isinstance(figures["train_time_s"], float) and figures["train_time_s"] == round(figures["train_time_s"], 1)
     assert {"val_loss", "val_acc1", "val_acc5", "val_balanced_acc1", "val_images"} <= figures.keys()
     assert figures["val_images"] == 6.0 and 0 <= figures["val_acc1"] <= 1
+
+
+def test_accumulated_gradients_count_in_the_global_batch(tmp_path: Path) -> None:
+    """Two batches of 4 accumulated are one optimizer step on 8 images: the LR of a batch of 8."""
+    module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, lr=1e-3, lr_base_batch_size=4,
+                           model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    trainer, _ = _fit_on_tensors(module, 16, tmp_path, accumulate_grad_batches=2)
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(1e-3 * 8 / 4)
 
 
 @pytest.mark.parametrize("images, factors", [(8, [0.5, 1.0]), (4, [1.0])])
