@@ -341,6 +341,10 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         f'def check_servable(directory: str | os.PathLike[str], backend: str = "auto", precision: str = "{value}") '
         "-> None:", "check_servable reads the precision only to tell int8 apart: any other default is the same")
        for n, value in [(3, "XXautoXX"), (4, "AUTO")]},
+    "vit_service.backends.base.xǁPredictorǁ__init____mutmut_21": (
+        'self.decision: dict[str, Any] | None = ""  # how the runtime was chosen (decision.py), for /model_info',
+        "every reader asks whether there is a decision by its truth (describe, bench/serve_load.py): \"\" reads "
+        "as None"),
     "vit_service.backends.x_runtime_class__mutmut_3": (
         'module, _, cls = REGISTRY[name][0].rpartition(":")',
         'every REGISTRY entry has one ":" (module:Class): split at the first or the last, the same parts'),
