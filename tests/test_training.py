@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import REPO, demo_config, run_cli, run_cli_in_process
+from tests.conftest import REPO, demo_config, run_cli_in_process
 from training.cli import run_cli as run_lightning_cli
 from training.module import ViTClassifier, warmup_cosine
 from vit_service.artifact import load_model
@@ -67,10 +67,9 @@ def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_pat
     """--trainer.limit_val_batches evaluates part of the val set: the progress line and the
     export say on how many images the val figures are (issue 30: "val top-1" of 1 class in 10)."""
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2)
-    # A subprocess: in-process, after other tests in the same xdist worker, the line once lacked the
-    # note (2026-12-07, not reproduced with this file alone; tests/HISTORY.md).
-    result = run_cli("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
-                     "--data.batch_size", "8")
+    # In-process: once made wrong there by another library's union (lightning_compat.forget_reordered_unions)
+    result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
+                                "--data.batch_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert "(val on 8 of 24 images)" in printed, printed[-3000:]
