@@ -238,7 +238,7 @@ def test_predict_step_gives_the_top_k_of_the_softmax_for_any_batch(num_classes: 
             assert out["indices"].tolist() == expected.indices[:, :k].tolist()
 
 
-def _fit_on_tensors(module: ViTClassifier, images: int, root: Path, **trainer_args: Any):
+def _fit_on_tensors(module: ViTClassifier, images: int, root: Path, callbacks: tuple = (), **trainer_args: Any):
     """A fit of one epoch on `images` random 32 px images in batches of 4 (6 to validate), through a
     DataModule of a user's own (a `batch_size` attribute, no `num_skipped_files`); returns the
     trainer and the LR of each step."""
@@ -264,7 +264,7 @@ def _fit_on_tensors(module: ViTClassifier, images: int, root: Path, **trainer_ar
     lrs = StepLRs()
     lrs.seen = []
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, callbacks=[lrs], **trainer_args)
+                        enable_model_summary=False, default_root_dir=root, callbacks=[*callbacks, lrs], **trainer_args)
     trainer.fit(module, datamodule=Tensors())
     return trainer, lrs.seen
 
@@ -285,6 +285,8 @@ def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
     assert set(trainer.progress_bar_metrics) == shown
     assert set(trainer.logged_metrics) == shown | {"time/elapsed_min", "val/images"}
     assert 0 < float(trainer.logged_metrics["time/elapsed_min"]) * 60 <= module._timer().time_elapsed()  # minutes
+    trainer.validate(module, datamodule=trainer.datamodule)  # the training clock is fit's alone
+    assert "val/acc1" in trainer.logged_metrics and "time/elapsed_min" not in trainer.logged_metrics
     # the LR scales with its `batch_size`, as with --data.batch_size: 5e-4 x 4 / 512 (the defaults)
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(5e-4 * 4 / 512)
     trainer.save_checkpoint(tmp_path / "x.ckpt")
@@ -297,13 +299,52 @@ def test_the_module_trains_with_a_datamodule_of_its_own(tmp_path: Path) -> None:
     assert figures["val_images"] == 6.0 and 0 <= figures["val_acc1"] <= 1
 
 
-def test_accumulated_gradients_count_in_the_global_batch(tmp_path: Path) -> None:
-    """Two batches of 4 accumulated are one optimizer step on 8 images: the LR of a batch of 8."""
+def test_loaders_handed_to_fit_scale_the_lr_by_the_module_s_batch_size_or_say_they_cannot(tmp_path: Path) -> None:
+    """`trainer.fit(module, loader)` has no data module to read the batch size from: the module's own
+    `batch_size` (Lightning's batch-size finder looks there too), else a batch of 1 and a warning."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 3), batch_size=4)
     module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, lr=1e-3, lr_base_batch_size=4,
                            model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
-    trainer, _ = _fit_on_tensors(module, 16, tmp_path, accumulate_grad_batches=2)
+
+    def peak_lr() -> float:
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, train_dataloaders=loader)
+        assert trainer.global_step == 2
+        return trainer.optimizers[0].param_groups[0]["initial_lr"]
+
+    with pytest.warns(UserWarning, match="^no `batch_size` on the module or its data module: the LR is scaled for "
+                                         "a per-device batch of 1"):
+        assert peak_lr() == pytest.approx(1e-3 * 1 / 4)
+    module.batch_size = 4
+    assert peak_lr() == pytest.approx(1e-3 * 4 / 4)
+
+
+def test_accumulated_gradients_count_in_the_global_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two batches of 4 accumulated are one optimizer step on 8 images: the LR of a batch of 8, and
+    the run's first lines say so."""
+    module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, lr=1e-3, lr_base_batch_size=4,
+                           model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    with caplog.at_level("INFO", logger="training.module"):
+        trainer, _ = _fit_on_tensors(module, 16, tmp_path, accumulate_grad_batches=2)
     assert trainer.global_step == 2
     assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(1e-3 * 8 / 4)
+    assert "optimizer: AdamW, global batch 8, peak lr 0.002, 1 warmup / 2 total steps" in caplog.messages
+
+
+def test_a_time_budget_drives_the_lr_on_its_clock(tmp_path: Path) -> None:
+    """With a TimeBudget the schedule runs on the budget's share spent, not on steps: two steps into a
+    100-hour budget (warmup: its first half) the LR has barely left the warmup's start (1e-3 of the
+    peak), where the step schedule would be at 1/2 and 1/1 of the peak; it rises with the clock."""
+    from training.callbacks import TimeBudget
+
+    module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, lr=1e-3, lr_base_batch_size=4,
+                           warmup_epochs=0.5, model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    _, lrs = _fit_on_tensors(module, 8, tmp_path, callbacks=(TimeBudget(minutes=6000, warmup_fraction=0.5),))
+    assert len(lrs) == 2 and all(1e-3 * 1e-3 <= lr < 1e-3 * 1e-2 for lr in lrs) and lrs[1] > lrs[0]
 
 
 @pytest.mark.parametrize("images, factors", [(8, [0.5, 1.0]), (4, [1.0])])

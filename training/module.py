@@ -10,7 +10,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, Timer
-from lightning.pytorch.utilities.parsing import lightning_getattr
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -201,9 +202,15 @@ class ViTClassifier(L.LightningModule):
         return timer if isinstance(timer, TimeBudget) else None
 
     def _global_batch_size(self) -> int:
-        # The per-device batch where Lightning's batch-size finder looks for it: a data module's
-        # `batch_size` hyper-parameter (ours: --data.batch_size) or attribute (a user's own module).
-        per_device = lightning_getattr(self, "batch_size") if self.trainer.datamodule is not None else 1
+        # The per-device batch where Lightning's batch-size finder looks for it: a `batch_size`
+        # attribute or hyper-parameter of this module or of the data module (ours: --data.batch_size).
+        if lightning_hasattr(self, "batch_size"):
+            per_device = lightning_getattr(self, "batch_size")
+        else:  # loaders handed straight to trainer.fit: nothing says their batch size this early
+            rank_zero_warn("no `batch_size` on the module or its data module: the LR is scaled for a per-device "
+                           "batch of 1 (lr x global batch / lr_base_batch_size); set the module's `batch_size` "
+                           "to the training loader's")
+            per_device = 1
         return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     # The architecture, training time and last validation scores travel in the checkpoint.
