@@ -385,6 +385,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
                                                                                            (26, "rank_zero_only=False")]],
         ("configure_optimizers__mutmut_39", "optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))",
          "every parameter group carries its own lr (set just above): AdamW's default lr is never used"),
+        ("configure_optimizers__mutmut_58", "steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 2)",
+         "Lightning's max_epochs is never None (1000 by default, -1 with max_steps); at 0 nothing trains and "
+         "warmup_steps is min(..., total_steps - 1) = 0 either way"),
+        ("on_validation_epoch_end__mutmut_4", 'if self.trainer.state.fn == "FIT" and not self.trainer.sanity_checking:',
+         "Lightning's TrainerFn compares strings case-insensitively (LightningEnum): \"FIT\" is \"fit\" (checked)"),
+        *[(f"on_validation_epoch_end__mutmut_{n}",
+           f'self.log("time/elapsed_min", self._timer().time_elapsed() / 60, {args})',
+           "rank_zero_only only matters with several processes, whose logger writes on rank 0 either way "
+           "(test_ddp.py's ranks are subprocesses mutmut does not follow)") for n, args in [(8, "rank_zero_only=None"),
+                                                                                           (11, "")]],
+        ("lr_scheduler_step__mutmut_3", "super().lr_scheduler_step(scheduler, None)",
+         "Lightning passes metric=None to a schedule that is not ReduceLROnPlateau, and LambdaLR.step takes none: "
+         "the same call"),
     ]},
     # training/data.py
     **{"training.data.xǁImageFolderDataModuleǁ" + name: (line, why) for name, line, why in [
