@@ -126,6 +126,8 @@ _FP16 = ("OpenVINO's fp16 compression leaves an NNCF int8 model's constants f32:
          "(checked on the tiny model, 124,720 bytes either way)")
 _VALIDATE = ("validate only raises where a pattern matches no node; both recipes' patterns (none, and the patch "
              "embedding) are valid on the converted ViT, so True, None (false) and the default give the same scope")
+_SYNC = ("syncing or rank-zero logging only matters with several processes (test_ddp.py's ranks are subprocesses "
+         "mutmut does not follow)")
 _LOGITS_2D = "logits are 2-D (B, K): dimension 1 is dimension -1"
 _TOPK_DIM = "topk's default dimension is -1"
 _F32 = "torch.eye's default dtype is float32 (torch's default dtype, never changed here)"
@@ -395,6 +397,25 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
            "rank_zero_only only matters with several processes, whose logger writes on rank 0 either way "
            "(test_ddp.py's ranks are subprocesses mutmut does not follow)") for n, args in [(8, "rank_zero_only=None"),
                                                                                            (11, "")]],
+        ("_step__mutmut_44", "on_step = None",
+         "Lightning's defaults where on_step is None: per step in training_step, per epoch elsewhere, as set; "
+         "sync_dist=not None then syncs the training step's loss, which only matters with several processes"),
+        *[(f"_step__mutmut_{n}", f'self.log(f"{{split}}/images", float(len(y)), {args}', why) for n, args, why in [
+            (53, 'on_step=None, on_epoch=True, reduce_fx="sum", sync_dist=True,',
+             "on_step's default outside training_step is False, as set"),
+            (60, 'on_epoch=True, reduce_fx="sum", sync_dist=True,', "on_step's default outside training_step is False, as set"),
+            (54, 'on_step=False, on_epoch=None, reduce_fx="sum", sync_dist=True,',
+             "on_epoch's default outside training_step is True, as set"),
+            (61, 'on_step=False, reduce_fx="sum", sync_dist=True,', "on_epoch's default outside training_step is True, as set"),
+            (56, 'on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=None,', _SYNC),
+            (63, 'on_step=False, on_epoch=True, reduce_fx="sum", batch_size=len(y))', _SYNC),
+            (69, 'on_step=False, on_epoch=True, reduce_fx="SUM", sync_dist=True,',
+             "Lightning lower-cases reduce_fx before it reads it"),
+        ]],
+        *[(f"_step__mutmut_{n}", line, "a sum is not weighted by batch size (only a mean is); Lightning's own guess "
+           "from the batch is len(y) anyway") for n, line in [(57, "batch_size=None)"), (64, ")")]],
+        ("on_validation_epoch_end__mutmut_16",
+         'self.log("time/elapsed_min", self._timer().time_elapsed() / 60, rank_zero_only=False)', _SYNC),
         ("lr_scheduler_step__mutmut_3", "super().lr_scheduler_step(scheduler, None)",
          "Lightning passes metric=None to a schedule that is not ReduceLROnPlateau, and LambdaLR.step takes none: "
          "the same call"),
