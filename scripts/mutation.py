@@ -414,6 +414,19 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ]],
         *[(f"_step__mutmut_{n}", line, "a sum is not weighted by batch size (only a mean is); Lightning's own guess "
            "from the batch is len(y) anyway") for n, line in [(57, "batch_size=None)"), (64, ")")]],
+        *[(f"_step__mutmut_{n}", f'self.log(f"{{split}}/{what}", {args}', _SYNC) for n, what, args in [
+            (70, "images", 'float(len(y)), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=False,'),
+            (76, "loss", "loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=None)"),
+            (82, "loss", "loss, prog_bar=True, on_step=on_step, on_epoch=True, )"),
+            (85, "loss", "loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=on_step)"),
+        ]],
+        *[(f"_step__mutmut_{n}", f'self.log(f"{{split}}/loss", loss, prog_bar=True, {args}',
+           "Lightning's default where on_step is None or left out: per step in training_step, not elsewhere: as set")
+          for n, args in [(74, "on_step=None, on_epoch=True, sync_dist=not on_step)"),
+                          (80, "on_epoch=True, sync_dist=not on_step)")]],
+        *[(f"configure_callbacks__mutmut_{n}", f"return [] if self._timer() else [Timer(verbose={v})]",
+           "a Timer prints only when its duration is reached, and this one has none") for n, v in [(3, "None"),
+                                                                                                 (4, "True")]],
         ("on_validation_epoch_end__mutmut_16",
          'self.log("time/elapsed_min", self._timer().time_elapsed() / 60, rank_zero_only=False)', _SYNC),
         ("lr_scheduler_step__mutmut_3", "super().lr_scheduler_step(scheduler, None)",

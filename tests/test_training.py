@@ -329,6 +329,38 @@ def test_loaders_handed_to_fit_scale_the_lr_by_the_module_s_batch_size_or_say_th
     assert peak_lr() == pytest.approx(1e-3 * 4 / 4)
 
 
+def test_init_from_takes_a_folder_s_architecture_and_a_checkpoint_s_ema_when_asked(tmp_path: Path) -> None:
+    """--model.init_from a transformers folder builds its architecture (the preset goes unused) with
+    its weights; from a vit-train checkpoint that kept EMA weights, the raw ones, or the EMA with
+    --model.init_prefer_ema true."""
+    from vit_service.artifact import ModelArtifact
+    from vit_service.formats.transformers_vit import save_transformers_folder
+    from vit_service.model import ViTConfig, VisionTransformer
+    from vit_service.preprocessing import Preprocessing
+
+    def weights_equal(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+    config = ViTConfig(image_size=32, patch_size=8, num_classes=3, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
+    source = VisionTransformer(config)
+    save_transformers_folder(source, ModelArtifact(config, ["a", "b", "c"], Preprocessing(32, 1.0)), tmp_path / "hf")
+    module = ViTClassifier("vit_demo_patch8_64", num_classes=3, init_from=str(tmp_path / "hf"))
+    built = module.model.config
+    assert (built.embed_dim, built.depth, built.num_heads, built.mlp_ratio) == (48, 2, 3, 2.0)
+    assert weights_equal(module.model, source.state_dict())
+
+    tiny = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    raw = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, model_overrides=tiny).model.state_dict()
+    ema = {k: v + 1 for k, v in raw.items()}
+    torch.save({"epoch": 1, "global_step": 2, "pytorch-lightning_version": "2.6.0",
+                "state_dict": {**{f"model.{k}": v for k, v in raw.items()},
+                               **{f"ema.module.{k}": v for k, v in ema.items()}}}, tmp_path / "run.ckpt")
+    for prefer_ema, expected in ((False, raw), (True, ema)):
+        started = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, model_overrides=tiny,
+                                init_from=str(tmp_path / "run.ckpt"), init_prefer_ema=prefer_ema)
+        assert weights_equal(started.model, expected), prefer_ema
+
+
 def test_accumulated_gradients_count_in_the_global_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two batches of 4 accumulated are one optimizer step on 8 images: the LR of a batch of 8, and
     the run's first lines say so."""
