@@ -138,6 +138,19 @@ def test_a_model_config_naming_nothing_gets_deit_s_recipe() -> None:
     assert module.example_input_array.shape == (1, 3, 224, 224)  # the model summary's FLOPs input
 
 
+@pytest.mark.parametrize("mixup_alpha, cutmix_alpha", [(0.8, 0.0), (0.0, 1.0), (0.3, 0.7)])
+def test_mixup_or_cutmix_alone_mixes_batches_with_every_setting_given(mixup_alpha: float, cutmix_alpha: float) -> None:
+    from timm.loss import SoftTargetCrossEntropy
+
+    module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, mixup_alpha=mixup_alpha,
+                           cutmix_alpha=cutmix_alpha, mixup_prob=0.6, mixup_switch_prob=0.2, label_smoothing=0.05,
+                           model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    mixup = module.mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
+            mixup.num_classes) == (mixup_alpha, cutmix_alpha, 0.6, 0.2, 0.05, 3)
+    assert isinstance(module.train_loss, SoftTargetCrossEntropy)  # Mixup's targets carry the smoothing
+
+
 # --- loss: label smoothing, Mixup/CutMix soft targets --------------------------------------
 
 def test_label_smoothing_is_in_the_training_loss(plain_run: Run) -> None:

@@ -361,6 +361,17 @@ def test_init_from_takes_a_folder_s_architecture_and_a_checkpoint_s_ema_when_ask
         assert weights_equal(started.model, expected), prefer_ema
 
 
+def test_init_from_says_what_it_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tiny = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    weights = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, model_overrides=tiny).model.state_dict()
+    torch.save(weights, tmp_path / "weights.pth")
+    with caplog.at_level("INFO", logger="training.module"):
+        ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, model_overrides=tiny,
+                      init_from=str(tmp_path / "weights.pth"))
+    assert [m for m in caplog.messages if m.startswith("init_from: ")] == [
+        f"init_from: loaded {len(weights)} tensors from {tmp_path / 'weights.pth'} (timm)"]
+
+
 def test_accumulated_gradients_count_in_the_global_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two batches of 4 accumulated are one optimizer step on 8 images: the LR of a batch of 8, and
     the run's first lines say so."""
