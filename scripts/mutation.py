@@ -370,6 +370,15 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
         ("22", "torch.backends.cuda.matmul.allow_tf32 = False", _CPU + " (TF32 matmuls)"),
     ]},
     # training/module.py
+    **{f"training.module.x__accuracy_metrics__mutmut_{n}": (line, why) for n, line, why in [
+        (7, '{"acc1": MulticlassAccuracy(None, top_k=1, average="micro"),',
+         "a micro average counts right answers over all images: it needs no class count (torchmetrics' default None)"),
+        (10, '{"acc1": MulticlassAccuracy(top_k=1, average="micro"),',
+         "a micro average counts right answers over all images: it needs no class count (torchmetrics' default None)"),
+        (11, '{"acc1": MulticlassAccuracy(num_classes, average="micro"),', "torchmetrics' default top_k is 1"),
+        (37, '"balanced_acc1": MulticlassAccuracy(num_classes, average="macro")},', "torchmetrics' default top_k is 1"),
+        (38, '"balanced_acc1": MulticlassAccuracy(num_classes, top_k=1, )},', "torchmetrics' default average is macro"),
+    ]},
     **{"training.module.xǁViTClassifierǁ" + name: (line, why) for name, line, why in [
         ("predict_step__mutmut_8", "probs = self(x).softmax(dim=+1)", _LOGITS_2D),
         ("predict_step__mutmut_14", "scores, indices = probs.topk(min(5, probs.shape[-1]), )", _TOPK_DIM),

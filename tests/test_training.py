@@ -61,6 +61,10 @@ def test_acc1_is_top1_accuracy_and_the_class_mean_has_its_own_name() -> None:
     values = {k: float(v) for k, v in metrics.compute().items()}
     assert values["val/acc1"] == pytest.approx(0.9)
     assert values["val/balanced_acc1"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)
+    # acc5 likewise: of 7 classes, every image ranks 0-4 first; 9 of 10 labels are among them (micro)
+    metrics = _accuracy_metrics(7, "val/")
+    metrics.update(torch.arange(7, 0, -1).float().expand(10, 7), torch.tensor([0] * 8 + [1, 6]))
+    assert float(metrics.compute()["val/acc5"]) == pytest.approx(0.9)
 
 
 def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_path: Path) -> None:
