@@ -326,9 +326,11 @@ def test_loaders_handed_to_fit_scale_the_lr_by_the_module_s_batch_size_or_say_th
         assert trainer.global_step == 2
         return trainer.optimizers[0].param_groups[0]["initial_lr"]
 
-    with pytest.warns(UserWarning, match="^no `batch_size` on the module or its data module: the LR is scaled for "
-                                         "a per-device batch of 1"):
+    with pytest.warns(UserWarning) as warned:
         assert peak_lr() == pytest.approx(1e-3 * 1 / 4)
+    assert ("no `batch_size` on the module or its data module: the LR is scaled for a per-device batch of 1 "
+            "(lr x global batch / lr_base_batch_size); set the module's `batch_size` to the training loader's"
+            ) in [str(w.message) for w in warned]
     module.batch_size = 4
     assert peak_lr() == pytest.approx(1e-3 * 4 / 4)
 
@@ -396,8 +398,13 @@ def test_a_time_budget_drives_the_lr_on_its_clock(tmp_path: Path) -> None:
 
     module = ViTClassifier("vit_demo_patch8_64", num_classes=3, image_size=32, lr=1e-3, lr_base_batch_size=4,
                            warmup_epochs=0.5, model_overrides={"depth": 1, "embed_dim": 32, "num_heads": 2})
-    _, lrs = _fit_on_tensors(module, 8, tmp_path, callbacks=(TimeBudget(minutes=6000, warmup_fraction=0.5),))
+    budget = TimeBudget(minutes=6000, warmup_fraction=0.5)
+    trainer, lrs = _fit_on_tensors(module, 8, tmp_path, callbacks=(budget,))
     assert len(lrs) == 2 and all(1e-3 * 1e-3 <= lr < 1e-3 * 1e-2 for lr in lrs) and lrs[1] > lrs[0]
+    # one training clock: the budget is the run's Timer, no second one beside it (one in every other run)
+    from lightning.pytorch.callbacks import Timer
+
+    assert [cb for cb in trainer.callbacks if isinstance(cb, Timer)] == [budget]
 
 
 @pytest.mark.parametrize("images, factors", [(8, [0.5, 1.0]), (4, [1.0])])
