@@ -90,8 +90,7 @@ def test_lightning_still_builds_the_deprecated_leafspec() -> None:
 
 
 def test_jsonargparse_still_wraps_a_three_member_optional_in_optional_again() -> None:
-    """The cause forget_reordered_unions works around (fails once jsonargparse knows such hints:
-    then remove it and its call in training/cli.py)."""
+    """One cause keep_trainer_counts_integers works around (fails once jsonargparse knows such hints)."""
     from typing import Optional, Union
 
     from jsonargparse._typehints import is_optional
@@ -99,14 +98,32 @@ def test_jsonargparse_still_wraps_a_three_member_optional_in_optional_again() ->
     assert is_optional(Optional[Union[int, float]], object) is False
 
 
-def test_an_earlier_reordered_union_leaves_limit_val_batches_a_batch_count(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """In a process that made `Union[float, int, None]` before (any library may), `vit-train`'s
-    `--trainer.limit_val_batches 1` is still one batch, not 1.0 (all of them)."""
-    from typing import Optional, Union
+def test_lightning_imported_after_nncf_still_gets_float_first_count_hints() -> None:
+    """The other cause: typing hands trainer.py fabric.py's `Optional[Union[float, int]]` (fails
+    once that stops: then keep_trainer_counts_integers' reordering can go)."""
+    import subprocess
+    import sys
+
+    code = ("import inspect, nncf\nfrom lightning.pytorch import Trainer\n"
+            "print(inspect.signature(Trainer.__init__).parameters['limit_val_batches'].annotation)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "typing.Union[float, int, NoneType]", out.stderr[-2000:]
+
+
+def test_limit_val_batches_1_stays_one_batch_whatever_the_process_made_before(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways a process turns `--trainer.limit_val_batches 1` into 1.0 (all of validation): the
+    Trainer's hint float first (as after `import nncf`) and an equal float-first union in typing's
+    cache. vit-train still parses one batch."""
+    import inspect
+    from typing import Optional, Union, get_args
 
     from training.cli import run_cli
 
+    hints = inspect.unwrap(L.Trainer.__init__).__annotations__
+    for name, hint in list(hints.items()):  # every int-or-float hint float first, as after `import nncf`
+        if {int, float} <= set(get_args(hint)):
+            monkeypatch.setitem(hints, name, Union[(float, int, *(m for m in get_args(hint) if m not in (int, float)))])
     reordered = Optional[Union[float, int, None]]  # noqa: F841 (kept in typing's cache)
     with pytest.raises(SystemExit):
         run_cli(["fit", "--data.train_dir", str(tmp_path), "--trainer.limit_val_batches", "1", "--print_config"])

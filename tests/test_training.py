@@ -71,7 +71,7 @@ def test_a_limited_validation_says_so_beside_the_figure(demo_data: Path, tmp_pat
     """--trainer.limit_val_batches evaluates part of the val set: the progress line and the
     export say on how many images the val figures are (issue 30: "val top-1" of 1 class in 10)."""
     config = demo_config(tmp_path, demo_data, max_epochs=1, limit_train_batches=2)
-    # In-process: once made wrong there by another library's union (lightning_compat.forget_reordered_unions)
+    # in-process, where `1` once parsed as 1.0 (lightning_compat.keep_trainer_counts_integers)
     result = run_cli_in_process("vit-train", "fit", "--config", str(config), "--trainer.limit_val_batches", "1",
                                 "--data.batch_size", "8")
     assert result.returncode == 0, result.stderr[-3000:]

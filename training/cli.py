@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from training.data import ImageFolderDataModule
 from training.folder_dataset import DatasetError
-from training.lightning_compat import PrecisionInput, forget_reordered_unions, hide_lightning_pytree_warning
+from training.lightning_compat import PrecisionInput, hide_lightning_pytree_warning, keep_trainer_counts_integers
 from training.module import ViTClassifier
 from training.precision import AUTO, PRECISION_ENV, resolve_config_precision
 from training.predict import PredictionFileWriter
@@ -50,7 +50,7 @@ class ViTCLI(LightningCLI):
     def __init__(self, *args: Any, trainer_class: Any = None, run_folders: RunFolders | None = None,
                  **kwargs: Any) -> None:
         self.run_folders = run_folders or RunFolders()  # set before parsing: instantiation uses it
-        forget_reordered_unions()  # else --trainer.limit_val_batches 1 may parse as 1.0 (lightning_compat.py)
+        keep_trainer_counts_integers()  # else --trainer.limit_val_batches 1 may parse as 1.0 (lightning_compat.py)
         # ViTTrainer by default, so `precision: auto` parses however the CLI is built.
         super().__init__(*args, trainer_class=trainer_class or ViTTrainer, **kwargs)
 

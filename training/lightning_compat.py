@@ -8,6 +8,7 @@ that the bug still exists, so the workaround goes once it is fixed).
 from __future__ import annotations
 
 import csv
+import inspect
 import typing
 import warnings
 
@@ -23,18 +24,32 @@ from lightning.pytorch.trainer.states import TrainerFn
 PrecisionInput = _PRECISION_INPUT
 
 
-def forget_reordered_unions() -> None:
-    """Empties typing's caches of subscripted types; LightningCLI calls it before it builds its parser.
+def keep_trainer_counts_integers() -> None:
+    """Makes `--trainer.limit_val_batches 1` one batch again wherever the process has been; ViTCLI
+    calls it before it builds its parser.
 
-    jsonargparse wraps a hint that already allows None in `Optional[...]` once more when it has more
-    than two members (its `is_optional` knows `Optional[X]` only), and typing caches unions by
-    equality, under which the same members in another order are equal: Lightning's
-    `limit_val_batches: Optional[Union[int, float]]` came back as an earlier `Union[float, int, None]`,
-    parsed float first, so `--trainer.limit_val_batches 1` ran 1.0, all of the validation set. This
-    happened in a process that had made such a union before (tests running `vit-train` in-process);
-    a fresh `vit-train` process never has one. Not yet reported upstream (no network here);
-    test_lightning_compat.py fails once jsonargparse stops adding the second Optional.
-    `typing._cleanups` is typing's own list of its caches' `cache_clear` (private; there in Python 3.11)."""
+    typing caches unions by equality, under which the same members in another order are equal, so
+    `Optional[Union[int, float]]` can come back as an earlier `Union[float, int, None]`, and
+    jsonargparse tries a union's members in order: parsed float first, `1` became 1.0, all of the
+    validation set instead of one batch. It happens twice over:
+    - at import: Lightning's fabric.py makes `Optional[Union[float, int]]`, and trainer.py then
+      gets it for its own `Optional[Union[int, float]]` hints unless enough else is imported between
+      them to push it out of typing's cache; after `import nncf` (so in any process that quantizes
+      first, and in the test suite) it is not;
+    - at parser build: jsonargparse wraps those three-member hints in `Optional[...]` again (its
+      `is_optional` knows `Optional[X]` only), which returns any equal union made earlier.
+    So: int back before float in the Trainer's own hints (every int-or-float one of them counts
+    batches or steps when an int: limit_*_batches, val_check_interval, overfit_batches, ...), then
+    typing's caches emptied (`typing._cleanups`, its own list of their `cache_clear`; private, there
+    in Python 3.11). Not reported upstream yet (no network here); test_lightning_compat.py checks
+    both causes still exist."""
+    hints = inspect.unwrap(L.Trainer.__init__).__annotations__
+    for name, hint in hints.items():
+        members = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union and {int, float} <= set(members) \
+                and members.index(float) < members.index(int):
+            ordered = [int if m is float else float if m is int else m for m in members]
+            hints[name] = typing.Union[tuple(ordered)]  # keyed by the tuple, in order: never a reordered one
     for clear in getattr(typing, "_cleanups", ()):
         clear()
 
