@@ -26,6 +26,10 @@ from vit_service.quantize import evaluation_images
 from vit_service.serving.settings import Settings
 
 T = 1.7
+# fp32 kernels differ by runtime and host: OpenVINO's on an Intel Xeon with AMX came 1.4e-6 from
+# torch's on these probabilities (2026-12-07), 1e-6 had held on AMD hosts. Temperature 1.7 moves
+# them by more than 0.01, so this still tells calibrated from raw scores.
+FP32_RUNTIMES_AGREE = 1e-5
 
 
 def softmax64(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -107,7 +111,7 @@ def test_every_backend_serves_softmax_of_logits_over_t(calibrated_dir: Path, tmp
     assert predictors["auto"].backend in ("torch", "openvino")
     for name, predictor in predictors.items():
         got = predictor.predict_proba(x)
-        assert np.abs(got - expected).max() <= 1e-6, name
+        assert np.abs(got - expected).max() <= FP32_RUNTIMES_AGREE, name
         # top-1 and the order of every class are those of the plain softmax
         assert (np.argsort(-got, axis=1, kind="stable") == np.argsort(-plain, axis=1, kind="stable")).all(), name
         info = predictor.describe()
@@ -133,7 +137,7 @@ def test_raw_setting_serves_the_plain_softmax(calibrated_dir: Path, monkeypatch:
         predictor = load_backend(calibrated_dir, backend=backend, device="cpu", precision="fp32", calibrated=False,
                                  cache=tmp_path)
         predictor.warmup(2)  # auto's runtime is chosen here
-        assert np.abs(predictor.predict_proba(x) - plain).max() <= 1e-6, backend
+        assert np.abs(predictor.predict_proba(x) - plain).max() <= FP32_RUNTIMES_AGREE, backend
         assert predictor.describe()["scores"].startswith("raw")
         assert predictor.describe()["calibration"]["temperature"] == T  # shown, not applied
     model, artifact = load_model(calibrated_dir)
@@ -183,7 +187,7 @@ def test_a_model_exported_before_calibration_still_serves(calibrated_dir: Path, 
     plain = softmax64(logits_of(old, x))
     for backend in ("torch", "openvino"):
         predictor = load_backend(old, backend=backend, device="cpu", precision="fp32", cache=tmp_path)
-        assert np.abs(predictor.predict_proba(x) - plain).max() <= 1e-6
+        assert np.abs(predictor.predict_proba(x) - plain).max() <= FP32_RUNTIMES_AGREE, backend
         info = predictor.describe()
         assert info["calibration"] is None and info["scores"] == "raw (the model has no calibration)"
     manifest["calibration"] = {"temperature": -1}
