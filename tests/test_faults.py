@@ -121,7 +121,7 @@ def test_two_workers_absorb_a_worker_crash(store, tmp_path):
     with server(store, tmp_path, workers=2, gate=gate) as url:
         load = Load(url, clients=4).start()
         try:
-            time.sleep(6)  # load before the kill
+            time.sleep(2)  # load before the kill (a few hundred answers)
             gate.unlink()  # the replacement's warm-up now waits for the gate
             t_kill = load.now()
             victim, before = kill_a_worker(url, expected=2)
@@ -132,11 +132,11 @@ def test_two_workers_absorb_a_worker_crash(store, tmp_path):
             poll(lambda: log.read_text(), attempts=2400,
                  until=lambda text: text.count("warming up before accepting connections") >= 2
                  or text.count("Service vit_classifier initialized") >= 3)
-            time.sleep(6)  # it cannot get warm: it must take no connection meanwhile
+            time.sleep(3)  # it cannot get warm: it must take no connection meanwhile
             t_gate = load.now()
             gate.touch()
             assert poll(lambda: ready_lines(log), until=lambda n: n >= 3, attempts=1200) >= 3
-            time.sleep(3)  # and some load with both workers serving again
+            time.sleep(1.5)  # and some load with both workers serving again
         finally:
             gate.touch()  # never leave a worker held at the gate (it would outlive the server)
             load.finish()
