@@ -191,3 +191,29 @@ def test_load_model_refuses_weights_that_do_not_fill_the_model(tmp_path: Path) -
     save_safetensors({k: v for k, v in _weights(folder).items() if k != "head.bias"}, folder / WEIGHTS_FILE)
     with pytest.raises(RuntimeError, match="Missing key"):
         load_model(folder)
+
+
+def test_load_model_gives_the_files_weights_in_fp32_with_gradients_on(tmp_path: Path) -> None:
+    """load_model builds the model on the meta device and assigns the file's tensors to it: the
+    model holds exactly those values, as fp32 parameters that train (a file saved in bf16 too)."""
+    folder = _saved(tmp_path)
+    saved = _weights(folder)
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in saved.items()}, folder / WEIGHTS_FILE)
+    model, _ = load_model(folder)
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    for name, value in state.items():
+        assert value.dtype == torch.float32 and value.device.type == "cpu", name
+        assert torch.equal(value, saved[name].to(torch.bfloat16).float()), name
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_a_cpu_build_draws_timms_init() -> None:
+    """Only a meta build skips the random draw (tests/test_service.py: a served model's start): one
+    on the CPU is initialised as timm's, trunc-normal(0.02) pos_embed and Linear weights, zero biases."""
+    model, _ = build_tiny_model()
+    torch.manual_seed(0)
+    fresh = type(model)(model.config)
+    assert 0.01 < fresh.pos_embed.std().item() < 0.03
+    assert 0 < fresh.cls_token.abs().max().item() < 1e-5
+    assert 0.01 < fresh.head.weight.std().item() < 0.03 and not fresh.head.bias.any()

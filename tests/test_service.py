@@ -640,6 +640,26 @@ def test_serving_imports_no_training_stack():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_a_served_models_start_imports_no_compiler(tmp_path):
+    """What each serving process does with a model before it serves (check_weights, then the backend
+    loads and warms it, here on `auto`'s race) never imports torch._dynamo: drawing random values into
+    the meta-device model that check_weights and load_model build would (~0.9 s of every process's
+    start, the arbiter's and each worker's)."""
+    from service_fixtures import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "model")
+    code = ("import sys; from pathlib import Path; from vit_service.artifact import check_weights; "
+            "from vit_service.backends import load_backend; "
+            f"check_weights({str(folder)!r}); "
+            f"p = load_backend(Path({str(folder)!r}), backend='auto', device='cpu', precision='fp32', "
+            f"cache=Path({str(tmp_path / 'cache')!r})); p.warmup(2); "
+            "print(p.backend, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([str(BIN / "python"), "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    backend, dynamo = out.stdout.split()[-2:]
+    assert backend in ("torch", "openvino") and dynamo == "False", out.stdout
+
+
 def test_settings_from_env(monkeypatch):
     from vit_service.serving.settings import Settings, available_memory, cpu_workers, host_cores
 

@@ -166,6 +166,7 @@ def check_weights(directory: str | os.PathLike[str]) -> None:
 def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VisionTransformer, ModelArtifact]:
     """Builds the exported model in eval mode on `device`, with its artifact description."""
     artifact = ModelArtifact.read(directory)
-    model = VisionTransformer(artifact.config)
-    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True)
-    return model.to(device).eval(), artifact
+    with torch.device("meta"):  # no random draw for weights replaced next
+        model = VisionTransformer(artifact.config)
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True, assign=True)
+    return model.float().to(device).eval(), artifact  # float(): fp32 as built, whatever the file held

@@ -250,6 +250,10 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
+        if self.pos_embed.is_meta:  # a build for shapes, or for weights about to be assigned
+            # Meta tensors hold no values; drawing them runs through torch._refs, whose first use
+            # imports torch._dynamo (~0.9 s of every model-loading process's start).
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
