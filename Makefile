@@ -30,10 +30,11 @@ $(STAMP): pyproject.toml
 
 # Two pytest-xdist workers, a test file each at a time (module fixtures such as a served model
 # stay in one process): one pytest process kept ~1.1 of 2 cores busy (most tests run a subprocess
-# or a server start on one core). TEST_WORKERS=0 runs them in this process.
+# or a server start on one core). The longest files are handed out first (tests/file_order.py), so
+# the two end together. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

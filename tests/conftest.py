@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from mutmut_harness import (IN_MUTMUT, pytest_collection_modifyitems, pytest_fixture_setup,  # noqa: F401 (hooks)
+from file_order import longest_files_first
+from mutmut_harness import (IN_MUTMUT, fastest_first_in_mutmut, pytest_fixture_setup,  # noqa: F401 (hooks)
                             pytest_runtest_teardown, shared_build)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,11 @@ BIN = Path(sys.executable).parent
 # Backend decisions and openvino conversions (vit_service/backends/decision.py) go to a folder of this
 # test session, not the user's ~/.cache; every server and CLI the tests start inherits it.
 os.environ.setdefault("VIT_CACHE_DIR", tempfile.mkdtemp(prefix="vit-test-cache-"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    longest_files_first(items)  # xdist's workers (make test) then end together
+    fastest_first_in_mutmut(items)  # in mutmut's runs only: each mutant's cheapest test first
 
 
 

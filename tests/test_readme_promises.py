@@ -43,13 +43,27 @@ def test_make_serve_and_test_slow_targets_parse_and_select_the_slow_set() -> Non
     assert "bentoml serve vit_service.serving.service:ViTClassifier" in _make_n("serve")
     assert "VIT_MODEL_TAG=vit-classifier:latest" in _make_n("serve")
     assert re.search(r"python -m pytest -m slow$", _make_n("test-slow"), re.M)
-    assert re.search(r'python -m pytest -m "not slow" -n 2 --dist loadfile( --durations=\d+)?$', _make_n("test"), re.M)
+    assert re.search(r'python -m pytest -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder( --durations=\d+)?$',
+                     _make_n("test"), re.M)
     # The marker really splits the suite: the slow set holds the long tests, the fast set none of them.
     slow = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "slow", "tests/test_demo_command.py",
                            "tests/test_readme_promises.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "tests/test_demo_command.py::test_make_demo_trains_serves_and_classifies" in slow.stdout, slow.stdout[-2000:]
     assert "tests/test_readme_promises.py::test_model_compile_true_trains_a_compiled_model" in slow.stdout
     assert "test_port_3000_by_default" not in slow.stdout
+
+
+def test_the_longest_test_files_are_handed_out_first() -> None:
+    """tests/file_order.py: its list names files that exist, and collection puts them first, in its
+    order (what xdist hands out under make test's --no-loadscope-reorder), the rest after."""
+    from file_order import LONGEST_FILES
+
+    assert LONGEST_FILES and all((REPO / "tests" / name).is_file() for name in LONGEST_FILES)
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "tests/test_artifact.py", "tests/test_onnx.py", "tests/test_auth.py"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    files = list(dict.fromkeys(line.split("::")[0] for line in out.stdout.splitlines() if "::" in line))
+    assert files == ["tests/test_auth.py", "tests/test_onnx.py", "tests/test_artifact.py"], out.stdout[-2000:]
 
 
 @pytest.mark.slow  # vit-train --print_config through the script (~30 s)
