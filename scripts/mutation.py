@@ -463,8 +463,9 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
          "os.umask returns the mask it replaces and the next line puts that back: the value set between is never used"),
         ("xǁModelArtifactǁsave__mutmut_10",
          "state = {k: v.detach().to(None).contiguous() for k, v in model.state_dict().items()}", _CPU),
-        ("x_load_model__mutmut_16", "return model.to(None).eval(), artifact", _CPU),
-        ("x_load_model__mutmut_10", "model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), )",
+        ("x_load_model__mutmut_22", "return model.float().to(None).eval(), artifact  # float(): fp32 as built, "
+         "whatever the file held", _CPU),
+        ("x_load_model__mutmut_14", "model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), assign=True)",
          "load_state_dict's default is strict=True"),
         *[(f"xǁModelArtifactǁsave__mutmut_{n}", f"(directory / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), "
            f"{args}))", "only the manifest's whitespace changes: every JSON reader gets the same object")
