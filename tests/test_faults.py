@@ -24,6 +24,7 @@ import pytest
 from service_fixtures import REPO, bentoml_server, encode, picture, poll
 from service_fixtures import store  # noqa: F401  (session fixture)
 from bench.local_server import server_processes
+from vit_service.serving.errors import NOT_READY
 
 PNG = encode(picture(5), "PNG")
 READY = "model vit-classifier:"  # the start of the per-worker "model ... ready on ..." log line
@@ -173,9 +174,9 @@ def test_one_worker_is_unready_until_the_new_worker_is_warm(store, tmp_path):
                            attempts=2400)
             assert len(unready) >= 5, load.probes
             r = httpx.post(f"{url}/classify", files={"image": ("a.png", PNG, "image/png")}, timeout=30)
-            assert r.status_code == 503 and r.json() == {"error": "the model is still warming up; retry shortly"}
-            r = httpx.get(f"{url}/readyz", timeout=30)
-            assert r.status_code == 503 and r.json() == {"error": "not ready: the model is still warming up; retry shortly"}
+            assert r.status_code == 503 and r.json() == {"error": NOT_READY}
+            r = httpx.get(f"{url}/readyz", timeout=30)  # the same words (issue 26's one error shape)
+            assert r.status_code == 503 and r.json() == {"error": NOT_READY}
             t_gate = load.now()
             gate.touch()
             back = poll(lambda: [t for t, s in load.probes if t > t_gate and s == 200], until=bool, attempts=2400)

@@ -301,8 +301,17 @@ def _as_worker(index: int, job: str, conn) -> None:
         restarts.mark_warm()
         conn.send("warm")
         conn.recv()  # held until the test lets it die
-    else:
+    elif job == "ask":
         conn.send((restarts.sibling_serving(2), restarts.warm_in_background(2)))
+    else:  # "ask often": more asks than the warm sibling's listen backlog holds, none left waiting
+        import threading
+
+        answers: list[bool] = []
+        asker = threading.Thread(target=lambda: answers.extend(restarts.sibling_serving(2) for _ in range(50)),
+                                 daemon=True)
+        asker.start()
+        asker.join(20)
+        conn.send(answers)
 
 
 def test_a_warm_sibling_is_seen_while_it_lives_and_not_after() -> None:
@@ -324,6 +333,13 @@ def test_a_warm_sibling_is_seen_while_it_lives_and_not_after() -> None:
     warm.start()
     assert parent.recv() == "warm"
     assert ask(1) == (True, False)  # worker 2 serves: worker 1 (a replacement) warms before accepting
+    # A cold worker 1 asks on each /readyz and while it holds requests: asked 50 times, it is told
+    # each time, at once (a blocking connect hung for good once the listener's backlog was full).
+    asker_end, child = ctx.Pipe()
+    asker = ctx.Process(target=_as_worker, args=(1, "ask often", child))
+    asker.start()
+    assert asker_end.recv() == [True] * 50
+    asker.join(30)
     parent.send("die")
     warm.join(30)
     assert ask(1) == (False, True)  # the name went with the process: nothing stale to clean up

@@ -16,7 +16,7 @@ And at the first start worker 2 may get warm before worker 1: from then on worke
 The signal between siblings comes from the kernel: a warm worker listens on a Unix socket in
 Linux's abstract namespace, named after the arbiter's pid and the worker's index. The name exists
 exactly as long as the process does (no file to leave behind, nothing to clean up), and a sibling
-asks by connecting to it. Where there is no abstract namespace (not Linux), no worker sees a
+asks by connecting to it without waiting (nothing accepts: the name being bound is the answer). Where there is no abstract namespace (not Linux), no worker sees a
 sibling: each warms up in the background, answering 503 meanwhile.
 """
 
@@ -55,9 +55,15 @@ def sibling_serving(workers: int) -> bool:
         if index == me:
             continue
         with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
+            # Non-blocking: the warm worker never accepts, so each ask stays in its listen backlog,
+            # and once that is full a blocking connect waits for an accept that never comes. That
+            # froze a cold worker 1 (it asks on every /readyz and while holding requests) for good.
+            sock.setblocking(False)
             try:
                 sock.connect(_name(index))
-            except OSError:
+            except BlockingIOError:  # EAGAIN: its backlog is full, so the name is bound: it serves
+                return True
+            except OSError:  # ECONNREFUSED / ENOENT: no such name, the sibling is cold or gone
                 continue
             return True
     return False
