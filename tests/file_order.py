@@ -3,11 +3,13 @@
 `--dist loadfile` gives a free worker the next whole file. xdist queues files with the most tests
 first by default, which put the longest files of this suite last (each one to three tests: a
 server under load, the GPU check's dry run, DDP processes): one worker ran them for ~40 s at the end
-while the other stood idle (2026-12-07, Intel Xeon with AMX, 2 cores: the workers ended at 275 and
+while the other had no test left (2026-12-07, Intel Xeon with AMX, 2 cores: the workers ended at 275 and
 237 s). `make test` turns xdist's ordering off (--no-loadscope-reorder) and this puts the files
 below first, longest first, by their seconds there; every other file follows in collection order,
-each under ~9 s, so the two workers end within seconds of each other. A name no longer here is
-ignored; a new long file belongs in the list.
+each under ~9 s, so the two workers end within seconds of each other (257 and 261 s in the next
+run). The whole run's time moved less than its run-to-run spread (~15 s there): the long files
+start servers and subprocesses that also use the idle core. A name no longer here is ignored; a
+new long file belongs in the list.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ And at the first start worker 2 may get warm before worker 1: from then on worke
 The signal between siblings comes from the kernel: a warm worker listens on a Unix socket in
 Linux's abstract namespace, named after the arbiter's pid and the worker's index. The name exists
 exactly as long as the process does (no file to leave behind, nothing to clean up), and a sibling
-asks by connecting to it without waiting (nothing accepts: the name being bound is the answer). Where there is no abstract namespace (not Linux), no worker sees a
-sibling: each warms up in the background, answering 503 meanwhile.
+asks by connecting to it without waiting (nothing accepts: the name being bound is the answer).
+Where there is no abstract namespace (not Linux), no worker sees a sibling: each warms up in the
+background, answering 503 meanwhile.
 """
 
 from __future__ import annotations
